@@ -1,0 +1,15 @@
+"""The one module nnU-Net imports from the nnUNet_extTrainer folder of nnunet_varaug.
+
+nnU-Net asks ``hasattr(module, name)`` for the trainer it looks for. We answer for names that are ours
+(entry points, or the ``_seed``/``_mca``/``_varaug`` grammar) and raise AttributeError for any other name, so
+that nnU-Net keeps searching. A malformed name of ours raises an error that states the grammar. nnU-Net
+removes this module from ``sys.modules`` after the lookup, so it stays thin: the classes live in
+``nnunet_varaug.registry``.
+"""
+from nnunet_varaug import registry as _registry
+
+
+def __getattr__(name):
+    if name.startswith("__") or not _registry.claims(name):
+        raise AttributeError(name)
+    return _registry.resolve(name)

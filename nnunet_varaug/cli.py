@@ -1,0 +1,62 @@
+"""``nnunet_varaug`` and its subcommands.
+
+Each subcommand lives in the module that does its job and exposes ``configure_parser(parser)`` and
+``run(args) -> int``; this file only maps names to modules, so that ``nnunet_varaug env`` does not import torch.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import shlex
+import sys
+from typing import List, Optional
+
+COMMANDS = {
+    "replicas": ("nnunet_varaug.launch", "train K replicas of one configuration and fold (resumable)"),
+    "samples": ("nnunet_varaug.samples", "write the replicas' label maps of the training cases (variability samples)"),
+    "analyze": ("nnunet_varaug.analyze", "predict with each replica and write the variability report"),
+    "downstream": ("nnunet_varaug.downstream", "the paper's augmentation experiment on per-replica features"),
+    "benchmark": ("nnunet_varaug.benchmark", "the Medical Segmentation Decathlon benchmark, stage by stage"),
+    "demo": ("nnunet_varaug.demo", "the whole pipeline on a built-in synthetic dataset, on the CPU"),
+}
+
+
+def env_command(args: argparse.Namespace) -> int:
+    from nnunet_varaug.registry import ext_trainer_value
+
+    print(f"export nnUNet_extTrainer={shlex.quote(ext_trainer_value())}")
+    return 0
+
+
+def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nnunet_varaug",
+        description="Seed replicas of nnU-Net v2 models, their variability, and variability as data augmentation.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    env = sub.add_parser("env", help="print the export line that lets nnU-Net find the plugin's trainers",
+                         description='Use as: eval "$(nnunet_varaug env)"')
+    env.set_defaults(func=env_command)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if only == name:  # import only the module of the command being run
+            mod = importlib.import_module(module)
+            mod.configure_parser(p)
+            p.set_defaults(func=mod.run)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from nnunet_varaug.experiment import VarAugError
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(only=command if command in COMMANDS else None).parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except VarAugError as e:
+        print(f"nnunet_varaug {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

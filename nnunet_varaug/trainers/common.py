@@ -1,0 +1,38 @@
+"""What every derived trainer shares: its settings recorded in ``debug.json`` and in each checkpoint."""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict
+
+import torch
+from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json, save_json
+
+SETTINGS_KEY = "nnunet_varaug"
+
+
+class RecordSettingsMixin:
+    """Adds ``nnunet_varaug`` (the class's ``varaug_settings`` plus run-time facts) to debug.json and checkpoints."""
+
+    varaug_settings: Dict[str, Any] = {}
+
+    def varaug_record(self) -> Dict[str, Any]:
+        """The settings to record; subclasses extend it with run-time facts (e.g. a sample-set fingerprint)."""
+        return {"trainer": type(self).__name__, "base": getattr(type(self), "varaug_base_name", None),
+                **{k: dict(v) for k, v in self.varaug_settings.items()}}
+
+    def _save_debug_information(self):
+        super()._save_debug_information()
+        path = join(self.output_folder, "debug.json")
+        if self.local_rank == 0 and isfile(path):
+            debug = load_json(path)
+            debug[SETTINGS_KEY] = self.varaug_record()
+            save_json(debug, path + ".tmp", sort_keys=False)
+            os.replace(path + ".tmp", path)
+
+    def save_checkpoint(self, filename: str) -> None:
+        super().save_checkpoint(filename)
+        if self.local_rank == 0 and not self.disable_checkpointing and isfile(filename):
+            checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
+            checkpoint[SETTINGS_KEY] = self.varaug_record()
+            torch.save(checkpoint, filename + ".tmp")
+            os.replace(filename + ".tmp", filename)

@@ -1,0 +1,39 @@
+"""``nnUNetTrainerTiny``: nnU-Net's own trainer with a narrow network and a few short epochs.
+
+For tests and the CPU demo only: same plans, data pipeline, loss and validation as ``nnUNetTrainer``, but the
+network's feature widths are divided by 8 (minimum 4) and training is short. ``VARAUG_TINY_EPOCHS`` and
+``VARAUG_TINY_ITERATIONS`` change the length (recorded in debug.json like every trainer attribute).
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+
+class nnUNetTrainerTiny(nnUNetTrainer):
+    """A few short epochs of a network 8x narrower than planned, checkpointing every epoch."""
+
+    width_divisor = 8
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = int(os.environ.get("VARAUG_TINY_EPOCHS", 2))
+        self.num_iterations_per_epoch = int(os.environ.get("VARAUG_TINY_ITERATIONS", 4))
+        self.num_val_iterations_per_epoch = 2
+        self.save_every = 1
+
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels, num_output_channels,
+                                   enable_deep_supervision: bool = True) -> torch.nn.Module:
+        kwargs = copy.deepcopy(configuration_manager.network_arch_init_kwargs)
+        kwargs["features_per_stage"] = [max(4, int(f) // nnUNetTrainerTiny.width_divisor)
+                                        for f in kwargs["features_per_stage"]]
+        return get_network_from_plans(configuration_manager.network_arch_class_name, kwargs,
+                                      configuration_manager.network_arch_init_kwargs_req_import,
+                                      num_input_channels, num_output_channels, allow_init=True,
+                                      deep_supervision=enable_deep_supervision)
