@@ -1,0 +1,79 @@
+"""Shared, expensive fixtures: an nnU-Net environment, a preprocessed synthetic dataset, trained replicas.
+
+Everything is session-scoped and built through the real nnU-Net commands once per test run. Tests that need
+trained replicas take ``seed_replicas`` (three ``nnUNetTrainerTiny_seed<K>`` on fold 0 of a 3D dataset).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+BIN = os.path.dirname(sys.executable)
+SYNTHETIC_3D_ID = 101
+TINY = "nnUNetTrainerTiny"
+
+
+def run_cli(*args: str, env=None, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run a console script of this environment (``nnUNetv2_*`` or ``nnunet_varaug``), capturing its output."""
+    exe = os.path.join(BIN, args[0])
+    proc = subprocess.run([exe, *args[1:]], env=env or os.environ.copy(), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\n"
+                             f"stderr:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def nnunet_env(tmp_path_factory):
+    """nnU-Net's folders in a temporary place, the plugin on nnUNet_extTrainer, CPU-friendly settings."""
+    from nnunet_varaug.registry import ext_trainer_value
+
+    root = tmp_path_factory.mktemp("nnunet")
+    values = {
+        "nnUNet_raw": str(root / "raw"),
+        "nnUNet_preprocessed": str(root / "preprocessed"),
+        "nnUNet_results": str(root / "results"),
+        "nnUNet_compile": "f",
+        "nnUNet_n_proc_DA": "0",
+        "nnUNet_def_n_proc": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+    for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        os.makedirs(values[v], exist_ok=True)
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in values.items():
+            mp.setenv(k, v)
+        mp.setenv("nnUNet_extTrainer", ext_trainer_value(""))
+        yield values
+
+
+def plan_and_preprocess(dataset_id: int, configurations=("3d_fullres",)) -> None:
+    env = os.environ.copy()
+    env["nnUNet_n_proc_DA"] = "1"  # planning fails with 0
+    run_cli("nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", *configurations, "-np", "1", env=env)
+
+
+@pytest.fixture(scope="session")
+def synthetic_3d(nnunet_env):
+    """Dataset101: 10 synthetic 32^3 cases (+2 test cases in imagesTs/labelsTs), planned and preprocessed."""
+    from nnunet_varaug.datasets import make_synthetic_dataset
+
+    folder = make_synthetic_dataset(SYNTHETIC_3D_ID, num_cases=10, num_test_cases=2, seed=1)
+    plan_and_preprocess(SYNTHETIC_3D_ID)
+    return {"id": SYNTHETIC_3D_ID, "name": os.path.basename(folder), "raw": folder, "configuration": "3d_fullres"}
+
+
+@pytest.fixture(scope="session")
+def seed_replicas(synthetic_3d):
+    """Three tiny seed replicas (nnUNetTrainerTiny_seed0..2) of Dataset101 3d_fullres fold 0, trained on the CPU
+    through ``nnunet_varaug replicas``."""
+    proc = run_cli("nnunet_varaug", "replicas", "-d", str(SYNTHETIC_3D_ID), "-c", "3d_fullres", "-f", "0",
+                   "-n", "3", "-tr", TINY, "-device", "cpu")
+    results = os.path.join(os.environ["nnUNet_results"], synthetic_3d["name"])
+    return {**synthetic_3d, "fold": 0, "base": TINY, "n": 3, "results": results,
+            "names": [f"{TINY}_seed{k}" for k in range(3)], "replicas_stdout": proc.stdout}
