@@ -1,0 +1,119 @@
+"""The trainer-name grammar, the lookup through nnU-Net's own finder, entry points, caching and pickling."""
+from __future__ import annotations
+
+import inspect
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from nnunet_varaug import registry
+from nnunet_varaug.registry import TrainerNameError
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("nnUNetTrainer_seed0", ("nnUNetTrainer", "seed", {"seed": 0})),
+    ("nnUNetTrainer_seed17", ("nnUNetTrainer", "seed", {"seed": 17})),
+    ("nnUNetTrainer_250epochs_seed3", ("nnUNetTrainer_250epochs", "seed", {"seed": 3})),
+    ("nnUNetTrainer_mca2", ("nnUNetTrainer", "mca", {"stream": 2, "virtual_bits": None})),
+    ("nnUNetTrainer_mca2_t16", ("nnUNetTrainer", "mca", {"stream": 2, "virtual_bits": 16})),
+    ("nnUNetTrainer_varaug", ("nnUNetTrainer", "varaug", {"p": 0.5})),
+    ("nnUNetTrainer_varaug_p25", ("nnUNetTrainer", "varaug", {"p": 0.25})),
+    ("nnUNetTrainer_varaug_p100", ("nnUNetTrainer", "varaug", {"p": 1.0})),
+    ("nnUNetTrainer_varaug_seed2", ("nnUNetTrainer_varaug", "seed", {"seed": 2})),
+])
+def test_grammar_parses(name, expected):
+    assert registry.parse(name) == expected
+
+
+@pytest.mark.parametrize("name", ["nnUNetTrainer", "nnUNetTrainerTiny", "MyTrainer_250epochs"])
+def test_names_without_suffix_are_not_ours(name):
+    assert registry.parse(name) is None
+
+
+@pytest.mark.parametrize("name", [
+    "nnUNetTrainer_seedx", "nnUNetTrainer_seed-1", "nnUNetTrainer_seed01", "nnUNetTrainer_seed",
+    "nnUNet__Trainer_seed1", "nnUNetTrainer_seed1_extra", "nnUNetTrainer_mca1_t0", "nnUNetTrainer_mca1_t60",
+    "nnUNetTrainer_varaug_p101", "nnUNetTrainer_varaug_px", "_seed1",
+])
+def test_malformed_names_state_the_grammar(name):
+    with pytest.raises(TrainerNameError, match=r"<Base>_seed<K>"):
+        registry.parse(name) if name != "_seed1" else registry.resolve(name)
+
+
+def test_resolve_builds_once_and_keeps_nnunet_constructor():
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunet_varaug.trainers.replica import SeedReplicaMixin
+
+    cls = registry.resolve("nnUNetTrainer_seed3")
+    assert cls is registry.resolve("nnUNetTrainer_seed3")
+    assert cls.__name__ == "nnUNetTrainer_seed3" and issubclass(cls, nnUNetTrainer)
+    assert issubclass(cls, SeedReplicaMixin) and cls.replica_seed == 3
+    assert cls.varaug_settings == {"seed": {"seed": 3}}
+    assert inspect.signature(cls.__init__) == inspect.signature(nnUNetTrainer.__init__)
+    assert registry.resolve("nnUNetTrainer_seed4").replica_seed == 4
+
+
+def test_classes_pickle_by_name():
+    cls = registry.resolve("nnUNetTrainerTiny_seed5")
+    assert cls.__module__ == "nnunet_varaug.registry"
+    assert pickle.loads(pickle.dumps(cls)) is cls
+
+
+def test_builtin_variant_and_entry_point_bases():
+    from nnunetv2.training.nnUNetTrainer.variants.training_length.nnUNetTrainer_Xepochs import \
+        nnUNetTrainer_250epochs
+    from nnunet_varaug.trainers.tiny import nnUNetTrainerTiny
+
+    assert issubclass(registry.resolve("nnUNetTrainer_250epochs_seed1"), nnUNetTrainer_250epochs)
+    assert registry.resolve("nnUNetTrainerTiny") is nnUNetTrainerTiny
+    assert issubclass(registry.resolve("nnUNetTrainerTiny_seed2"), nnUNetTrainerTiny)
+    assert "nnUNetTrainerTiny" in registry._entry_point_classes()
+
+
+def test_unknown_base_names_the_grammar():
+    with pytest.raises(TrainerNameError, match="NoSuchTrainer.*<Base>_seed<K>"):
+        registry.resolve("NoSuchTrainer_seed1")
+
+
+def test_env_value_keeps_user_folders_and_lists_ours_once(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    value = registry.ext_trainer_value(os.pathsep.join([a, registry.LOOKUP_FOLDER, b]))
+    assert value.split(os.pathsep) == [a, b, registry.LOOKUP_FOLDER]
+    assert registry.ext_trainer_value("") == registry.LOOKUP_FOLDER
+
+
+def _lookup_in_fresh_process(name: str, ext: str) -> subprocess.CompletedProcess:
+    """Ask nnU-Net's own trainer finder for ``name``, as nnUNetv2_train does, in a clean interpreter."""
+    code = textwrap.dedent(f"""
+        from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+        cls = recursive_find_trainer_class_by_name({name!r})
+        print("FOUND", cls.__name__, [c.__name__ for c in cls.__bases__], cls.varaug_settings)
+    """)
+    env = dict(os.environ, nnUNet_extTrainer=ext)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_nnunet_finds_replicas_of_a_base_from_a_user_folder(tmp_path):
+    """A base trainer in the user's own nnUNet_extTrainer folder gets `_seed3` appended; a malformed name stops
+    nnU-Net's search with the grammar; an unrelated unknown name still gets nnU-Net's own error."""
+    user = tmp_path / "my_trainers"
+    user.mkdir()
+    (user / "my_trainer_module.py").write_text(textwrap.dedent("""
+        from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+        class MyTrainer(nnUNetTrainer):
+            pass
+    """))
+    ext = registry.ext_trainer_value(str(user))
+    found = _lookup_in_fresh_process("MyTrainer_seed3", ext)
+    assert found.returncode == 0, found.stderr
+    assert "FOUND MyTrainer_seed3 ['SeedReplicaMixin', 'MyTrainer'] {'seed': {'seed': 3}}" in found.stdout
+
+    bad = _lookup_in_fresh_process("MyTrainer_seedx", ext)
+    assert bad.returncode != 0 and "<Base>_seed<K>" in bad.stderr
+
+    unknown = _lookup_in_fresh_process("CompletelyUnknownTrainer", ext)
+    assert unknown.returncode != 0 and "Could not find requested nnunet trainer" in unknown.stderr
