@@ -88,13 +88,13 @@ class Experiment:
         if configuration not in configurations:
             raise VarAugError(f"configuration '{configuration}' is not in {plans_file}; it has: "
                               f"{', '.join(sorted(configurations))}")
-        try:
+        exp.split()  # checks the fold
+        try:  # last: finding a trainer imports all of nnU-Net's trainer modules
             registry.resolve(base)
+            for name in exp.replica_names:
+                registry.parse(name)
         except registry.TrainerNameError as e:
             raise VarAugError(f"unknown base trainer '{base}': {e}") from None
-        for name in exp.replica_names:
-            registry.parse(name)
-        exp.split()  # checks the fold
         return exp
 
     # ---- names and folders ------------------------------------------------------------------------------------
