@@ -124,3 +124,105 @@ def make_synthetic_dataset(dataset_id: int, raw_root: Optional[str] = None, name
                           license="CC0", converted_by="nnunet_varaug")
     os.replace(tmp, folder)
     return folder
+
+
+# ---- Medical Segmentation Decathlon fixtures ---------------------------------------------------------------------
+# A tiny task folder laid out exactly as the Decathlon ships its tasks (http://medicaldecathlon.com), so that the
+# benchmark's whole path, starting with nnU-Net's own `nnUNetv2_convert_MSD_dataset`, runs in CI on the CPU.
+
+
+def write_4d_image(channels: np.ndarray, spacing: Sequence[float], path: str) -> None:
+    """Write ``(C, z, y, x)`` channels as one 4D NIfTI (x, y, z, c on disk, as the Decathlon's multi-modal tasks),
+    atomically. ``spacing`` is in (z, y, x) order; the fourth axis gets spacing 1."""
+    volumes = []
+    for c in channels:
+        vol = sitk.GetImageFromArray(np.ascontiguousarray(c))
+        vol.SetSpacing([float(s) for s in spacing[::-1]])
+        volumes.append(vol)
+    img = sitk.JoinSeries(volumes)  # 4D: x, y, z, modality
+    tmp = path[: -len(".nii.gz")] + ".tmp.nii.gz"
+    sitk.WriteImage(img, tmp)
+    os.replace(tmp, path)
+
+
+def make_msd_task(root: str, task: str = "Task04_Hippocampus", num_cases: int = 10, num_test: int = 2,
+                  modalities: Sequence[str] = ("MRI",), label_names: Sequence[str] = ("Anterior", "Posterior"),
+                  shape: Sequence[int] = (32, 32, 32), spacing: Sequence[float] = (1.0, 1.0, 1.0), seed: int = 0,
+                  macos_junk: bool = False, overwrite: bool = False) -> str:
+    """Write a tiny Decathlon task ``root/TaskNN_Name`` and return its folder.
+
+    The layout is the Decathlon's: ``imagesTr/`` (one NIfTI per case, 4D with one volume per modality when there
+    are several modalities, 3D otherwise), ``labelsTr/``, ``imagesTs/`` (images only) and a ``dataset.json`` with
+    "modality" and "labels" as index -> name, "training" as [{"image", "label"}], "test" as a list of image paths,
+    "numTraining", "numTest" and "tensorImageSize" (the original files even spell "relase" so; kept). Content
+    comes from :func:`synthetic_case`.
+
+    Args:
+        root: the folder that receives ``TaskNN_Name``.
+        task: ``TaskNN_Name``; nnU-Net's converter takes the id from ``NN`` and needs exactly one underscore.
+        num_cases, num_test: training cases (with labels) and test cases (images only).
+        modalities: modality names ("MRI"; or ("T2", "ADC") for a two-modality 4D task).
+        label_names: one or two foreground labels; with one, the synthetic lesion is merged into the organ.
+        shape, spacing: (z, y, x) array shape and voxel spacing.
+        macos_junk: add the ``._*.nii.gz`` AppleDouble files found in the Decathlon's tar archives.
+        overwrite: rewrite an existing folder instead of returning it.
+    """
+    import json
+    import re
+
+    if re.fullmatch(r"Task\d{2,3}_[A-Za-z0-9]+", task) is None:
+        raise ValueError(f"task must look like 'Task04_Hippocampus' (one underscore), got '{task}'")
+    if len(label_names) not in (1, 2):
+        raise ValueError(f"label_names must name one or two foreground labels, got {list(label_names)}")
+    if not modalities:
+        raise ValueError("modalities must name at least one modality")
+    folder = os.path.join(root, task)
+    if os.path.isdir(folder):
+        if not overwrite:
+            return folder
+        shutil.rmtree(folder)
+    tmp = folder + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+        os.makedirs(os.path.join(tmp, sub))
+    prefix = task.split("_", 1)[1].lower()
+    rng = np.random.default_rng(seed)
+    training, test = [], []
+    for i in range(num_cases + num_test):
+        case = f"{prefix}_{i:03d}.nii.gz"
+        images, labels = synthetic_case(rng, shape, len(modalities))
+        if len(label_names) == 1:
+            labels = (labels > 0).astype(np.uint8)
+        split = "Tr" if i < num_cases else "Ts"
+        image_path = os.path.join(tmp, f"images{split}", case)
+        if len(modalities) > 1:
+            write_4d_image(images, spacing, image_path)
+        else:
+            write_image(images[0], spacing, image_path)
+        if split == "Tr":
+            write_image(labels, spacing, os.path.join(tmp, "labelsTr", case))
+            training.append({"image": f"./imagesTr/{case}", "label": f"./labelsTr/{case}"})
+        else:
+            test.append(f"./imagesTs/{case}")
+        if macos_junk:
+            for sub in (f"images{split}",) + (("labelsTr",) if split == "Tr" else ()):
+                with open(os.path.join(tmp, sub, f"._{case}"), "wb") as f:
+                    f.write(b"\x00\x05\x16\x07AppleDouble")
+    dataset = {
+        "name": task.split("_", 1)[1],
+        "description": "tiny synthetic task in the Medical Segmentation Decathlon's format (nnunet_varaug)",
+        "reference": "nnunet_varaug.datasets.make_msd_task",
+        "licence": "CC0",
+        "relase": "1.0",
+        "tensorImageSize": "4D" if len(modalities) > 1 else "3D",
+        "modality": {str(i): m for i, m in enumerate(modalities)},
+        "labels": {"0": "background", **{str(i + 1): n for i, n in enumerate(label_names)}},
+        "numTraining": num_cases,
+        "numTest": num_test,
+        "training": training,
+        "test": test,
+    }
+    with open(os.path.join(tmp, "dataset.json"), "w") as f:
+        json.dump(dataset, f, indent=4)
+    os.replace(tmp, folder)
+    return folder
