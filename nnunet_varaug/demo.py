@@ -1,0 +1,90 @@
+"""``nnunet_varaug demo``: the whole pipeline on a built-in synthetic dataset, on the CPU, in minutes.
+
+Every stage is the same command a user runs (printed before it runs), in nnU-Net folders under OUT:
+synthetic dataset -> plan and preprocess -> K tiny seed replicas -> variability samples -> a ``_varaug`` model ->
+variability report -> downstream experiment on the replicas' volumes. Rerunning reuses what is done.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+from typing import List
+
+from nnunet_varaug.experiment import VarAugError
+
+DEMO_ID = 990
+BASE = "nnUNetTrainerTiny"
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", dest="output", default="nnunet_varaug_demo",
+                   help="folder for the demo's nnU-Net folders and report (default ./nnunet_varaug_demo)")
+    p.add_argument("-n", dest="num_replicas", type=int, default=3, help="number of seed replicas (default 3)")
+    p.add_argument("--epochs", type=int, default=6, help="epochs of each tiny training (default 6)")
+    p.add_argument("--iterations", type=int, default=8, help="iterations per epoch (default 8)")
+    p.add_argument("--cases", type=int, default=14, help="synthetic training cases (default 14)")
+
+
+def demo_env(out: str, epochs: int, iterations: int) -> dict:
+    from nnunet_varaug.launch import plugin_env
+
+    env = plugin_env()
+    env.update({
+        "nnUNet_raw": os.path.join(out, "nnUNet_raw"),
+        "nnUNet_preprocessed": os.path.join(out, "nnUNet_preprocessed"),
+        "nnUNet_results": os.path.join(out, "nnUNet_results"),
+        "nnUNet_compile": "f", "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1",
+        "VARAUG_TINY_EPOCHS": str(epochs), "VARAUG_TINY_ITERATIONS": str(iterations),
+        "MPLBACKEND": "Agg",
+    })
+    return env
+
+
+def step(title: str, command: List[str], env: dict, extra_env: dict = None) -> str:
+    """Run one stage's command, echoing it the way a user would type it; return its stdout."""
+    from nnunet_varaug.launch import nnunet_command
+
+    shown = " ".join(shlex.quote(c) for c in command)
+    print(f"\n== {title}\n$ {shown}", flush=True)
+    exe = nnunet_command(command[0])
+    t0 = time.time()
+    proc = subprocess.run(exe + command[1:], env={**env, **(extra_env or {})}, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stdout.write(proc.stdout[-3000:])
+        sys.stderr.write(proc.stderr[-3000:])
+        raise VarAugError(f"demo stage '{title}' failed (exit {proc.returncode}); its output is above")
+    print(f"   done in {time.time() - t0:.0f} s", flush=True)
+    return proc.stdout
+
+
+def run(args: argparse.Namespace) -> int:
+    from nnunet_varaug.datasets import make_synthetic_dataset
+
+    if args.num_replicas < 2:
+        raise VarAugError("the demo needs at least 2 replicas (-n 2) to measure variability")
+    out = os.path.abspath(args.output)
+    env = demo_env(out, args.epochs, args.iterations)
+    for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        os.makedirs(env[key], exist_ok=True)
+    t_start = time.time()
+    print(f"nnunet_varaug demo: nnU-Net folders under {out} (nnUNet_raw, nnUNet_preprocessed, nnUNet_results)")
+
+    raw = make_synthetic_dataset(DEMO_ID, env["nnUNet_raw"], name="VarAugDemo", num_cases=args.cases,
+                                 num_test_cases=2, seed=2026)
+    print(f"\n== synthetic dataset: {raw} ({args.cases} cases of 32^3 voxels: organ + low-contrast lesion)")
+    d, c, f = str(DEMO_ID), "3d_fullres", "0"
+    flags = ["-d", d, "-c", c, "-f", f, "-n", str(args.num_replicas), "-tr", BASE]
+    plans = os.path.join(env["nnUNet_preprocessed"], os.path.basename(raw), "nnUNetPlans.json")
+    if not os.path.isfile(plans):
+        step("plan and preprocess", ["nnUNetv2_plan_and_preprocess", "-d", d, "-c", c, "-np", "1"], env,
+             {"nnUNet_n_proc_DA": "1"})
+    print(step(f"{args.num_replicas} seed replicas", ["nnunet_varaug", "replicas", *flags, "-device", "cpu"], env))
+
+    report = os.path.join(out, "report")
+    print(step("variability report", ["nnunet_varaug", "analyze", *flags, "-device", "cpu", "-o", report], env))
+    print(f"\nDemo finished in {time.time() - t_start:.0f} s. Open the report: {os.path.join(report, 'report.html')}")
+    return 0
