@@ -447,18 +447,29 @@ def run_protocol(design: Design, options: Options, progress: bool = False
 
 
 def summarize(results: pd.DataFrame) -> pd.DataFrame:
-    """Mean and population std (ddof=0) of each metric over combinations and splits, per (arm, N)."""
+    """Per (arm, N): mean and population std (ddof=0) of each metric over combinations and splits, and the MAE
+    difference to the single model paired by split.
+
+    ``MAE_delta_mean`` averages, over splits, (mean MAE of the arm's combinations in the split) − (ieee MAE in the
+    same split): both are scored on the same test subjects, so test-set sampling cancels out of the difference.
+    ``MAE_delta_se`` is its standard error over splits (NaN with one split or without the ieee arm).
+    """
     rows = []
     order = {a: i for i, a in enumerate(ARMS)}
+    ieee = results[results["arm"] == "ieee"].groupby("split")["MAE"].mean()
     for (arm, n), part in sorted(results.groupby(["arm", "N"]), key=lambda kv: (order[kv[0][0]], kv[0][1])):
-        row: Dict[str, Any] = {"model": part["model"].iat[0], "arm": arm, "N": int(n),
-                               "combinations": int(len(part)),
+        n_splits = int(part["split"].nunique())
+        row: Dict[str, Any] = {"model": part["model"].iat[0], "arm": arm, "N": int(n), "splits": n_splits,
+                               "combinations": int(len(part)) // n_splits,
                                "rows_per_subject": int(part["rows_per_subject"].iat[0])}
         for m in METRICS:
             values = part[m].to_numpy(dtype=np.float64)
             finite = values[np.isfinite(values)]
             row[f"{m}_mean"] = float(finite.mean()) if finite.size else float("nan")
             row[f"{m}_std"] = float(finite.std()) if finite.size else float("nan")
+        delta = (part.groupby("split")["MAE"].mean() - ieee).dropna().to_numpy()
+        row["MAE_delta_mean"] = float(delta.mean()) if delta.size else float("nan")
+        row["MAE_delta_se"] = float(delta.std(ddof=1) / np.sqrt(delta.size)) if delta.size > 1 else float("nan")
         rows.append(row)
     return pd.DataFrame.from_records(rows)
 
@@ -471,8 +482,8 @@ def arm_verdicts(summary: pd.DataFrame, tolerance: float = VERDICT_TOLERANCE) ->
     """Per augmentation arm: MAE with the most rows (largest N) against the single model (``ieee``).
 
     Judged at the largest N, not the best one, because picking the best N on the test set flatters the arm.
-    ``effect`` is ``helps`` / ``hurts`` when the relative MAE change exceeds ``tolerance``, else ``no clear
-    effect``.
+    ``effect`` is ``helps`` / ``hurts`` when the relative MAE change exceeds ``tolerance`` and, with several
+    splits, the split-paired difference exceeds twice its standard error; else ``no clear effect``.
     """
     out: Dict[str, Dict[str, Any]] = {}
     base = summary[summary["arm"] == "ieee"]
@@ -484,10 +495,14 @@ def arm_verdicts(summary: pd.DataFrame, tolerance: float = VERDICT_TOLERANCE) ->
         last = part.iloc[-1]
         best = part.loc[part["MAE_mean"].idxmin()]
         change = (float(last["MAE_mean"]) - base_mae) / base_mae if base_mae > 0 else 0.0
-        effect = "helps" if change < -tolerance else "hurts" if change > tolerance else "no clear effect"
+        delta, se = float(last.get("MAE_delta_mean", np.nan)), float(last.get("MAE_delta_se", np.nan))
+        beyond_noise = not np.isfinite(se) or abs(delta) > 2 * se
+        clear = abs(change) > tolerance and beyond_noise
+        effect = "no clear effect" if not clear else "helps" if change < 0 else "hurts"
         out[arm] = {"effect": effect, "change": change, "N": int(last["N"]), "MAE": float(last["MAE_mean"]),
                     "MAE_std": float(last["MAE_std"]), "baseline": base_mae, "best_N": int(best["N"]),
-                    "best_MAE": float(best["MAE_mean"]), "rows_per_subject": int(last["rows_per_subject"])}
+                    "best_MAE": float(best["MAE_mean"]), "rows_per_subject": int(last["rows_per_subject"]),
+                    "delta": delta, "delta_se": se, "splits": int(last.get("splits", 1))}
     return out
 
 
@@ -509,15 +524,20 @@ def format_verdict(summary: pd.DataFrame) -> str:
     for arm, v in verdicts.items():
         head = {"helps": f"{what[arm]} HELP {name}", "hurts": f"{what[arm]} HURT {name}",
                 "no clear effect": f"{what[arm]} make no clear difference to {name}"}[v["effect"]]
+        paired = (f"; paired by split {v['delta']:+.3g} ± {v['delta_se']:.2g} (SE)"
+                  if np.isfinite(v["delta_se"]) else "")
         line = (f"{arm}: {head}: MAE {v['MAE']:.4g} ± {v['MAE_std']:.2g} at N={v['N']} "
                 f"({v['rows_per_subject']} rows per subject) vs {v['baseline']:.4g} single model "
-                f"({100 * v['change']:+.1f} %); lowest MAE {v['best_MAE']:.4g} at N={v['best_N']}")
+                f"({100 * v['change']:+.1f} %{paired}); lowest MAE {v['best_MAE']:.4g} at N={v['best_N']}")
         if v["effect"] == "hurts" and model == "knn":
             line += (". Copies of one subject crowd each neighbourhood, so the k nearest rows come from fewer "
                      "subjects; do not use replica rows with KNN (or tune k with --grid)")
         lines.append(line)
     if not verdicts:
         lines.append("no augmentation arm was run")
+    elif int(base.get("splits", 1)) == 1:
+        lines.append("(one train/test split: these differences include test-set noise; rerun with --splits 10 "
+                     "for a verdict beyond it)")
     return "\n".join(lines)
 
 

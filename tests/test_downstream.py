@@ -4,11 +4,11 @@ Two synthetic scenarios with a known feature–target relation (y linear in late
 z + its own noise):
 
 * "measurement noise": 40 subjects, 20 features, replica noise as large as the features' spread. Ridge trained on
-  the reference replica alone overfits that noise; 8 replica rows per subject lower its MAE by >= 10 % on every
-  seed tested (27 %, 36 %, 33 % on seeds 0, 1, 2 with 10 splits and 3 combinations per N).
+  the reference replica alone overfits that noise; 8 replica rows per subject lower its MAE by 26 %, 36 %, 34 %
+  on seeds 0, 1, 2 (10 splits, 3 combinations per N); asserted: every seed >= 10 %, mean >= 20 %.
 * "segmentation-like": replicas agree closely (noise 0.1 vs spread 1) and the target is noisy. KNN with 8
-  copies of each subject sees one subject per neighbourhood and gets worse (+13 % to +28 % MAE): the paper's
-  counter-example, which the verdict must report.
+  copies of each subject sees one subject per neighbourhood and gets worse (+23 %, +9 %, +21 % MAE; asserted:
+  every seed > +5 %, mean > +10 %): the paper's counter-example, which the verdict must report.
 """
 from __future__ import annotations
 
@@ -146,8 +146,12 @@ def test_results_summary_and_files(tmp_path):
     for (arm, n), part in results.groupby(["arm", "N"]):
         assert ours.loc[(arm, n), "MAE_mean"] == pytest.approx(part["MAE"].mean())
         assert ours.loc[(arm, n), "RMSE_std"] == pytest.approx(part["RMSE"].std(ddof=0), abs=1e-12)
-        assert ours.loc[(arm, n), "combinations"] == len(part)
-    assert ours.loc[("replicas", 2), "combinations"] == 2 * 2 and ours.loc[("gaussian", 1), "combinations"] == 2
+        assert ours.loc[(arm, n), "combinations"] * ours.loc[(arm, n), "splits"] == len(part)
+        ieee = results[results.arm == "ieee"].set_index("split")["MAE"]
+        delta = np.array([part.loc[part.split == k, "MAE"].mean() - ieee[k] for k in (0, 1)])
+        assert ours.loc[(arm, n), "MAE_delta_mean"] == pytest.approx(delta.mean(), abs=1e-12)
+        assert ours.loc[(arm, n), "MAE_delta_se"] == pytest.approx(abs(delta[0] - delta[1]) / 2, abs=1e-12)
+    assert ours.loc[("replicas", 2), "combinations"] == 2 and ours.loc[("gaussian", 1), "combinations"] == 1
     assert ours.loc[("combined", 3), "rows_per_subject"] == 5
     on_disk = pd.read_csv(tmp_path / "summary.csv")
     np.testing.assert_allclose(on_disk["MAE_mean"], summary["MAE_mean"], rtol=1e-9)
@@ -177,11 +181,11 @@ def test_knn_counter_example_is_reported(tmp_path):
         features, targets = synthetic(100, 8, 5, 0.1, 1.0, seed=seed)
         out = tmp_path / str(seed)
         summary = downstream.run_experiment(features, targets, str(out), model="knn", arms="ieee,replicas",
-                                            combinations=3, splits=5, test_size=0.2, seed=seed)
+                                            combinations=3, splits=10, test_size=0.2, seed=seed)
         ratios.append(mae(summary, "replicas", 8) / mae(summary, "ieee", 1))
         verdict = (out / "verdict.txt").read_text()
         assert "replicas: replica rows HURT KNN" in verdict and "crowd each neighbourhood" in verdict, verdict
-    assert min(ratios) > 1.08, ratios
+    assert min(ratios) > 1.05 and np.mean(ratios) > 1.1, ratios
 
 
 def test_deterministic_by_seed(tmp_path):
@@ -295,3 +299,21 @@ def test_cli_on_cases_csv_adds_report_section(tmp_path):
     bad = run_cli("nnunet_varaug", "downstream", "--features", str(folder / "cases.csv"), "--targets",
                   str(tmp_path / "missing.csv"), "-o", str(tmp_path / "x"), check=False)
     assert bad.returncode == 2 and "--targets file" in bad.stderr and "does not exist" in bad.stderr
+
+
+def test_test_on_mean_predicts_from_the_replica_mean(tmp_path):
+    from sklearn.linear_model import Ridge
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    features, targets = synthetic(30, 4, 3, 0.5, 0.2, seed=6)
+    downstream.run_experiment(features, targets, str(tmp_path), model="ridge", arms="ieee", test_on="mean",
+                              reference="nnUNetTrainer_seed2", test_size=0.2, seed=1)
+    splits = pd.read_csv(tmp_path / "splits.csv")
+    tr, te = (splits.loc[splits.side == side, "subject"] for side in ("train", "test"))
+    cols, yt = ["f0", "f1", "f2"], targets.set_index("subject")["target"]
+    ref = features[features.replica == "nnUNetTrainer_seed2"].set_index("subject")
+    mean = features.groupby("subject")[cols].mean()
+    pred = make_pipeline(StandardScaler(), Ridge()).fit(ref.loc[tr, cols], yt[tr]).predict(mean.loc[te, cols])
+    got = pd.read_csv(tmp_path / "results.csv")["MAE"].iat[0]
+    assert got == pytest.approx(np.mean(np.abs(pred - yt[te].to_numpy())), rel=1e-9)
