@@ -93,5 +93,7 @@ class MCAReplicaMixin(SeedReplicaMixin):
             "dtype": str(TRAINING_DTYPE).replace("torch.", ""), "perturbed": "train_step (forward, loss, "
             "backward, optimizer step)", "unperturbed": "validation, export, inference",
             "replica_seed": self.replica_seed,
+            # run-time evidence that training was perturbed (counted in this process, so from a resume on)
+            "perturbed_ops": self.mca.perturbed_ops, "perturbed_values": self.mca.perturbed_elements,
         }
         return record
