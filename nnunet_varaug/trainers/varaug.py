@@ -1,0 +1,200 @@
+"""``<Base>_varaug[_p<NN>]`` and ``nnUNetTrainerVarAug``: nnU-Net training with variability samples.
+
+Two hooks change, nothing else:
+
+* the training dataset is wrapped (``VariabilitySampleDataset``) so that ``load_case`` returns the ground truth
+  plus the K replica maps of the case as extra segmentation channels, read lazily: nnU-Net's data loader crops
+  all channels with the same box, and its spatial transform and mirroring move them together;
+* ``VariabilitySampleTransform(p, K)`` goes right after nnU-Net's label-removal step (``RemoveLabelTransform(-1,
+  0)``), before region conversion and deep-supervision downsampling: from there on the target is one channel,
+  the ground truth with probability 1 - p, else one replica's map.
+
+Validation (the pseudo-Dice during training and the final validation) uses the ground truth only. K comes from
+the sample set's manifest, which must match the trainer's plans, configuration, fold and training cases; p and the
+set's fingerprint (sha256 of the manifest) are recorded in debug.json and every checkpoint.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_varaug.experiment import VarAugError
+from nnunet_varaug.trainers.common import RecordSettingsMixin
+
+
+def insert_variability_transform(compose, transform):
+    """Insert ``transform`` into nnU-Net's training ``ComposeTransforms`` right after ``RemoveLabelTransform(-1, 0)``.
+
+    Raises:
+        VarAugError: the pipeline has no such step, or converts the segmentation (regions, one-hot, deep
+            supervision) before it; the transform must see the raw 1 + K label channels.
+    """
+    from batchgeneratorsv2.transforms.nnunet.seg_to_onehot import MoveSegAsOneHotToDataTransform
+    from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
+    from batchgeneratorsv2.transforms.utils.remove_label import RemoveLabelTransform
+    from batchgeneratorsv2.transforms.utils.seg_to_regions import ConvertSegmentationToRegionsTransform
+
+    steps = list(compose.transforms)
+    position = next((i for i, t in enumerate(steps) if isinstance(t, RemoveLabelTransform)
+                     and t.label_value == -1), None)
+    if position is None:
+        raise VarAugError("the base trainer's training transforms have no RemoveLabelTransform(-1, 0) step, after "
+                          "which variability samples are chosen; build the _varaug trainer on a base trainer that "
+                          "keeps nnU-Net's default pipeline order")
+    converting = (ConvertSegmentationToRegionsTransform, DownsampleSegForDSTransform, MoveSegAsOneHotToDataTransform)
+    early = [type(t).__name__ for t in steps[:position] if isinstance(t, converting)]
+    if early:
+        raise VarAugError(f"the base trainer converts the segmentation ({', '.join(early)}) before "
+                          f"RemoveLabelTransform(-1, 0); variability samples need the label channels unconverted there")
+    steps.insert(position + 1, transform)
+    compose.transforms = steps
+    return compose
+
+
+class VarAugMixin(RecordSettingsMixin):
+    """Train ``<Base>`` with its targets swapped, with probability ``varaug_p``, for a replica's label map."""
+
+    varaug_p: float = 0.5
+    varaug_num_samples: Optional[int] = None
+    varaug_fingerprint: Optional[str] = None
+    varaug_samples_folder: Optional[str] = None
+    varaug_command: str = ""
+    _varaug_checkpoint_fingerprint: Optional[str] = None
+
+    @staticmethod
+    def class_attributes(settings: dict) -> dict:
+        return {"varaug_p": float(settings["p"])}
+
+    # ---- where the samples are and how to make them ----------------------------------------------------------
+    def varaug_folder(self) -> str:
+        from nnunet_varaug.samples import samples_folder_for
+
+        return samples_folder_for(self.preprocessed_dataset_folder_base, self.plans_manager.plans_name,
+                                  self.configuration_name, self.fold)
+
+    def varaug_fix_command(self, manifest: Optional[dict] = None) -> str:
+        """The exact ``nnunet_varaug samples`` command that builds this trainer's sample set.
+
+        Taken from the manifest if there is one; otherwise for the seed replicas of this trainer's base that are
+        already trained (or, with none trained, the replicas command followed by samples for ten of them).
+        """
+        from nnunet_varaug.samples import samples_command
+
+        dataset_id = int(self.plans_manager.dataset_name[7:10])
+        plans, config = self.plans_manager.plans_name, self.configuration_name
+        if manifest is not None and manifest.get("num_replicas"):
+            return samples_command(dataset_id, config, self.fold, manifest["num_replicas"],
+                                   manifest.get("base", "nnUNetTrainer"), manifest.get("kind", "seed"), plans,
+                                   manifest.get("start", 0))
+        base = getattr(type(self), "varaug_base_name", None) or "nnUNetTrainer"
+        results = os.environ.get("nnUNet_results", "")
+        k = 0
+        while os.path.isfile(os.path.join(results, self.plans_manager.dataset_name,
+                                          f"{base}_seed{k}__{plans}__{config}", f"fold_{self.fold}",
+                                          "checkpoint_final.pth")):
+            k += 1
+        command = samples_command(dataset_id, config, self.fold, k or 10, base, "seed", plans)
+        if k == 0:
+            from nnunet_varaug.experiment import Experiment
+
+            flags = Experiment(self.plans_manager.dataset_name, config, self.fold, 10, base, "seed", plans).flags
+            return f"nnunet_varaug replicas {flags}` and then `{command}"
+        return command
+
+    # ---- checks before training ---------------------------------------------------------------------------------
+    def varaug_prepare(self) -> dict:
+        """Refuse cascades and sample sets that do not fit; set K and the fingerprint. Returns the manifest."""
+        from nnunet_varaug.samples import manifest_fingerprint, read_manifest, validate_sample_set
+
+        if self.is_cascaded:
+            raise VarAugError(f"{type(self).__name__}: '{self.configuration_name}' is a cascade configuration; "
+                              f"variability-sample training supports single-stage configurations (2d, 3d_lowres, "
+                              f"3d_fullres)")
+        if not 0.0 <= float(self.varaug_p) <= 1.0:
+            raise VarAugError(f"{type(self).__name__}: p = {self.varaug_p} is outside [0, 1]")
+        folder = self.varaug_folder()
+        try:
+            manifest = read_manifest(folder)
+        except VarAugError as e:
+            raise VarAugError(f"{e}: rebuild it with `{self.varaug_fix_command()} --force`") from None
+        fix = self.varaug_fix_command(manifest)
+        if self.dataset_class is None:
+            from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+            self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        tr_keys, _ = self.do_split()
+        shapes = {}
+        if manifest is not None:
+            dataset = self.dataset_class(self.preprocessed_dataset_folder, list(tr_keys))
+            for case in tr_keys:
+                shapes[case] = tuple(int(s) for s in dataset.load_case(case)[1].shape[1:])
+        manifest = validate_sample_set(folder, plans=self.plans_manager.plans_name,
+                                       configuration=self.configuration_name, fold=self.fold, cases=list(tr_keys),
+                                       shapes=shapes, fix=fix)
+        self.varaug_samples_folder = folder
+        self.varaug_num_samples = int(manifest["num_replicas"])
+        self.varaug_fingerprint = manifest_fingerprint(folder)
+        self.varaug_command = fix
+        self.print_to_log_file(f"variability samples: p = {self.varaug_p}, K = {self.varaug_num_samples} replica maps "
+                               f"per case from {folder} (sha256 of manifest {self.varaug_fingerprint[:12]}…)")
+        if self._varaug_checkpoint_fingerprint not in (None, self.varaug_fingerprint):
+            self.print_to_log_file("WARNING: the sample set changed since the checkpoint this run continues from "
+                                   f"(manifest sha256 {self._varaug_checkpoint_fingerprint[:12]}… -> "
+                                   f"{self.varaug_fingerprint[:12]}…)")
+        return manifest
+
+    # ---- nnU-Net hooks -------------------------------------------------------------------------------------------
+    def initialize(self):
+        if self.is_cascaded:
+            self.varaug_prepare()  # raises the cascade error before anything is built
+        super().initialize()
+
+    def get_dataloaders(self):
+        self.varaug_prepare()
+        return super().get_dataloaders()
+
+    def get_training_transforms(self, *args, **kwargs):
+        """nnU-Net's (or the base trainer's) training pipeline with ``VariabilitySampleTransform`` inserted."""
+        from nnunet_varaug.transforms import VariabilitySampleTransform
+
+        if self.varaug_num_samples is None:
+            self.varaug_prepare()
+        compose = super().get_training_transforms(*args, **kwargs)
+        return insert_variability_transform(compose, VariabilitySampleTransform(self.varaug_p,
+                                                                                self.varaug_num_samples))
+
+    def get_tr_and_val_datasets(self):
+        from nnunet_varaug.samples import VariabilitySampleDataset
+
+        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
+        if self.varaug_num_samples is None:
+            self.varaug_prepare()
+        return (VariabilitySampleDataset(dataset_tr, self.varaug_samples_folder, self.varaug_num_samples,
+                                         self.varaug_command), dataset_val)
+
+    def load_checkpoint(self, filename_or_checkpoint):
+        checkpoint = filename_or_checkpoint
+        if isinstance(checkpoint, str):
+            checkpoint = torch.load(checkpoint, map_location=self.device, weights_only=False)
+        from nnunet_varaug.trainers.common import SETTINGS_KEY
+
+        record = (checkpoint.get(SETTINGS_KEY) or {}).get("sample_set") or {}
+        self._varaug_checkpoint_fingerprint = record.get("fingerprint")
+        return super().load_checkpoint(checkpoint)
+
+    def varaug_record(self) -> Dict[str, Any]:
+        record = super().varaug_record()
+        record["sample_set"] = {"p": float(self.varaug_p), "num_samples": self.varaug_num_samples,
+                                "fingerprint": self.varaug_fingerprint, "folder": self.varaug_samples_folder}
+        return record
+
+
+class nnUNetTrainerVarAug(VarAugMixin, nnUNetTrainer):
+    """nnU-Net's default trainer with variability samples at p = 0.5: the same as ``nnUNetTrainer_varaug``."""
+
+    varaug_p = 0.5
+    varaug_settings = {"varaug": {"p": 0.5}}
+    varaug_base_name = "nnUNetTrainer"
