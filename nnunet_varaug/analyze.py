@@ -1,0 +1,381 @@
+"""``nnunet_varaug analyze``: predict with each replica, measure how much they disagree, write the report.
+
+Flow: build one :class:`~nnunet_varaug.experiment.Experiment` per ``--kind`` (all replicas must be finished);
+list the cases (the fold's validation cases from ``$nnUNet_raw``, or ``-i`` raw images with optional ``-l``
+labels) and check them before anything is written; predict the missing ones with nnU-Net's own
+``nnUNetPredictor`` (each case preprocessed once, then every replica's weights in turn; predictions cached in
+``OUT/predictions/<replica>/`` with the checkpoint's sha256, so a retrained replica is predicted again); then,
+per case, one pass of :func:`nnunet_varaug.variability.analyze_case` per kind; finally tables, voxel maps,
+figures and ``report.html`` (:mod:`nnunet_varaug.report`), each written atomically. A failure leaves the
+previous report as it was (only finished predictions are kept, for the next run).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+from nnunet_varaug import report, variability
+from nnunet_varaug.experiment import Experiment, VarAugError, require_env
+from nnunet_varaug.launch import add_experiment_arguments, plugin_env
+from nnunet_varaug.report import format_summary  # noqa: F401  (the demo imports both from here)
+
+PREDICTIONS = "predictions"
+FINGERPRINT = "varaug_predictions.json"
+
+
+@dataclass
+class Case:
+    """One input case: its image files (one per channel) and, optionally, its ground-truth label file."""
+
+    name: str
+    images: List[str]
+    label: Optional[str] = None
+
+
+# ---- inputs -----------------------------------------------------------------------------------------------------
+def _channel_files(folder: str, files: Sequence[str], case: str, ending: str) -> List[str]:
+    pattern = re.compile(re.escape(case) + r"_\d\d\d\d" + re.escape(ending))
+    return [os.path.join(folder, f) for f in files if pattern.fullmatch(f)]
+
+
+def _image_lists(folder: str, ending: str, cases: Optional[Sequence[str]] = None) -> Dict[str, List[str]]:
+    """``case -> channel files`` of an nnU-Net image folder (``<case>_XXXX<ending>``), without a process pool."""
+    files = sorted(f for f in os.listdir(folder) if f.endswith(ending))
+    if cases is None:
+        cases = sorted({f[: -len(ending) - 5] for f in files if re.fullmatch(r".+_\d\d\d\d" + re.escape(ending), f)})
+    return {c: _channel_files(folder, files, c, ending) for c in cases}
+
+
+def list_cases(exp: Experiment, images: Optional[str] = None, labels: Optional[str] = None) -> List[Case]:
+    """The cases to analyze, checked: every case has all its channels and, where labels are used, a label file.
+
+    Default: the fold's validation cases, images from ``$nnUNet_raw/<Dataset>/imagesTr`` and ground truth from
+    ``labelsTr``. With ``images``: every case of that folder, ground truth from ``labels`` if given.
+    """
+    dj = exp.dataset_json
+    ending = dj["file_ending"]
+    channels = len(dj.get("channel_names", dj.get("modality", {})))
+    if images is None:
+        if labels is not None:
+            raise VarAugError("-l needs -i: without -i the ground truth comes from the dataset's labelsTr")
+        raw = os.path.join(require_env("nnUNet_raw", "analyze reads the validation cases' raw images"), exp.dataset)
+        val = exp.split()[1]
+        if "dataset" in dj:  # dataset.json lists the files itself
+            from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+            listed = get_filenames_of_train_images_and_targets(raw, dj)
+            cases = [Case(c, listed[c]["images"], listed[c]["label"]) for c in val if c in listed]
+        else:
+            folder = os.path.join(raw, "imagesTr")
+            if not os.path.isdir(folder):
+                raise VarAugError(f"{folder} is missing: analyze predicts the validation cases from the raw images "
+                                  f"(or pass a folder of raw images with -i)")
+            lists = _image_lists(folder, ending, val)
+            cases = [Case(c, lists[c], os.path.join(raw, "labelsTr", c + ending)) for c in val]
+        where = os.path.join(raw, "imagesTr")
+    else:
+        if not os.path.isdir(images):
+            raise VarAugError(f"-i {images}: no such folder of raw images")
+        lists = _image_lists(images, ending)
+        if not lists:
+            raise VarAugError(f"-i {images} holds no images named <case>_XXXX{ending} (nnU-Net's naming)")
+        cases = [Case(c, f, None if labels is None else os.path.join(labels, c + ending)) for c, f in lists.items()]
+        where = images
+        if labels is not None:
+            if not os.path.isdir(labels):
+                raise VarAugError(f"-l {labels}: no such folder of label maps")
+            missing = [c.name for c in cases if not os.path.isfile(c.label)]
+            if missing:
+                raise VarAugError(f"-l {labels} lacks the label maps of {len(missing)} of {len(cases)} cases: "
+                                  f"{', '.join(m + ending for m in missing[:10])}{' ...' if len(missing) > 10 else ''}"
+                                  f". Add them, or leave out -l to analyze without ground truth")
+    if not cases:
+        raise VarAugError(f"no cases to analyze for {exp.dataset} fold {exp.fold}")
+    bad = [c.name for c in cases if len(c.images) != channels]
+    if bad:
+        raise VarAugError(f"{where}: {len(bad)} case(s) do not have exactly {channels} channel file(s) "
+                          f"<case>_0000{ending}..: {', '.join(bad[:10])}")
+    nolabel = [c.label for c in cases if c.label is not None and not os.path.isfile(c.label)]
+    if nolabel:
+        raise VarAugError(f"ground truth missing for {len(nolabel)} case(s): {', '.join(nolabel[:5])}")
+    return cases
+
+
+def default_output(experiments: Sequence[Experiment]) -> str:
+    """``$nnUNet_results/<Dataset>/varaug_reports/<Base>_<kinds>__<Plans>__<Config>__fold_<F>__n<K>``."""
+    exp = experiments[0]
+    kinds = "+".join(e.kind for e in experiments)
+    name = f"{exp.base}_{kinds}__{exp.plans}__{exp.configuration}__fold_{exp.fold}__n{exp.num_replicas}"
+    return os.path.join(os.environ["nnUNet_results"], exp.dataset, "varaug_reports", name)
+
+
+# ---- predictions ------------------------------------------------------------------------------------------------
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_json(path: str, content: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(content, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _prediction_state(exp: Experiment, name: str, folder: str, cases: Sequence[Case], ending: str) -> tuple:
+    """(checkpoint sha256, fingerprint dict, cases still to predict). Stale predictions (other checkpoint) go."""
+    sha = _sha256(os.path.join(exp.fold_folder(name), "checkpoint_final.pth"))
+    path = os.path.join(folder, FINGERPRINT)
+    record = {"checkpoint_sha256": sha, "trainer": name, "cases": {}}
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old.get("checkpoint_sha256") == sha:
+            record["cases"] = old.get("cases", {})
+    todo = [c for c in cases if record["cases"].get(c.name) != [os.path.abspath(p) for p in c.images]
+            or not os.path.isfile(os.path.join(folder, c.name + ending))]
+    return sha, record, todo
+
+
+def _device(name: str):
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise VarAugError("-device cuda: no CUDA device is available here; use -device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise VarAugError("-device mps: MPS is not available here; use -device cpu")
+    return torch.device(name)
+
+
+def predict(experiments: Sequence[Experiment], cases: Sequence[Case], output: str, device: str = "cuda",
+            progress: bool = True) -> Dict[str, str]:
+    """Predict every replica on every case with nnU-Net's ``nnUNetPredictor``, reusing valid cached predictions.
+
+    Returns ``replica -> folder`` of its predictions (``OUT/predictions/<replica>/<case><file_ending>``), in the
+    input image's grid exactly as ``nnUNetv2_predict`` writes them.
+    """
+    import torch
+    from tqdm import tqdm
+
+    os.environ["nnUNet_extTrainer"] = plugin_env()["nnUNet_extTrainer"]  # the predictor resolves replica names
+    ending = experiments[0].dataset_json["file_ending"]
+    folders, plans = {}, []
+    for exp in experiments:
+        jobs = {}
+        for name in exp.replica_names:
+            folder = os.path.join(output, PREDICTIONS, name)
+            folders[name] = folder
+            sha, record, todo = _prediction_state(exp, name, folder, cases, ending)
+            if todo:
+                jobs[name] = (folder, record, {c.name for c in todo})
+        if jobs:
+            plans.append((exp, jobs))
+    total = sum(len(t) for _, jobs in plans for _, _, t in jobs.values())
+    bar = tqdm(total=total, desc="predicting", unit="prediction", disable=not progress or total == 0)
+    dev = _device(device) if total else None
+    for exp, jobs in plans:
+        predictor = _predictor(exp, next(iter(jobs)), dev)
+        weights = {n: torch.load(os.path.join(exp.fold_folder(n), "checkpoint_final.pth"), map_location="cpu",
+                                 weights_only=False)["network_weights"] for n in jobs}
+        for folder, record, _ in jobs.values():
+            os.makedirs(folder, exist_ok=True)
+            _write_json(os.path.join(folder, FINGERPRINT), record)  # drops entries of a stale checkpoint first
+        preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
+        for case in cases:
+            names = [n for n in jobs if case.name in jobs[n][2]]
+            if not names:
+                continue
+            with contextlib.redirect_stdout(io.StringIO()):
+                data, _, props = preprocessor.run_case(case.images, None, predictor.plans_manager,
+                                                       predictor.configuration_manager, predictor.dataset_json)
+            data = torch.from_numpy(data)
+            for name in names:
+                folder, record, _ = jobs[name]
+                _predict_one(predictor, weights[name], data, props, folder, case.name, ending)
+                record["cases"][case.name] = [os.path.abspath(p) for p in case.images]
+                _write_json(os.path.join(folder, FINGERPRINT), record)
+                bar.update(1)
+    bar.close()
+    return folders
+
+
+def _predictor(exp: Experiment, first: str, device):
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+                                    perform_everything_on_device=device.type == "cuda", device=device,
+                                    verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+        predictor.initialize_from_trained_model_folder(exp.model_folder(first), use_folds=(exp.fold,),
+                                                       checkpoint_name="checkpoint_final.pth")
+    if predictor.configuration_manager.previous_stage_name is not None:
+        raise VarAugError(f"{exp.configuration} is a cascade stage: its predictions need the previous stage's; "
+                          f"analyze the previous stage ({predictor.configuration_manager.previous_stage_name}) or "
+                          f"a non-cascaded configuration")
+    return predictor
+
+
+def _predict_one(predictor, weights: dict, data, props: dict, folder: str, case: str, ending: str) -> None:
+    from nnunetv2.inference.export_prediction import export_prediction_from_logits
+
+    predictor.list_of_parameters = [weights]
+    try:
+        logits = predictor.predict_logits_from_preprocessed_data(data).cpu()
+    except RuntimeError as e:
+        raise VarAugError(f"predicting {case} failed: {str(e).splitlines()[0]}") from None
+    tmp = os.path.join(folder, f".tmp_{case}")
+    export_prediction_from_logits(logits, props, predictor.configuration_manager, predictor.plans_manager,
+                                  predictor.dataset_json, tmp, False)
+    os.replace(tmp + ending, os.path.join(folder, case + ending))
+
+
+# ---- analysis ---------------------------------------------------------------------------------------------------
+def _reader(dataset_json: dict, example: str):
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return determine_reader_writer_from_dataset_json(dataset_json, example, verbose=False)()
+
+
+def _load_maps(rw, files: Sequence[str], case: str, out: str):
+    """``(K, *spatial)`` label maps of one case, the first file's properties; shapes must agree."""
+    arrays, props = [], None
+    for f in files:
+        seg, p = rw.read_seg(f)
+        if props is None:
+            props = p
+        arrays.append(seg[0])
+    shapes = {tuple(a.shape) for a in arrays}
+    if len(shapes) > 1:
+        listing = ", ".join(f"{os.path.relpath(f, out)} {tuple(a.shape)}" for f, a in zip(files, arrays))
+        raise VarAugError(f"the replicas' predictions of {case} have different shapes ({listing}); delete the wrong "
+                          f"one(s) and rerun analyze to predict them again")
+    top = max(int(a.max()) for a in arrays) if arrays[0].size else 0
+    dtype = np.uint8 if top < 256 else np.uint16
+    return np.stack([a.astype(dtype, copy=False) for a in arrays]), props
+
+
+def analyze_experiment(experiments: Union[Experiment, Sequence[Experiment]], output: Optional[str] = None,
+                       images: Optional[str] = None, labels: Optional[str] = None, device: str = "cuda",
+                       progress: bool = True):
+    """The whole ``analyze`` command for one experiment, or for several kinds of one configuration side by side.
+
+    Args:
+        experiments: one ``Experiment`` per replica kind (same dataset, configuration, fold, plans, base, K).
+        output: the report folder; default ``$nnUNet_results/<Dataset>/varaug_reports/<name>/``.
+        images, labels: raw images (``<case>_XXXX<ending>``) and optional label maps to analyze instead of the
+            fold's validation cases.
+        device: ``cuda``, ``cpu`` or ``mps``, for nnU-Net's predictor.
+        progress: show tqdm progress bars.
+
+    Returns:
+        The summary table (a pandas DataFrame, as in ``summary.csv``); ``summary.attrs["report_dir"]`` and
+        ``summary.attrs["report_html"]`` hold the paths.
+
+    Raises:
+        VarAugError: fewer than 2 replicas, unfinished replicas, bad or inconsistent inputs. Nothing of an
+            earlier report is changed then.
+    """
+    experiments = [experiments] if isinstance(experiments, Experiment) else list(experiments)
+    if not experiments:
+        raise VarAugError("nothing to analyze: no experiment given")
+    first = experiments[0]
+    for exp in experiments:
+        if exp.num_replicas < 2:
+            raise VarAugError(f"-n {exp.num_replicas}: variability between replicas is undefined for fewer than 2 "
+                              f"replicas; use -n 2 or more (train them with `nnunet_varaug replicas {exp.flags}`)")
+        same = (exp.dataset, exp.configuration, exp.fold, exp.plans, exp.base, exp.num_replicas)
+        if same != (first.dataset, first.configuration, first.fold, first.plans, first.base, first.num_replicas):
+            raise VarAugError("experiments analyzed together must share dataset, configuration, fold, plans, base "
+                              "trainer and number of replicas; only the kind may differ")
+        if [e.kind for e in experiments].count(exp.kind) > 1:
+            raise VarAugError(f"--kind {exp.kind} is given twice")
+        exp.require_finished()
+    if output is None:
+        require_env("nnUNet_results", "the default report folder lies there (or pass -o)")
+        output = default_output(experiments)
+    output = os.path.abspath(output)
+    dj = first.dataset_json
+    structures = variability.structures_from_dataset_json(dj)
+    values = variability.label_values(dj)
+    ignore = variability.ignore_label(dj)
+    cases = list_cases(first, images, labels)
+
+    os.makedirs(output, exist_ok=True)
+    folders = predict(experiments, cases, output, device, progress)
+
+    from tqdm import tqdm
+
+    ending = dj["file_ending"]
+    rw = _reader(dj, os.path.join(folders[first.replica_names[0]], cases[0].name + ending))
+    stage = report.ReportStage(output)
+    results = {e.kind: {} for e in experiments}
+    try:
+        for case in tqdm(cases, desc="analyzing", unit="case", disable=not progress):
+            gt = None
+            if case.label is not None:
+                gt_arr, _ = rw.read_seg(case.label)
+                gt = gt_arr[0]
+                try:
+                    variability.check_labels(gt, values + ([] if ignore is None else [ignore]), case.label)
+                except ValueError as e:
+                    raise VarAugError(str(e)) from None
+            for i, exp in enumerate(experiments):
+                files = [os.path.join(folders[n], case.name + ending) for n in exp.replica_names]
+                maps, props = _load_maps(rw, files, case.name, output)
+                if gt is not None and gt.shape != maps.shape[1:]:
+                    raise VarAugError(f"ground truth {case.label} has shape {gt.shape}, the predictions of "
+                                      f"{case.name} {maps.shape[1:]}: it does not belong to this image")
+                try:
+                    res = variability.analyze_case(maps, props["spacing"], structures, values, gt, ignore)
+                except ValueError as e:
+                    raise VarAugError(f"{case.name} ({exp.kind} replicas): {e}") from None
+                suffix = "" if i == 0 else f"_{exp.kind}"
+                stage.write_maps(case.name + suffix, res, props)
+                res.majority = res.entropy = res.disagreement = None  # keep only the counts in memory
+                results[exp.kind][case.name] = res
+        summary = report.write_report(stage, experiments, results)
+    except BaseException:
+        stage.abort()
+        raise
+    summary.attrs["report_dir"] = output
+    summary.attrs["report_html"] = os.path.join(output, "report.html")
+    return summary
+
+
+# ---- command line -----------------------------------------------------------------------------------------------
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    add_experiment_arguments(p, kind=False)
+    p.add_argument("--kind", nargs="+", default=["seed"], choices=["seed", "mca"],
+                   help="replica kind(s) to analyze; with 'seed mca' both are reported side by side")
+    p.add_argument("--start", type=int, default=0, help="index of the first replica (default 0)")
+    p.add_argument("-i", dest="images", default=None,
+                   help="folder of raw images (<case>_XXXX<ending>) to analyze instead of the fold's validation cases")
+    p.add_argument("-l", dest="labels", default=None, help="folder of ground-truth label maps for -i (optional)")
+    p.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="as nnUNetv2_predict's -device")
+    p.add_argument("-o", dest="output", default=None,
+                   help="report folder (default $nnUNet_results/<Dataset>/varaug_reports/<name>/)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    experiments = [Experiment.from_args(args.dataset, args.configuration, args.fold, args.num_replicas, args.base,
+                                        kind, args.plans, args.start) for kind in dict.fromkeys(args.kind)]
+    summary = analyze_experiment(experiments, args.output, args.images, args.labels, args.device,
+                                 progress=not args.quiet)
+    print(format_summary(summary))
+    print(f"report: {summary.attrs['report_html']}")
+    return 0

@@ -1,0 +1,356 @@
+"""How much do K replicas disagree? Metrics on K label maps of one case, in plain numpy.
+
+Everything per case comes out of **one pass** over the K label maps (:func:`analyze_case`): the maps are read
+in chunks of voxels and, per chunk, each structure's K masks (plus the majority vote's) are encoded as one
+integer per voxel (bit ``k`` set when replica ``k`` has the structure there) and counted with one ``bincount``.
+From those counts follow, for all ``K(K-1)/2`` pairs at once, the intersections ``|A_a ∩ A_b|`` and the
+volumes ``|A_a|`` (the diagonal), hence every pairwise Dice and every volume; comparing each replica with the
+ground truth costs one more bincount per structure. Nothing of size ``K x K x voxels`` is ever built, and the
+extra memory is a few chunk-sized arrays, independent of the volume's size.
+
+Conventions (also in docs/variability.md):
+
+* **Structures** are nnU-Net's: the foreground labels of dataset.json, or its regions for region-based
+  datasets (a voxel is in a region when its label is one of the region's labels). The ignore label is none.
+* **Absent in both**: the Dice of two masks that are both empty is ``EMPTY_DICE = 1.0`` — both replicas agree
+  the structure is not there. The volume columns (0) tell such cases apart.
+* **Majority vote**: the most frequent label over the K replicas; ties go to the smallest label value (so a
+  tie between background and a structure is background).
+* **Entropy**: ``-sum_l p_l log2 p_l`` in bits, ``p_l`` the fraction of replicas voting label ``l``.
+* **Disagreement**: the fraction of replicas whose label differs from the majority vote.
+* **Ground truth**: voxels with nnU-Net's ignore label in the ground truth are left out of Dice to the ground
+  truth (as nnU-Net's own evaluation does); they still count in pairwise Dice and volumes.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+EMPTY_DICE = 1.0
+"""Dice of two empty masks (the structure is absent from both): perfect agreement."""
+
+DEFAULT_CHUNK = 1 << 18
+"""Voxels per chunk: big enough for numpy to be efficient, small enough to stay in cache-sized buffers."""
+
+_MAX_BITS = 16
+"""Up to this many maps per comparison, counts use a 2^M-bin bincount; beyond it, a K x K matrix product."""
+
+
+@dataclass(frozen=True)
+class Structure:
+    """One structure to measure: a name and the label values that make it up (several for a region)."""
+
+    name: str
+    labels: Tuple[int, ...]
+
+    @property
+    def key(self) -> str:
+        """How tables name it: the label value, or region labels joined by '+' (e.g. ``1+2``)."""
+        return "+".join(str(v) for v in self.labels)
+
+
+def structures_from_dataset_json(dataset_json: dict) -> List[Structure]:
+    """The structures nnU-Net evaluates for this dataset: foreground labels, or regions if it has regions."""
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    labels = dataset_json["labels"]
+    manager = LabelManager(labels, dataset_json.get("regions_class_order"))
+
+    def name_of(value) -> str:
+        for name, v in labels.items():
+            if (tuple(v) if isinstance(v, (list, tuple)) else (v,)) == tuple(np.atleast_1d(value).tolist()):
+                return name
+        return "+".join(str(x) for x in np.atleast_1d(value).tolist())
+
+    if manager.has_regions:
+        return [Structure(name_of(r), tuple(int(x) for x in np.atleast_1d(r))) for r in manager.foreground_regions]
+    return [Structure(name_of(v), (int(v),)) for v in manager.foreground_labels]
+
+
+def label_values(dataset_json: dict) -> List[int]:
+    """Every label value a prediction may hold (background and all labels and region members, not ignore)."""
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    manager = LabelManager(dataset_json["labels"], dataset_json.get("regions_class_order"))
+    return sorted(int(v) for v in manager.all_labels)
+
+
+def ignore_label(dataset_json: dict) -> Optional[int]:
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    return LabelManager(dataset_json["labels"], dataset_json.get("regions_class_order")).ignore_label
+
+
+# ---- counting -------------------------------------------------------------------------------------------------
+def _mask(chunk: np.ndarray, labels: Tuple[int, ...]) -> np.ndarray:
+    """Boolean mask of ``chunk`` (any shape) being one of ``labels``."""
+    out = chunk == labels[0]
+    for v in labels[1:]:
+        out |= chunk == v
+    return out
+
+
+def _bit_matrix(m: int) -> np.ndarray:
+    return ((np.arange(1 << m)[:, None] >> np.arange(m)[None, :]) & 1).astype(np.int64)
+
+
+def _gram(masks: np.ndarray, bits: Optional[np.ndarray]) -> np.ndarray:
+    """``G[a, b] = |masks[a] & masks[b]|`` for a boolean ``(M, n)`` array, as int64."""
+    m = masks.shape[0]
+    if bits is not None:  # one combined index per voxel, one bincount
+        code = np.zeros(masks.shape[1], dtype=np.int32)
+        for k in range(m):
+            code |= masks[k].astype(np.int32) << k
+        counts = np.bincount(code, minlength=1 << m).astype(np.int64)
+        return (bits * counts[:, None]).T @ bits
+    x = masks.astype(np.float32)  # exact: a chunk holds far fewer than 2^24 voxels
+    return np.rint(x @ x.T).astype(np.int64)
+
+
+def overlap_counts(maps: np.ndarray, structures: Sequence[Structure], chunk: int = DEFAULT_CHUNK) -> np.ndarray:
+    """Intersections of every pair of maps, per structure, in one chunked pass.
+
+    Args:
+        maps: ``(M, *spatial)`` integer label maps.
+        structures: what to count.
+        chunk: voxels per chunk.
+
+    Returns:
+        ``(S, M, M)`` int64: ``[s, a, b]`` voxels where maps ``a`` and ``b`` both hold structure ``s``; the
+        diagonal ``[s, a, a]`` is map ``a``'s voxel count of ``s``.
+    """
+    flat = maps.reshape(maps.shape[0], -1)
+    m = flat.shape[0]
+    bits = _bit_matrix(m) if m <= _MAX_BITS else None
+    out = np.zeros((len(structures), m, m), dtype=np.int64)
+    for start in range(0, flat.shape[1], chunk):
+        block = flat[:, start:start + chunk]
+        for s, st in enumerate(structures):
+            out[s] += _gram(_mask(block, st.labels), bits)
+    return out
+
+
+def dice_matrix(counts: np.ndarray, empty: float = EMPTY_DICE) -> np.ndarray:
+    """``(..., M, M)`` overlap counts -> Dice ``2|A∩B| / (|A|+|B|)``; ``empty`` where both are empty."""
+    diag = np.diagonal(counts, axis1=-2, axis2=-1).astype(np.float64)
+    denom = diag[..., :, None] + diag[..., None, :]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dice = 2.0 * counts / denom
+    return np.where(denom == 0, empty, dice)
+
+
+def pairwise_dice(maps: np.ndarray, structures: Sequence[Structure], chunk: int = DEFAULT_CHUNK) -> np.ndarray:
+    """``(S, K, K)`` Dice between every pair of the K maps (one pass); the diagonal is 1."""
+    return dice_matrix(overlap_counts(maps, structures, chunk))
+
+
+def pair_indices(k: int) -> List[Tuple[int, int]]:
+    """The K(K-1)/2 unordered pairs ``(a, b)``, ``a < b``, in the order tables list them."""
+    return [(a, b) for a in range(k) for b in range(a + 1, k)]
+
+
+# ---- one case -------------------------------------------------------------------------------------------------
+@dataclass
+class CaseResult:
+    """Everything measured on one case. Rows 0..K-1 of ``overlap`` are the replicas, row K the majority vote."""
+
+    structures: List[Structure]
+    num_replicas: int
+    voxel_volume: float
+    overlap: np.ndarray                       # (S, K+1, K+1) int64
+    majority: np.ndarray                      # spatial, the label maps' dtype
+    entropy: np.ndarray                       # spatial, float32, bits
+    disagreement: np.ndarray                  # spatial, float32 in [0, 1)
+    gt_intersection: Optional[np.ndarray] = None  # (S, K+1): |pred ∩ gt| on non-ignored voxels
+    gt_pred_volume: Optional[np.ndarray] = None   # (S, K+1): |pred| on non-ignored voxels
+    gt_volume: Optional[np.ndarray] = None        # (S,): |gt|
+
+    @property
+    def voxels(self) -> np.ndarray:
+        """``(S, K)`` voxel count of each structure in each replica."""
+        return np.diagonal(self.overlap, axis1=1, axis2=2)[:, : self.num_replicas].copy()
+
+    @property
+    def volumes_mm3(self) -> np.ndarray:
+        """``(S, K)`` volumes in mm^3 (voxel count times the product of the spacing)."""
+        return self.voxels * self.voxel_volume
+
+    @property
+    def pairwise_dice(self) -> np.ndarray:
+        """``(S, P)`` Dice of each replica pair, pairs in :func:`pair_indices` order."""
+        d = dice_matrix(self.overlap)
+        return np.stack([d[:, a, b] for a, b in pair_indices(self.num_replicas)], axis=1)
+
+    @property
+    def has_gt(self) -> bool:
+        return self.gt_intersection is not None
+
+    def _dice_gt(self) -> np.ndarray:
+        denom = self.gt_pred_volume + self.gt_volume[:, None]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            d = 2.0 * self.gt_intersection / denom
+        return np.where(denom == 0, EMPTY_DICE, d)
+
+    @property
+    def dice_to_gt(self) -> Optional[np.ndarray]:
+        """``(S, K)`` each replica's Dice to the ground truth, or None without ground truth."""
+        return None if not self.has_gt else self._dice_gt()[:, : self.num_replicas]
+
+    @property
+    def majority_dice_to_gt(self) -> Optional[np.ndarray]:
+        """``(S,)`` the majority vote's Dice to the ground truth, or None without ground truth."""
+        return None if not self.has_gt else self._dice_gt()[:, self.num_replicas]
+
+
+def _vote(maps: np.ndarray, labels: Sequence[int]) -> Tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    """Majority, entropy, disagreement of ``(K, ...)`` maps, and whether every value was one of ``labels``."""
+    k = maps.shape[0]
+    best = np.zeros(maps.shape[1:], dtype=np.int32)
+    total = np.zeros(maps.shape[1:], dtype=np.int32)
+    best_label = np.full(maps.shape[1:], labels[0], dtype=maps.dtype)
+    entropy = np.zeros(maps.shape[1:], dtype=np.float64)
+    for v in labels:  # ascending: a later label must beat the count strictly, so ties keep the smaller label
+        count = np.count_nonzero(maps == v, axis=0).astype(np.int32)
+        total += count
+        better = count > best
+        best_label[better] = v
+        np.maximum(best, count, out=best)
+        p = count / k
+        entropy -= p * np.log2(np.where(count > 0, p, 1.0))
+    entropy = np.abs(entropy)  # -0.0 -> 0.0
+    return best_label, entropy.astype(np.float32), (1.0 - best / k).astype(np.float32), bool((total == k).all())
+
+
+def voxel_maps(maps: np.ndarray, labels: Sequence[int]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Majority vote, entropy (bits) and disagreement fraction of ``(K, *spatial)`` label maps.
+
+    ``labels`` must list every value present (else ValueError); ties of the vote go to the smallest label.
+    """
+    labels = sorted(int(v) for v in labels)
+    majority, entropy, disagreement, known = _vote(maps, labels)
+    if not known:
+        check_labels(maps, labels, "the label maps")
+    return majority, entropy, disagreement
+
+
+def analyze_case(maps: np.ndarray, spacing: Sequence[float], structures: Sequence[Structure],
+                 labels: Sequence[int], gt: Optional[np.ndarray] = None, ignore: Optional[int] = None,
+                 chunk: int = DEFAULT_CHUNK) -> CaseResult:
+    """All per-case metrics of K replicas' label maps in one chunked pass.
+
+    Args:
+        maps: ``(K, *spatial)`` integer label maps of the K replicas, K >= 2, all on one grid.
+        spacing: voxel spacing in mm (any order; only its product is used).
+        structures: what to measure (:func:`structures_from_dataset_json`).
+        labels: every label value the maps may hold (:func:`label_values`); any other value is an error.
+        gt: optional ground truth ``spatial`` label map on the same grid.
+        ignore: the ground truth's ignore label, if the dataset has one.
+        chunk: voxels per chunk.
+
+    Raises:
+        ValueError: K < 2, shapes differ, or a map holds a value outside ``labels``.
+    """
+    k = maps.shape[0]
+    if k < 2:
+        raise ValueError(f"variability needs at least 2 replicas, got {k}")
+    if gt is not None and gt.shape != maps.shape[1:]:
+        raise ValueError(f"ground truth has shape {gt.shape}, the replicas' maps {maps.shape[1:]}")
+    labels = sorted(int(v) for v in labels)
+    s_count = len(structures)
+    flat = maps.reshape(k, -1)
+    n = flat.shape[1]
+    majority = np.empty(n, dtype=maps.dtype)
+    entropy = np.empty(n, dtype=np.float32)
+    disagreement = np.empty(n, dtype=np.float32)
+    bits = _bit_matrix(k + 1) if k + 1 <= _MAX_BITS else None
+    overlap = np.zeros((s_count, k + 1, k + 1), dtype=np.int64)
+    gflat = None if gt is None else gt.reshape(-1)
+    if gt is not None:
+        gt_inter = np.zeros((s_count, k + 1), dtype=np.int64)
+        gt_pred = np.zeros((s_count, k + 1), dtype=np.int64)
+        gt_vol = np.zeros(s_count, dtype=np.int64)
+    for start in range(0, n, chunk):
+        block = flat[:, start:start + chunk]
+        maj, ent, dis, known = _vote(block, labels)
+        if not known:
+            check_labels(block, labels, "the label maps")
+        majority[start:start + chunk] = maj
+        entropy[start:start + chunk] = ent
+        disagreement[start:start + chunk] = dis
+        stack = np.concatenate([block, maj[None]], axis=0)
+        if gflat is not None:
+            g = gflat[start:start + chunk]
+            valid = None if ignore is None else g != ignore
+        for s, st in enumerate(structures):
+            masks = _mask(stack, st.labels)
+            overlap[s] += _gram(masks, bits)
+            if gflat is not None:
+                gmask = _mask(g, st.labels)
+                pm = masks if valid is None else masks & valid
+                gt_inter[s] += np.count_nonzero(pm & gmask, axis=1)
+                gt_pred[s] += np.count_nonzero(pm, axis=1)
+                gt_vol[s] += np.count_nonzero(gmask)
+    spatial = maps.shape[1:]
+    result = CaseResult(list(structures), k, float(np.prod(np.asarray(spacing, dtype=np.float64))), overlap,
+                        majority.reshape(spatial), entropy.reshape(spatial), disagreement.reshape(spatial))
+    if gt is not None:
+        result.gt_intersection, result.gt_pred_volume, result.gt_volume = gt_inter, gt_pred, gt_vol
+    return result
+
+
+def check_labels(array: np.ndarray, labels: Sequence[int], what: str) -> None:
+    """Raise ValueError naming ``what`` if ``array`` holds a value outside ``labels``."""
+    present = np.unique(array)
+    bad = np.setdiff1d(present, np.asarray(list(labels)))
+    if bad.size:
+        raise ValueError(f"{what} holds label values {bad.tolist()} that dataset.json does not define "
+                         f"(it defines {sorted(int(v) for v in labels)})")
+
+
+# ---- over cases -----------------------------------------------------------------------------------------------
+def significant_digits(volumes: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Significant bits and decimal digits of each column of ``(K, cases)`` volumes across the K replicas.
+
+    Through the ``significantdigits`` package: general method (no distribution assumed), relative error,
+    reference = the replicas' mean. Columns whose mean is 0 (the structure absent from every replica) get NaN:
+    the relative error is undefined there.
+    """
+    import significantdigits as sd
+
+    volumes = np.asarray(volumes, dtype=np.float64)
+    mean = volumes.mean(axis=0)
+    out = []
+    for basis in (2, 10):
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            value = sd.significant_digits(volumes, reference=mean, axis=0, basis=basis,
+                                          method=sd.Method.General, error=sd.Error.Relative)
+        value = np.asarray(value, dtype=np.float64).reshape(mean.shape)
+        out.append(np.where(mean == 0, np.nan, value))
+    return out[0], out[1]
+
+
+def volume_spread(volumes: np.ndarray) -> Dict[str, np.ndarray]:
+    """Per column of ``(K, cases)`` volumes: replica mean, standard deviation (ddof=1), coefficient of
+    variation (std / mean; NaN where the mean is 0), significant bits and digits."""
+    volumes = np.asarray(volumes, dtype=np.float64)
+    mean = volumes.mean(axis=0)
+    std = volumes.std(axis=0, ddof=1) if volumes.shape[0] > 1 else np.zeros_like(mean)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cv = np.where(mean > 0, std / np.where(mean > 0, mean, 1.0), np.nan)
+    bits, digits = significant_digits(volumes)
+    return {"mean": mean, "std": std, "cv": cv, "sig_bits": bits, "sig_digits": digits}
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    """Pearson correlation of two sequences, NaN when undefined (fewer than 2 points, or no spread)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    if x.size < 2 or np.std(x) == 0 or np.std(y) == 0:
+        return math.nan
+    return float(np.corrcoef(x, y)[0, 1])
