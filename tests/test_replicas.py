@@ -1,0 +1,145 @@
+"""Seed replicas trained through the real nnU-Net commands: determinism, difference, recording, resuming,
+and the stock nnU-Net commands (predict, ensemble, find_best_configuration) on replica folders."""
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+
+import pytest
+import torch
+
+from conftest import SYNTHETIC_3D_ID, TINY, run_cli
+from nnunet_varaug.registry import ext_trainer_value
+
+pytestmark = pytest.mark.e2e
+
+
+def final_weights(fold_folder: str) -> dict:
+    return torch.load(os.path.join(fold_folder, "checkpoint_final.pth"), map_location="cpu",
+                      weights_only=False)["network_weights"]
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def fold0(results: str, dataset: str, trainer: str) -> str:
+    return os.path.join(results, dataset, f"{trainer}__nnUNetPlans__3d_fullres", "fold_0")
+
+
+def train_elsewhere(tmp_path, trainer: str, workers: int, tag: str) -> str:
+    """Train ``trainer`` on fold 0 with its own nnUNet_results; return that results folder."""
+    results = str(tmp_path / f"results_{tag}")
+    env = dict(os.environ, nnUNet_results=results, nnUNet_n_proc_DA=str(workers))
+    run_cli("nnUNetv2_train", str(SYNTHETIC_3D_ID), "3d_fullres", "0", "-tr", trainer, "-device", "cpu", env=env)
+    return results
+
+
+def test_seed_replicas_are_bitwise_reproducible_and_differ_across_seeds(seed_replicas, tmp_path):
+    ds = seed_replicas["name"]
+    w0 = final_weights(fold0(os.environ["nnUNet_results"], ds, f"{TINY}_seed0"))
+    w1 = final_weights(fold0(os.environ["nnUNet_results"], ds, f"{TINY}_seed1"))
+    assert not same_weights(w0, w1), "different seeds must give different weights"
+
+    # the same name trained again, with nnU-Net's single-threaded augmenter (nnUNet_n_proc_DA=0) ...
+    again = train_elsewhere(tmp_path, f"{TINY}_seed0", 0, "again")
+    assert same_weights(w0, final_weights(fold0(again, ds, f"{TINY}_seed0")))
+
+    # ... and with 2 augmentation workers, twice
+    a = train_elsewhere(tmp_path, f"{TINY}_seed2", 2, "mt_a")
+    b = train_elsewhere(tmp_path, f"{TINY}_seed2", 2, "mt_b")
+    wa, wb = final_weights(fold0(a, ds, f"{TINY}_seed2")), final_weights(fold0(b, ds, f"{TINY}_seed2"))
+    assert same_weights(wa, wb), "2 data-augmentation workers must not break reproducibility"
+
+
+def test_seed_is_recorded_in_debug_json_and_checkpoint(seed_replicas):
+    folder = fold0(os.environ["nnUNet_results"], seed_replicas["name"], f"{TINY}_seed1")
+    with open(os.path.join(folder, "debug.json")) as f:
+        debug = json.load(f)
+    ckpt = torch.load(os.path.join(folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
+    expected = {"trainer": f"{TINY}_seed1", "base": TINY, "seed": {"seed": 1}}
+    assert debug["nnunet_varaug"] == expected
+    assert ckpt["nnunet_varaug"] == expected
+    assert ckpt["trainer_name"] == f"{TINY}_seed1"
+
+
+def test_replicas_status_table(seed_replicas):
+    out = seed_replicas["replicas_stdout"]
+    for name in seed_replicas["names"]:
+        line = next(line for line in out.splitlines() if line.startswith(name))
+        state, epochs, dice = line.split()[1], line.split()[-2], line.split()[-1]
+        assert state == "trained" and epochs == "2"
+        assert 0.0 <= float(dice) <= 1.0
+    # a second call trains nothing and says so
+    again = run_cli("nnunet_varaug", "replicas", "-d", str(SYNTHETIC_3D_ID), "-c", "3d_fullres", "-f", "0", "-n", "3",
+                    "-tr", TINY, "-device", "cpu")
+    assert again.stdout.count("finished (skipped)") == 3
+
+
+def test_stock_nnunet_commands_accept_replica_folders(seed_replicas, tmp_path):
+    """predict -> ensemble over two replicas' probabilities -> predict_from_modelfolder -> find_best_configuration."""
+    images = os.path.join(seed_replicas["raw"], "imagesTs")
+    outs = []
+    for k in (0, 1):
+        out = str(tmp_path / f"pred{k}")
+        run_cli("nnUNetv2_predict", "-i", images, "-o", out, "-d", str(SYNTHETIC_3D_ID), "-c", "3d_fullres", "-f", "0",
+                "-tr", f"{TINY}_seed{k}", "-device", "cpu", "--save_probabilities", "-npp", "1", "-nps", "1")
+        assert sorted(f for f in os.listdir(out) if f.endswith(".nii.gz")) == ["case_ts000.nii.gz",
+                                                                               "case_ts001.nii.gz"]
+        outs.append(out)
+    ensemble = str(tmp_path / "ensemble")
+    run_cli("nnUNetv2_ensemble", "-i", *outs, "-o", ensemble, "-np", "1")
+    assert sorted(f for f in os.listdir(ensemble) if f.endswith(".nii.gz")) == ["case_ts000.nii.gz",
+                                                                                "case_ts001.nii.gz"]
+
+    model = os.path.dirname(fold0(os.environ["nnUNet_results"], seed_replicas["name"], f"{TINY}_seed1"))
+    from_folder = str(tmp_path / "from_folder")
+    run_cli("nnUNetv2_predict_from_modelfolder", "-i", images, "-o", from_folder, "-m", model, "-f", "0",
+            "-device", "cpu", "-npp", "1", "-nps", "1")
+    assert os.path.isfile(os.path.join(from_folder, "case_ts000.nii.gz"))
+
+    best = run_cli("nnUNetv2_find_best_configuration", str(SYNTHETIC_3D_ID), "-c", "3d_fullres",
+                   "-tr", f"{TINY}_seed0", "-f", "0", "-np", "1")
+    inference = os.path.join(os.environ["nnUNet_results"], seed_replicas["name"], "inference_instructions.txt")
+    assert os.path.isfile(inference) and f"{TINY}_seed0" in open(inference).read(), best.stdout
+
+
+INTERRUPTING_TRAINER = textwrap.dedent("""
+    import os
+    from nnunet_varaug.trainers.tiny import nnUNetTrainerTiny
+
+    class InterruptedTiny(nnUNetTrainerTiny):
+        '''Dies right after the checkpoint of epoch 0 when its replica seed is $INTERRUPT_SEED.'''
+        def on_epoch_end(self):
+            super().on_epoch_end()
+            if str(getattr(self, "replica_seed", "")) == os.environ.get("INTERRUPT_SEED"):
+                os._exit(3)
+""")
+
+
+def test_replicas_keep_going_resume_interrupted_and_skip_finished(seed_replicas, tmp_path):
+    user = tmp_path / "user_trainers"
+    user.mkdir()
+    (user / "interrupted_tiny.py").write_text(INTERRUPTING_TRAINER)
+    env = dict(os.environ, nnUNet_extTrainer=ext_trainer_value(str(user)), INTERRUPT_SEED="0")
+    args = ("nnunet_varaug", "replicas", "-d", str(SYNTHETIC_3D_ID), "-c", "3d_fullres", "-f", "0", "-n", "2",
+            "-tr", "InterruptedTiny", "-device", "cpu")
+    first = run_cli(*args, env=env, check=False)
+    assert first.returncode == 1, first.stdout + first.stderr
+    lines = {line.split()[0]: line for line in first.stdout.splitlines() if line.startswith("InterruptedTiny_")}
+    assert "FAILED" in lines["InterruptedTiny_seed0"] and lines["InterruptedTiny_seed0"].split()[-2] == "1"
+    assert " trained " in lines["InterruptedTiny_seed1"], "one failing replica must not stop the others"
+    folder = fold0(os.environ["nnUNet_results"], seed_replicas["name"], "InterruptedTiny_seed0")
+    assert os.path.isfile(os.path.join(folder, "checkpoint_latest.pth"))
+    assert not os.path.isfile(os.path.join(folder, "checkpoint_final.pth"))
+
+    del env["INTERRUPT_SEED"]
+    second = run_cli(*args, env=env)
+    lines = {line.split()[0]: line for line in second.stdout.splitlines() if line.startswith("InterruptedTiny_")}
+    assert "resumed, finished" in lines["InterruptedTiny_seed0"] and lines["InterruptedTiny_seed0"].split()[-2] == "2"
+    assert "finished (skipped)" in lines["InterruptedTiny_seed1"]
+    # the resumed run continued at epoch 1 instead of starting over
+    logs = sorted(f for f in os.listdir(folder) if f.startswith("training_log_"))
+    newest = open(os.path.join(folder, logs[-1])).read()
+    assert "Epoch 1" in newest and "Epoch 0\n" not in newest
