@@ -30,6 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--plans", help="an nnU-Net plans JSON to use instead of planning a synthetic dataset")
     p.add_argument("--dataset-json", help="the dataset.json belonging to --plans")
     p.add_argument("-c", "--configuration", default="3d_fullres")
+    p.add_argument("-tr", "--trainer", default="nnUNetTrainer",
+                   help="base trainer (default nnUNetTrainer); the MCA side is <trainer>_mca0")
     p.add_argument("--batch", type=int, default=2, help="patches per batch (default 2)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per side (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per side first (default 1)")
@@ -83,7 +85,6 @@ def main(argv=None) -> int:
         import torch
 
         from nnunet_varaug import registry
-        from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
         if args.plans:
             with open(args.plans) as f:
@@ -99,10 +100,10 @@ def main(argv=None) -> int:
         if not os.path.isdir(data_folder):
             os.makedirs(data_folder)
             open(os.path.join(data_folder, "placeholder.b2nd"), "w").close()
-        mca_name = "nnUNetTrainer_mca0" + (f"_t{args.virtual_bits}" if args.virtual_bits else "")
+        mca_name = f"{args.trainer}_mca0" + (f"_t{args.virtual_bits}" if args.virtual_bits else "")
         trainers = {}
         with contextlib.redirect_stdout(sys.stderr):
-            for label, cls in (("plain", nnUNetTrainer), ("mca", registry.resolve(mca_name))):
+            for label, cls in (("plain", registry.resolve(args.trainer)), ("mca", registry.resolve(mca_name))):
                 torch.manual_seed(0)
                 tr = cls({**plans, "continue_training": False}, args.configuration, 0, dataset_json, device)
                 tr.initialize()
@@ -131,8 +132,8 @@ def main(argv=None) -> int:
         cm = trainers["plain"].configuration_manager
         plain_t, mca_t = statistics.median(times["plain"]), statistics.median(times["mca"])
         print(f"device {device} ({torch.get_num_threads()} CPU threads), torch {torch.__version__}")
-        print(f"network {cm.network_arch_class_name.split('.')[-1]}, patch {list(cm.patch_size)}, batch "
-              f"{args.batch}, features {cm.network_arch_init_kwargs['features_per_stage']}")
+        print(f"trainer {args.trainer}, network {cm.network_arch_class_name.split('.')[-1]}, patch {list(cm.patch_size)}, batch "
+              f"{args.batch}, {sum(p.numel() for p in trainers['plain'].network.parameters()) / 1e6:.2f} M parameters")
         print(f"MCA: {mca!r}; per step {mca.perturbed_ops // (args.warmup + args.steps)} ops perturbed, "
               f"{mca.perturbed_elements / (args.warmup + args.steps) / 1e6:.1f} M values")
         print(f"{'':8}{'median s/step':>15}{'min':>10}")
