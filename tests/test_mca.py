@@ -32,6 +32,20 @@ def test_virtual_bits_above_float32_refused():
         cls({}, "3d_fullres", 0, {}, torch.device("cpu"))
 
 
+def test_training_step_autocast_is_off_only_inside():
+    """nnU-Net's train_step enters autocast itself; under the mixin it gets a disabled one, restored after."""
+    from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as trainer_module
+
+    from nnunet_varaug.trainers.mca import _autocast_off
+
+    original = trainer_module.autocast
+    with _autocast_off():
+        ctx = trainer_module.autocast("cpu", enabled=True)
+        with ctx:
+            assert not torch.is_autocast_enabled("cpu")
+    assert trainer_module.autocast is original
+
+
 def _weights(folder: str) -> torch.Tensor:
     ckpt = torch.load(os.path.join(folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
     return torch.cat([v.flatten().double() for v in ckpt["network_weights"].values()
