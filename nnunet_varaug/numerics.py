@@ -99,8 +99,9 @@ def check_virtual_bits(virtual_bits: Optional[int], dtype: torch.dtype = torch.f
     if t < 1:
         raise PrecisionError(f"virtual precision t={t} must be at least 1 bit")
     if t > p:
-        raise PrecisionError(f"virtual precision t={t} exceeds the {p} bits of {str(dtype).replace('torch.', '')}: "
-                             f"MCA can only lower precision; use t <= {p} (t={p} is {dtype}'s own precision)")
+        name = str(dtype).replace("torch.", "")
+        raise PrecisionError(f"virtual precision t={t} exceeds the {p} bits of {name}: MCA can only lower "
+                             f"precision; use t <= {p} (t={p} is {name}'s own precision)")
     return t
 
 
@@ -108,14 +109,13 @@ class _Format(NamedTuple):
     int_dtype: torch.dtype
     exponent_mask: int   # bits of the exponent field: (bits & mask) is 2^floor(log2|x|) as a float
     largest_exponent: int  # the exponent field of the largest finite binade (inf/NaN are clamped to it)
-    precision: int
 
 
 _FORMATS = {
-    torch.float64: _Format(torch.int64, 0x7FF0000000000000, 0x7FE0000000000000, 53),
-    torch.float32: _Format(torch.int32, 0x7F800000, 0x7F000000, 24),
-    torch.float16: _Format(torch.int16, 0x7C00, 0x7800, 11),
-    torch.bfloat16: _Format(torch.int16, 0x7F80, 0x7F00, 8),
+    torch.float64: _Format(torch.int64, 0x7FF0000000000000, 0x7FE0000000000000),
+    torch.float32: _Format(torch.int32, 0x7F800000, 0x7F000000),
+    torch.float16: _Format(torch.int16, 0x7C00, 0x7800),
+    torch.bfloat16: _Format(torch.int16, 0x7F80, 0x7F00),
 }
 
 
