@@ -392,8 +392,6 @@ def add_experiment_arguments(p: argparse.ArgumentParser, kind: bool = True) -> N
 
 
 def run(args: argparse.Namespace) -> int:
-    exp = Experiment.from_args(args.dataset, args.configuration, args.fold, args.num_replicas, args.base,
-                               args.kind, args.plans, args.start)
     launcher = getattr(args, "launcher", "local")
     devices = parse_devices(getattr(args, "devices", None))
     if launcher == "slurm" and devices:
@@ -406,12 +404,15 @@ def run(args: argparse.Namespace) -> int:
             ("--slurm-gpus-per-node", getattr(args, "slurm_gpus_per_node", None), None),
             ("--slurm-mem", getattr(args, "slurm_mem", None), None),
             ("--slurm-cpus-per-task", getattr(args, "slurm_cpus_per_task", None), None),
+            ("--slurm-executor", getattr(args, "slurm_executor", "slurm"), "slurm"),
             ("--no-wait", getattr(args, "no_wait", False), False)) if value != default]
         if given:
             raise VarAugError(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} to --launcher slurm")
     else:
         parse_slurm_time(args.slurm_time)
         parse_mem_gb(args.slurm_mem)
+    exp = Experiment.from_args(args.dataset, args.configuration, args.fold, args.num_replicas, args.base,
+                               args.kind, args.plans, args.start)
     jobs = train_jobs(exp, args.device, args.npz)
     outcome = {n: "finished (skipped)" for n in exp.replica_names if exp.replica_state(n) == "finished"}
     if launcher == "slurm":
