@@ -358,6 +358,17 @@ class Benchmark:
                                   f"(e.g. {sorted(set(have) ^ set(self.task.training_cases))[0]}): it is not this "
                                   f"task; pass -d with a free id, e.g. -d {self._free_id()}")
 
+    def check_trainers(self) -> None:
+        """The base trainer must be one nnU-Net can find; its ``_seed``/``_varaug`` names must parse."""
+        from nnunet_varaug import registry
+
+        try:
+            registry.resolve(self.base)
+            for name in [*self.replica_names, self.varaug_trainer]:
+                registry.parse(name)
+        except registry.TrainerNameError as e:
+            raise VarAugError(f"unknown base trainer '{self.base}': {e}") from None
+
     def _free_id(self) -> int:
         from nnunetv2.utilities.dataset_name_id_conversion import find_candidate_datasets
 
@@ -456,6 +467,7 @@ class Benchmark:
             self.check_dataset_id()
         for i, stage in enumerate(stages):
             self.check_requirements(stage, stages[:i])
+        self.check_trainers()
         code = 0
         for i, stage in enumerate(stages, 1):
             record = self.stage_record(stage)
@@ -723,13 +735,6 @@ def run(args: argparse.Namespace) -> int:
         require_env(var, what)
     stages = parse_stages(args.stages)
     task = read_msd_task(args.msd)
-    from nnunet_varaug import registry
-
-    try:
-        registry.resolve(args.base)
-        registry.parse(f"{args.base}_varaug")
-    except registry.TrainerNameError as e:
-        raise VarAugError(f"unknown base trainer '{args.base}': {e}") from None
     out = args.output or os.path.join(os.getcwd(), f"varaug_benchmark_{task.folder_name}")
     bench = Benchmark(task, out, args.dataset_id, args.configuration, args.fold, args.num_replicas, args.base,
                       args.plans, args.planner, args.device, args.num_processes, args.p, args.devices)
