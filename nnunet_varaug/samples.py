@@ -100,15 +100,13 @@ def manifest_fingerprint(folder: str) -> str:
 def sample_chunking(shape: Sequence[int], patch_size: Sequence[int]) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
     """blosc2 (blocks, chunks) for a ``(K, X, Y, Z)`` int8 array read in patch-sized crops.
 
-    nnU-Net's own rule for a one-channel array whose voxels are K bytes wide, then all K channels in each block
-    and chunk: a crop reads every channel of the voxels it touches, so they belong together.
+    nnU-Net's own rule (``comp_blosc2_params`` with the patch size), one channel per chunk: training usually
+    reads one replica's map per sample (``select_at_load``), and then decompresses only that map's chunks.
     """
     from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params
 
-    k = int(shape[0])
-    blocks, chunks = comp_blosc2_params((1, *[int(s) for s in shape[1:]]), tuple(int(p) for p in patch_size),
-                                        bytes_per_pixel=k * np.dtype(SAMPLE_DTYPE).itemsize)
-    return (k, *blocks[1:]), (k, *chunks[1:])
+    return comp_blosc2_params(tuple(int(s) for s in shape), tuple(int(p) for p in patch_size),
+                              bytes_per_pixel=np.dtype(SAMPLE_DTYPE).itemsize)
 
 
 def save_sample_array(maps: np.ndarray, path: str, patch_size: Sequence[int]) -> str:
@@ -121,7 +119,8 @@ def save_sample_array(maps: np.ndarray, path: str, patch_size: Sequence[int]) ->
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)[:-5]}.{os.getpid()}.partial.b2nd")
     if os.path.exists(tmp):
         os.remove(tmp)
-    cparams = {"codec": blosc2.Codec.LZ4HC, "clevel": 8, "filters": [blosc2.Filter.BITSHUFFLE], "nthreads": 1}
+    # LZ4HC without shuffle: label maps compress ~50x and decompress several times faster than with BITSHUFFLE
+    cparams = {"codec": blosc2.Codec.LZ4HC, "clevel": 8, "filters": [blosc2.Filter.NOFILTER], "nthreads": 1}
     blosc2.asarray(np.ascontiguousarray(maps), urlpath=tmp, chunks=chunks, blocks=blocks, cparams=cparams)
     digest = file_sha256(tmp)
     os.replace(tmp, path)
@@ -199,17 +198,23 @@ def validate_sample_set(folder: str, *, plans: str, configuration: str, fold, ca
 
 
 class SegWithSamples:
-    """The ground truth ``(1, X, Y, Z)`` and K sample maps ``(K, X, Y, Z)`` seen as one ``(1 + K, X, Y, Z)`` array.
+    """The ground truth ``(1, X, Y, Z)`` and K sample maps ``(K, X, Y, Z)`` seen as one lazy array.
 
-    Nothing is read until it is indexed; indexing reads only the requested region of both arrays (for blosc2,
-    only the chunks that region touches) and returns a numpy array. This is exactly what nnU-Net's data loader
-    needs: it crops with ``crop_and_pad_nd``, which takes ``.shape`` and one basic-slicing ``[...]``.
+    With ``channel=None`` it is the ``(1 + K, X, Y, Z)`` stack (ground truth first); with ``channel=c`` it is the
+    single map ``(1, X, Y, Z)`` of channel c of that stack (0: ground truth, k: replica k). Nothing is read until it
+    is indexed; indexing reads only the requested region (for blosc2, only the chunks that region touches) and
+    returns a numpy array. This is what nnU-Net's data loader needs: it crops with ``crop_and_pad_nd``, which takes
+    ``.shape`` and one basic-slicing ``[...]``.
     """
 
-    def __init__(self, seg, samples):
+    def __init__(self, seg, samples, channel: Optional[int] = None):
+        k = int(samples.shape[0])
+        if channel is not None and not 0 <= channel <= k:
+            raise ValueError(f"channel {channel} is outside 0..{k}")
         self.seg = seg
         self.samples = samples
-        self.shape = (int(seg.shape[0]) + int(samples.shape[0]), *[int(s) for s in seg.shape[1:]])
+        self.channel = channel
+        self.shape = (1 + k if channel is None else 1, *[int(s) for s in seg.shape[1:]])
         self.dtype = np.dtype(np.int16)
         self.ndim = len(self.shape)
 
@@ -223,10 +228,17 @@ class SegWithSamples:
             return np.asarray(self)[key]
         channel, spatial = key[0], tuple(key[1:])
         spatial = spatial + (slice(None),) * (self.ndim - 1 - len(spatial))
-        region = (slice(None), *spatial)
-        gt = np.asarray(self.seg[region])
-        smp = np.asarray(self.samples[region])
-        return np.concatenate((gt.astype(np.int16, copy=False), smp.astype(np.int16, copy=False)))[channel]
+        if self.channel == 0:
+            stack = np.asarray(self.seg[(slice(None), *spatial)]).astype(np.int16, copy=False)
+        elif self.channel is not None:
+            stack = np.asarray(self.samples[(slice(self.channel - 1, self.channel), *spatial)]).astype(np.int16)
+        else:
+            gt = np.asarray(self.seg[(slice(None), *spatial)])
+            smp = np.asarray(self.samples[(slice(None), *spatial)])
+            stack = np.empty((self.shape[0], *gt.shape[1:]), dtype=np.int16)
+            stack[:1] = gt
+            stack[1:] = smp
+        return stack[channel]
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         full = self[(slice(None),)]
@@ -240,18 +252,25 @@ def _dataset_base():
 
 
 class VariabilitySampleDataset(_dataset_base()):
-    """Wraps nnU-Net's training dataset: ``load_case`` returns the segmentation with K sample channels appended.
+    """Wraps nnU-Net's training dataset so that ``load_case`` also serves the case's variability samples.
+
+    Without ``chooser``, the segmentation is the lazy ``(1 + K, …)`` stack: ground truth and all K maps, moved
+    together by the augmentation, one channel kept later by ``VariabilitySampleTransform``. With ``chooser`` (a
+    ``VariabilitySampleTransform``), the choice is drawn here, per loaded case, and the segmentation is the one chosen
+    map ``(1, …)``: only that map is read and augmented. Both give the same targets for the same choice, because
+    nnU-Net's augmentation transforms every segmentation channel independently with the same parameters.
 
     Everything else (image, previous-stage segmentation, properties with class locations) is the wrapped
     dataset's, so patch sampling and foreground oversampling are unchanged. Picklable (augmentation workers).
     """
 
-    def __init__(self, dataset, samples_folder: str, num_samples: int, fix: str = ""):
+    def __init__(self, dataset, samples_folder: str, num_samples: int, fix: str = "", chooser=None):
         # no super().__init__: identifiers and folders are the wrapped dataset's
         self.dataset = dataset
         self.samples_folder = samples_folder
         self.num_samples = int(num_samples)
         self.fix = fix
+        self.chooser = chooser
         self.source_folder = dataset.source_folder
         self.folder_with_segs_from_previous_stage = dataset.folder_with_segs_from_previous_stage
         self.identifiers = dataset.identifiers
@@ -271,7 +290,8 @@ class VariabilitySampleDataset(_dataset_base()):
         if tuple(samples.shape) != want:
             raise VarAugError(f"variability samples of case {identifier} have shape {tuple(samples.shape)}, "
                               f"expected {want}: rebuild them with `{self.fix} --force`")
-        return data, SegWithSamples(seg, samples), seg_prev, properties
+        channel = None if self.chooser is None else self.chooser.get_parameters()["channel"]
+        return data, SegWithSamples(seg, samples, channel), seg_prev, properties
 
     @staticmethod
     def save_case(data, seg, properties, output_filename_truncated):
@@ -462,6 +482,8 @@ def write_samples(exp: Experiment, device: str = "cpu", tta: bool = True, force:
     folder = exp.samples_folder
     fix = f"nnunet_varaug samples {exp.flags}"
     torch_device = torch.device(device)
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise VarAugError(f"-device {device}: no CUDA device is available here; use `{fix} -device cpu`")
 
     replicas = [{"name": n, "checkpoint": os.path.relpath(_checkpoint(exp, n), os.environ["nnUNet_results"]),
                  "sha256": file_sha256(_checkpoint(exp, n))} for n in names]

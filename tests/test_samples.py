@@ -73,25 +73,25 @@ def test_maps_are_the_replicas_predictions(sample_set, tmp_path):
 
 
 @pytest.mark.e2e
-def test_rerun_skips_force_rebuilds_and_missing_case_is_redone(sample_set):
-    folder = sample_set["folder"]
+def test_rerun_skips_force_rebuilds_and_missing_case_is_redone(sample_set, capsys):
+    """In-process (the command itself ran in the fixture): what a rerun keeps and what it redoes."""
+    from nnunet_varaug.samples import write_samples
+
+    exp, folder = sample_set["exp"], sample_set["folder"]
+
+    def rerun(**kwargs):
+        write_samples(exp, device="cpu", progress=False, **kwargs)
+        return capsys.readouterr().out
+
     before = mtimes(folder)
-    proc = run_cli("nnunet_varaug", "samples", *FLAGS, "-device", "cpu")
-    assert "up to date" in proc.stdout and mtimes(folder) == before
+    assert "up to date" in rerun() and mtimes(folder) == before
     victim = sorted(f for f in before if f.endswith(".b2nd"))[0]
     os.remove(os.path.join(folder, victim))
-    proc = run_cli("nnunet_varaug", "samples", *FLAGS, "-device", "cpu", "--no-tta")  # other TTA: all rebuilt
-    assert "wrote 8 case(s), kept 0" in proc.stdout
-    proc = run_cli("nnunet_varaug", "samples", *FLAGS, "-device", "cpu")  # back to TTA
-    assert "wrote 8 case(s), kept 0" in proc.stdout
-    after = mtimes(folder)
-    os.remove(os.path.join(folder, victim))
-    proc = run_cli("nnunet_varaug", "samples", *FLAGS, "-device", "cpu")
-    assert "wrote 1 case(s), kept 7" in proc.stdout
+    assert "wrote 1 case(s), kept 7" in rerun()
     now = mtimes(folder)
-    assert [f for f in now if f.endswith(".b2nd") and now[f] != after[f]] == [victim]
-    proc = run_cli("nnunet_varaug", "samples", *FLAGS, "-device", "cpu", "--force")
-    assert "wrote 8 case(s), kept 0" in proc.stdout
+    assert [f for f in now if f.endswith(".b2nd") and now[f] != before[f]] == [victim]
+    assert "wrote 8 case(s), kept 0" in rerun(tta=False)  # another TTA setting: another sample set
+    assert "wrote 8 case(s), kept 0" in rerun(force=True)  # back to TTA, everything rebuilt
 
 
 @pytest.mark.e2e
@@ -118,7 +118,7 @@ def test_interrupted_run_leaves_nothing_trusted(sample_set, monkeypatch):
         samples.write_samples(exp, device="cpu", tta=True, force=True, progress=False)
     assert not os.path.exists(os.path.join(folder, samples.MANIFEST))
     cases = sorted(exp.split()[0])
-    with pytest.raises(VarAugError, match="no manifest: run `nnunet_varaug samples"):
+    with pytest.raises(VarAugError, match="left no manifest\\): run `nnunet_varaug samples"):
         samples.validate_sample_set(folder, plans="nnUNetPlans", configuration="3d_fullres", fold=0, cases=cases,
                                     shapes={}, fix=COMMAND)
     monkeypatch.setattr(samples, "save_sample_array", real_save)

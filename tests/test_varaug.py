@@ -98,34 +98,43 @@ def reference_folder(dataset: str, configuration: str, function) -> str:
 
 
 class DrawLikeVarAug:
-    """Stands where VariabilitySampleTransform stands in the reference pipelines: draws what it draws, records the
-    channel it would pick, leaves the segmentation alone."""
+    """Stands where the _varaug trainer draws its choice (a pipeline step after RemoveLabelTransform, or the
+    training dataset's load_case): draws what VariabilitySampleTransform draws, records the channel it would
+    pick, changes nothing."""
 
-    def __init__(self, p: float, k: int, record: list):
+    def __init__(self, p: float, k: int, record: list, dataset=None):
         from nnunet_varaug.transforms import VariabilitySampleTransform
 
         self.twin = VariabilitySampleTransform(p, k)
         self.record = record
+        self.dataset = dataset
+        if dataset is not None:
+            self.identifiers = dataset.identifiers
 
     def __call__(self, **data_dict):
         self.record.append(self.twin.get_parameters(**data_dict)["channel"])
         return data_dict
 
+    def load_case(self, identifier):
+        self.record.append(self.twin.get_parameters()["channel"])
+        return self.dataset.load_case(identifier)
 
-def reference_trainer(folder: str, p: float, k: int, record: list):
-    """nnU-Net's stock trainer reading ``folder``, with a draw-only step after RemoveLabelTransform."""
+
+def reference_trainer(folder: str, p: float, k: int, record: list, select_at_load: bool):
+    """nnU-Net's stock trainer reading ``folder``, drawing (only) where the _varaug trainer draws."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     from nnunet_varaug.trainers.varaug import insert_variability_transform
 
     class Reference(nnUNetTrainer):
         def get_training_transforms(self, *args, **kwargs):
-            return insert_variability_transform(nnUNetTrainer.get_training_transforms(*args, **kwargs),
-                                                DrawLikeVarAug(p, k, record))
+            compose = nnUNetTrainer.get_training_transforms(*args, **kwargs)
+            return compose if select_at_load else insert_variability_transform(compose, DrawLikeVarAug(p, k, record))
 
         def get_tr_and_val_datasets(self):
             self.preprocessed_dataset_folder = folder
-            return super().get_tr_and_val_datasets()
+            train, val = super().get_tr_and_val_datasets()
+            return (DrawLikeVarAug(p, k, record, train) if select_at_load else train), val
 
     return Reference
 
@@ -148,23 +157,29 @@ def as_list(target):
     return target if isinstance(target, list) else [target]
 
 
-def check_alignment(dataset: str, configuration: str, fold: int, trainer_name: str, p: float, num_batches: int):
+def check_alignment(dataset: str, configuration: str, fold: int, trainer_name: str, p: float, num_batches: int,
+                    select_at_load: bool = True):
     """Every target of the _varaug trainer equals the stock pipeline's target on GT or on the drawn replica map."""
     from nnunet_varaug.registry import resolve
     from nnunet_varaug.samples import VariabilitySampleDataset
 
     manifest = write_known_sample_set(dataset, configuration, fold)
     k = manifest["num_replicas"]
-    trainer, dl_train, dl_val, batches = run_loader(resolve(trainer_name), dataset, configuration, fold, num_batches)
+    cls = resolve(trainer_name)
+    if cls.varaug_select_at_load != select_at_load:
+        cls = type(trainer_name, (cls,), {"varaug_select_at_load": select_at_load})
+    trainer, dl_train, dl_val, batches = run_loader(cls, dataset, configuration, fold, num_batches)
     assert isinstance(dl_train.data_loader._data, VariabilitySampleDataset)
+    assert (dl_train.data_loader._data.chooser is not None) == select_at_load
+    assert ("VariabilitySampleTransform" in repr(dl_train.data_loader.transforms)) != select_at_load
     assert not isinstance(dl_val.data_loader._data, VariabilitySampleDataset)  # validation: ground truth only
     src = trainer.preprocessed_dataset_folder
     references, records = [], []
     for function in (None, *KNOWN):
         folder = src if function is None else reference_folder(dataset, configuration, function)
         record = []
-        references.append(run_loader(reference_trainer(folder, p, k, record), dataset, configuration, fold,
-                                     num_batches)[3])
+        references.append(run_loader(reference_trainer(folder, p, k, record, select_at_load), dataset,
+                                     configuration, fold, num_batches)[3])
         records.append(record)
     assert all(r == records[0] for r in records)  # one random stream
     per_batch = len(batches[0]["keys"])
@@ -196,9 +211,10 @@ def check_alignment(dataset: str, configuration: str, fold: int, trainer_name: s
 
 # ---- tests ----------------------------------------------------------------------------------------------------------
 @pytest.mark.e2e
-def test_alignment_3d_fullres(synthetic_3d):
+@pytest.mark.parametrize("select_at_load", [True, False], ids=["select_at_load", "all_channels"])
+def test_alignment_3d_fullres(synthetic_3d, select_at_load):
     trainer, batches, channels = check_alignment(synthetic_3d["name"], "3d_fullres", 1, "nnUNetTrainer_varaug",
-                                                 0.5, num_batches=30)
+                                                 0.5, num_batches=25, select_at_load=select_at_load)
     assert trainer.varaug_num_samples == 2
     record = trainer.varaug_record()["sample_set"]
     assert record["p"] == 0.5 and len(record["fingerprint"]) == 64
@@ -224,7 +240,8 @@ def test_alignment_2d_regions_ignore_label(region_ignore_dataset):
 
 @pytest.mark.e2e
 def test_alignment_3d_regions_ignore_label(region_ignore_dataset):
-    check_alignment(region_ignore_dataset, "3d_fullres", 0, "nnUNetTrainer_varaug_p30", 0.3, num_batches=10)
+    check_alignment(region_ignore_dataset, "3d_fullres", 0, "nnUNetTrainer_varaug_p30", 0.3, num_batches=10,
+                    select_at_load=False)
 
 
 def test_named_class_equals_default_varaug(synthetic_3d):
@@ -246,7 +263,8 @@ def test_named_class_equals_default_varaug(synthetic_3d):
         rot, dummy, initial, mirror = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         pipelines.append(repr(trainer.get_training_transforms(
             trainer.configuration_manager.patch_size, rot, trainer._get_deep_supervision_scales(), mirror, dummy)))
-    assert pipelines[0] == pipelines[1] and "VariabilitySampleTransform(p=0.5, num_samples=2)" in pipelines[0]
+        pipelines.append(repr(trainer.get_tr_and_val_datasets()[0].chooser))
+    assert pipelines[:2] == pipelines[2:] and pipelines[1] == "VariabilitySampleTransform(p=0.5, num_samples=2)"
 
 
 @pytest.mark.e2e
@@ -264,7 +282,8 @@ def test_replicas_samples_train_predict(seed_replicas, tmp_path):
     fingerprint = manifest_fingerprint(folder)
     debug = json.load(open(os.path.join(fold_folder, "debug.json")))
     record = debug["nnunet_varaug"]["sample_set"]
-    assert record == {"p": 0.5, "num_samples": 3, "fingerprint": fingerprint, "folder": folder}
+    assert record == {"p": 0.5, "num_samples": 3, "fingerprint": fingerprint, "folder": folder,
+                      "select_at_load": True}
     checkpoint = torch.load(os.path.join(fold_folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
     assert checkpoint["nnunet_varaug"]["sample_set"]["fingerprint"] == fingerprint
     assert os.path.isfile(os.path.join(fold_folder, "validation", "summary.json"))

@@ -1,13 +1,19 @@
 """``<Base>_varaug[_p<NN>]`` and ``nnUNetTrainerVarAug``: nnU-Net training with variability samples.
 
-Two hooks change, nothing else:
+Per training sample the target is the ground truth with probability 1 - p, else the map of one replica chosen
+uniformly, cropped and augmented exactly like the image. Two equivalent data flows (``varaug_select_at_load``):
 
-* the training dataset is wrapped (``VariabilitySampleDataset``) so that ``load_case`` returns the ground truth
-  plus the K replica maps of the case as extra segmentation channels, read lazily: nnU-Net's data loader crops
-  all channels with the same box, and its spatial transform and mirroring move them together;
-* ``VariabilitySampleTransform(p, K)`` goes right after nnU-Net's label-removal step (``RemoveLabelTransform(-1,
-  0)``), before region conversion and deep-supervision downsampling: from there on the target is one channel,
-  the ground truth with probability 1 - p, else one replica's map.
+* ``False`` (the flow of DESIGN.md): the training dataset (``VariabilitySampleDataset``) returns the ground truth
+  plus the K replica maps as extra segmentation channels, read lazily; nnU-Net's data loader crops all channels
+  with one box, its spatial transform and mirroring move them together, and ``VariabilitySampleTransform(p, K)``,
+  inserted right after nnU-Net's label-removal step (``RemoveLabelTransform(-1, 0)``) and before region conversion
+  and deep-supervision downsampling, keeps one channel;
+* ``True`` (default): the same ``VariabilitySampleTransform`` draws the choice when the case is loaded and the
+  dataset returns only the chosen map, so only that map is read and augmented. nnU-Net's augmentation transforms
+  every segmentation channel independently with the same parameters, so the target of a given choice is the same
+  voxel for voxel (tests/test_varaug.py checks both flows against stock nnU-Net); carrying K = 10 extra channels
+  through augmentation costs ~8x the pipeline time, choosing first costs nothing measurable
+  (benchmarks/bench_augmentation.py).
 
 Validation (the pseudo-Dice during training and the final validation) uses the ground truth only. K comes from
 the sample set's manifest, which must match the trainer's plans, configuration, fold and training cases; p and the
@@ -58,6 +64,7 @@ class VarAugMixin(RecordSettingsMixin):
     """Train ``<Base>`` with its targets swapped, with probability ``varaug_p``, for a replica's label map."""
 
     varaug_p: float = 0.5
+    varaug_select_at_load: bool = True
     varaug_num_samples: Optional[int] = None
     varaug_fingerprint: Optional[str] = None
     varaug_samples_folder: Optional[str] = None
@@ -163,17 +170,23 @@ class VarAugMixin(RecordSettingsMixin):
         if self.varaug_num_samples is None:
             self.varaug_prepare()
         compose = super().get_training_transforms(*args, **kwargs)
+        if self.varaug_select_at_load:  # the dataset already chose the map
+            return compose
         return insert_variability_transform(compose, VariabilitySampleTransform(self.varaug_p,
                                                                                 self.varaug_num_samples))
 
     def get_tr_and_val_datasets(self):
         from nnunet_varaug.samples import VariabilitySampleDataset
 
+        from nnunet_varaug.transforms import VariabilitySampleTransform
+
         dataset_tr, dataset_val = super().get_tr_and_val_datasets()
         if self.varaug_num_samples is None:
             self.varaug_prepare()
+        chooser = VariabilitySampleTransform(self.varaug_p, self.varaug_num_samples) \
+            if self.varaug_select_at_load else None
         return (VariabilitySampleDataset(dataset_tr, self.varaug_samples_folder, self.varaug_num_samples,
-                                         self.varaug_command), dataset_val)
+                                         self.varaug_command, chooser), dataset_val)
 
     def load_checkpoint(self, filename_or_checkpoint):
         checkpoint = filename_or_checkpoint
@@ -188,7 +201,8 @@ class VarAugMixin(RecordSettingsMixin):
     def varaug_record(self) -> Dict[str, Any]:
         record = super().varaug_record()
         record["sample_set"] = {"p": float(self.varaug_p), "num_samples": self.varaug_num_samples,
-                                "fingerprint": self.varaug_fingerprint, "folder": self.varaug_samples_folder}
+                                "fingerprint": self.varaug_fingerprint, "folder": self.varaug_samples_folder,
+                                "select_at_load": bool(self.varaug_select_at_load)}
         return record
 
 
