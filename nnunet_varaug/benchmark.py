@@ -462,7 +462,6 @@ class Benchmark:
 
     def run(self, stages: Sequence[str]) -> int:
         """Run ``stages`` in order, skipping complete ones; write results.md. Returns the exit code."""
-        os.makedirs(self.out, exist_ok=True)
         if "convert" in stages or not self.done("convert"):
             self.check_dataset_id()
         for i, stage in enumerate(stages):
@@ -594,6 +593,7 @@ class Benchmark:
     # ---- results.md -------------------------------------------------------------------------------------------
     def write_results(self) -> str:
         path = os.path.join(self.out, "results.md")
+        os.makedirs(self.out, exist_ok=True)
         _atomic_write(path, render_results(self))
         return path
 
