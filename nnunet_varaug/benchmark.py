@@ -373,7 +373,7 @@ class Benchmark:
         from nnunetv2.utilities.dataset_name_id_conversion import find_candidate_datasets
 
         for candidate in [500 + self.task.task_id, *range(500, 1000)]:
-            if candidate <= 999 and not find_candidate_datasets(candidate):
+            if candidate <= 999 and len(find_candidate_datasets(candidate)) == 0:
                 return candidate
         return 999
 

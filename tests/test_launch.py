@@ -1,0 +1,184 @@
+"""Launchers of ``nnunet_varaug replicas``: one replica per device at a time (``--devices``), and SLURM through
+submitit, driven here with submitit's local executor (the same pickled job array, run on this machine)."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import SYNTHETIC_3D_ID, TINY, run_cli
+from nnunet_varaug.experiment import VarAugError
+from nnunet_varaug.launch import (SLURM_RECORD, TrainJob, TrainReplicaTask, forwarded_env, parse_devices,
+                                  parse_mem_gb, parse_slurm_time, run_devices)
+
+REPLICAS = ("nnunet_varaug", "replicas", "-d", str(SYNTHETIC_3D_ID), "-c", "3d_fullres", "-f", "0", "-tr", TINY,
+            "-device", "cpu")
+HEADER = re.compile(r"^# nnunet_varaug: (\S+ \S+) start CUDA_VISIBLE_DEVICES=([^\s:]*)", re.M)
+
+
+# ---- flag parsing ---------------------------------------------------------------------------------------------------
+def test_parse_devices():
+    assert parse_devices("0,1, 3") == ["0", "1", "3"]
+    assert parse_devices(None) == []
+    for bad in ("", "a", "0,-1", "0,0", "cuda:0"):
+        with pytest.raises(VarAugError, match="--devices"):
+            parse_devices(bad)
+
+
+def test_parse_slurm_time_reads_slurms_formats():
+    assert parse_slurm_time("90") == 90
+    assert parse_slurm_time("1:30") == 2  # minutes:seconds, rounded up to whole minutes
+    assert parse_slurm_time("24:00:00") == 24 * 60
+    assert parse_slurm_time("1:02:03") == 63
+    assert parse_slurm_time("2-00:00:00") == 2 * 24 * 60
+    assert parse_slurm_time("1-12") == 36 * 60
+    assert parse_slurm_time("1-2:30") == 26 * 60 + 30
+    for bad in ("x", "1:2:3:4", "0", "-5"):
+        with pytest.raises(VarAugError, match="--slurm-time"):
+            parse_slurm_time(bad)
+
+
+def test_parse_mem_gb():
+    assert parse_mem_gb("64G") == 64 and parse_mem_gb("64GB") == 64 and parse_mem_gb("32") == 32
+    assert parse_mem_gb("16384M") == 16 and parse_mem_gb("1T") == 1024 and parse_mem_gb(None) is None
+    with pytest.raises(VarAugError, match="--slurm-mem"):
+        parse_mem_gb("lots")
+
+
+def test_jobs_carry_only_nnunet_and_thread_variables_to_a_cluster_node():
+    env = {"nnUNet_results": "/r", "nnUNet_extTrainer": "/x", "VARAUG_TINY_EPOCHS": "1", "OMP_NUM_THREADS": "4",
+           "PATH": "/login/bin", "CUDA_VISIBLE_DEVICES": "3", "HOME": "/home/me"}
+    assert forwarded_env(env) == {"nnUNet_results": "/r", "nnUNet_extTrainer": "/x", "VARAUG_TINY_EPOCHS": "1",
+                                  "OMP_NUM_THREADS": "4"}
+
+
+# ---- one replica per device -----------------------------------------------------------------------------------------
+RECORDER = """
+import json, os, sys, time
+start = time.time()
+time.sleep(0.6)
+json.dump({"device": os.environ.get("CUDA_VISIBLE_DEVICES"), "start": start, "end": time.time()},
+          open(sys.argv[1], "w"))
+"""
+
+
+def test_run_devices_gives_each_process_one_device_and_keeps_all_devices_busy(tmp_path):
+    jobs = [TrainJob(f"job{i}", [sys.executable, "-c", RECORDER, str(tmp_path / f"job{i}.json")], dict(os.environ),
+                     str(tmp_path / f"job{i}.log")) for i in range(5)]
+    run_devices(jobs, ["0", "3"])
+    runs = []
+    for i, job in enumerate(jobs):
+        assert job.returncode == 0
+        with open(tmp_path / f"job{i}.json") as f:
+            runs.append(json.load(f))
+        header = HEADER.search(open(job.log).read())
+        assert header and header.group(2) == runs[-1]["device"] == job.device
+    assert {r["device"] for r in runs} == {"0", "3"}
+    for device in ("0", "3"):  # a device never runs two replicas at once
+        spans = sorted((r["start"], r["end"]) for r in runs if r["device"] == device)
+        assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
+    # both devices worked at the same time (5 jobs of 0.6 s on 2 devices take ~3 runs, not 5)
+    first = sorted(runs, key=lambda r: r["start"])[:2]
+    assert first[0]["device"] != first[1]["device"] and first[1]["start"] < first[0]["end"]
+
+
+def test_a_requeued_task_continues_from_its_latest_checkpoint(tmp_path):
+    """What submitit calls on timeout or preemption: the task resumes with --c once a checkpoint exists."""
+    job = TrainJob("x_seed0", ["nnUNetv2_train", "1", "3d_fullres", "0", "-tr", "x_seed0"], {},
+                   str(tmp_path / "nnunet_varaug_train.log"))
+    task = TrainReplicaTask()
+    again = task.checkpoint(job, {"nnUNet_results": "/r"})
+    assert again.args[0].command == job.command  # nothing to resume from yet
+    (tmp_path / "checkpoint_latest.pth").write_bytes(b"")
+    again = task.checkpoint(job, {"nnUNet_results": "/r"})
+    assert again.args[0].command == job.command + ["--c"] and again.args[0].resumed
+    assert again.args[1] == {"nnUNet_results": "/r"} and isinstance(again.function, TrainReplicaTask)
+    assert isinstance(pickle.loads(pickle.dumps(again.function)), TrainReplicaTask)
+
+
+# ---- end to end with nnU-Net ------------------------------------------------------------------------------------------
+def fold_folder(synthetic, trainer: str) -> str:
+    return os.path.join(os.environ["nnUNet_results"], synthetic["name"], f"{trainer}__nnUNetPlans__3d_fullres", "fold_0")
+
+
+def status(stdout: str) -> dict:
+    return {line.split()[0]: line for line in stdout.splitlines() if line.startswith(f"{TINY}_seed")}
+
+
+@pytest.mark.e2e
+def test_devices_launcher_trains_one_replica_per_device_in_parallel(synthetic_3d):
+    proc = run_cli(*REPLICAS, "-n", "2", "--start", "10", "--devices", "0,1")
+    lines = status(proc.stdout)
+    assert set(lines) == {f"{TINY}_seed10", f"{TINY}_seed11"}
+    assert all(line.split()[1] == "trained" for line in lines.values()), proc.stdout
+    spans = {}
+    for k in (10, 11):
+        log = open(os.path.join(fold_folder(synthetic_3d, f"{TINY}_seed{k}"), "nnunet_varaug_train.log")).read()
+        start = HEADER.search(log)
+        end = re.search(r"^# nnunet_varaug: (\S+ \S+) end exit=0$", log, re.M)
+        assert start and end, log[-2000:]
+        spans[start.group(2)] = (start.group(1), end.group(1))
+        assert "Training done." in log
+    assert set(spans) == {"0", "1"}, "each process sees exactly one device of --devices"
+    (s0, e0), (s1, e1) = spans["0"], spans["1"]
+    assert s0 <= e1 and s1 <= e0, "the two replicas trained at the same time"
+
+
+@pytest.mark.e2e
+def test_slurm_launcher_through_submitit_trains_skips_and_does_not_resubmit(synthetic_3d):
+    args = (*REPLICAS, "-n", "2", "--start", "20", "--launcher", "slurm", "--slurm-executor", "local",
+            "--slurm-time", "20")
+    first = run_cli(*args)
+    lines = status(first.stdout)
+    assert all(lines[f"{TINY}_seed{k}"].split()[1] == "trained" for k in (20, 21)), first.stdout + first.stderr
+    assert first.stdout.count("submitted ") == 2
+    for k in (20, 21):
+        folder = fold_folder(synthetic_3d, f"{TINY}_seed{k}")
+        assert os.path.isfile(os.path.join(folder, "checkpoint_final.pth"))
+        with open(os.path.join(folder, SLURM_RECORD)) as f:
+            record = json.load(f)
+        assert record["cluster"] == "local" and f"{TINY}_seed{k}" in record["command"]
+        # the job array's tasks ran through submitit: its result pickle holds nnUNetv2_train's exit code
+        with open(os.path.join(record["folder"], f"{record['job_id']}_0_result.pkl"), "rb") as f:
+            assert pickle.load(f) == ("success", 0)
+    again = run_cli(*args)
+    assert "submitted" not in again.stdout
+    assert all("finished (skipped)" in line for line in status(again.stdout).values())
+
+
+@pytest.mark.e2e
+def test_slurm_launcher_leaves_a_queued_or_running_job_alone(synthetic_3d):
+    """A rerun while an earlier submission is still alive must not submit the replica a second time."""
+    name = f"{TINY}_seed30"
+    folder = fold_folder(synthetic_3d, name)
+    os.makedirs(folder, exist_ok=True)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "submitit"])
+    try:
+        with open(os.path.join(folder, SLURM_RECORD), "w") as f:
+            json.dump({"job_id": str(alive.pid), "pid": alive.pid, "cluster": "local", "folder": str(folder)}, f)
+        proc = run_cli(*REPLICAS, "-n", "1", "--start", "30", "--launcher", "slurm", "--slurm-executor", "local",
+                       "--no-wait")
+        assert f"queued/running (job {alive.pid})" in status(proc.stdout)[name]
+        assert "submitted" not in proc.stdout
+        assert not os.path.isfile(os.path.join(folder, "checkpoint_latest.pth"))
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--devices", "0,0"), "lists a GPU twice"),
+    (("--devices", "gpu0"), "--devices takes GPU indices"),
+    (("--launcher", "slurm", "--devices", "0,1"), "--devices is for --launcher local"),
+    (("--slurm-mem", "64G", "--slurm-partition", "gpu"), "--slurm-partition, --slurm-mem only apply to --launcher slurm"),
+    (("--launcher", "slurm", "--slurm-time", "a day"), "--slurm-time takes SLURM's formats"),
+    (("--launcher", "slurm", "--slurm-mem", "lots"), "--slurm-mem takes a size"),
+])
+def test_bad_launcher_flags_are_refused_before_anything_runs(nnunet_env, extra, message):
+    proc = run_cli(*REPLICAS, "-n", "2", *extra, check=False)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
