@@ -252,7 +252,7 @@ def active_submission(exp: Experiment, name: str) -> Optional[str]:
     return record["job_id"] if state.split()[0].upper() in _ACTIVE_SLURM_STATES else None
 
 
-def slurm_executor(folder: str, args: argparse.Namespace, num_jobs: int):
+def slurm_executor(folder: str, args: argparse.Namespace, num_jobs: int, name: str = "varaug"):
     """A submitit executor for the replicas: SLURM, or submitit's local executor (``--slurm-executor local``),
     which runs the very same pickled job array on this machine."""
     import submitit
@@ -261,7 +261,7 @@ def slurm_executor(folder: str, args: argparse.Namespace, num_jobs: int):
                                      slurm_max_num_timeout=20, local_max_num_timeout=20)
     gpus = args.slurm_gpus_per_node if args.slurm_gpus_per_node is not None else (1 if args.device == "cuda" else 0)
     params = dict(timeout_min=parse_slurm_time(args.slurm_time), gpus_per_node=gpus, tasks_per_node=1, nodes=1,
-                  name=f"varaug_{os.path.basename(os.path.dirname(folder))}",
+                  name=name,
                   slurm_array_parallelism=max(1, num_jobs))
     mem = parse_mem_gb(args.slurm_mem)
     if mem is not None:
@@ -290,7 +290,7 @@ def run_slurm(exp: Experiment, jobs: List[TrainJob], args: argparse.Namespace) -
     folder = os.path.join(os.environ["nnUNet_results"], exp.dataset, "varaug_slurm",
                           f"{exp.plans}__{exp.configuration}__fold_{exp.fold}")
     os.makedirs(folder, exist_ok=True)
-    executor = slurm_executor(folder, args, len(pending))
+    executor = slurm_executor(folder, args, len(pending), name=f"varaug_{exp.dataset}")
     forwarded = forwarded_env(pending[0].env)
     submitted = executor.map_array(TrainReplicaTask(), pending, [forwarded] * len(pending))
     for job, sub in zip(pending, submitted):
