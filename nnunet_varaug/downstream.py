@@ -41,6 +41,7 @@ CASES_COLUMNS = ("case", "label", "replica", "volume_mm3")
 METRICS: Tuple[str, ...] = ("MAE", "RMSE", "R2")
 # A relative MAE change smaller than this (in either direction) is reported as "no clear effect".
 VERDICT_TOLERANCE = 0.02
+KNN_NEIGHBOURS = 5  # scikit-learn's default k
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -350,7 +351,7 @@ def make_model(model: str, seed: int, grid: bool = False, n_groups: int = 0, row
             regressor=Pipeline([("scale", StandardScaler()), ("svr", SVR())]), transformer=StandardScaler())
         params = {"regressor__svr__C": [0.1, 1.0, 10.0], "regressor__svr__epsilon": [0.01, 0.1, 0.5]}
     elif model == "knn":
-        estimator = Pipeline([("scale", StandardScaler()), ("knn", KNeighborsRegressor())])
+        estimator = Pipeline([("scale", StandardScaler()), ("knn", KNeighborsRegressor(KNN_NEIGHBOURS))])
         params = {"knn__n_neighbors": [3, 5, 10, 20], "knn__weights": ["uniform", "distance"]}
     elif model == "ridge":
         estimator = Pipeline([("scale", StandardScaler()), ("ridge", Ridge())])
@@ -418,6 +419,10 @@ def run_protocol(design: Design, options: Options, progress: bool = False
         test = np.unique(groups[test_rows])
         split_rows += [{"split": split, "subject": design.subjects[i], "side": "train"} for i in train]
         split_rows += [{"split": split, "subject": design.subjects[i], "side": "test"} for i in test]
+        if options.model == "knn" and not options.grid and len(train) < KNN_NEIGHBOURS:
+            raise VarAugError(f"--model knn averages {KNN_NEIGHBOURS} neighbours but the single-model arm has only "
+                              f"{len(train)} training subjects: use more subjects, a smaller --test-size, --grid "
+                              f"(tunes k) or another --model")
         X_train, y_train = design.X[train], design.y[train]
         X_test = design.X[test, design.reference] if options.test_on == "reference" else design.X[test].mean(axis=1)
         y_test = design.y[test]

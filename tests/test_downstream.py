@@ -229,6 +229,8 @@ def _bad(kind: str):
         return features, targets, {"n_max": 4}
     elif kind == "arm":
         return features, targets, {"arms": "ieee,bootstrap"}
+    elif kind == "knn":
+        return features, targets, {"model": "knn", "test_size": 8}
     elif kind == "target column":
         targets = targets.rename(columns={"target": "age"}).assign(sex=1.0)
     return features, targets, {}
@@ -244,6 +246,7 @@ def _bad(kind: str):
     ("n-max", "--n-max 4 exceeds the number of replicas (3)"),
     ("arm", "--arms must be a comma-separated subset of ieee,replicas,gaussian,combined"),
     ("target column", "targets table needs a 'target' column"),
+    ("knn", "--model knn averages 5 neighbours but the single-model arm has only 4 training subjects"),
 ])
 def test_bad_input_is_a_clear_error(tmp_path, kind, message):
     features, targets, options = _bad(kind)
