@@ -312,6 +312,9 @@ def run_slurm(exp: Experiment, jobs: List[TrainJob], args: argparse.Namespace) -
     for job, sub in zip(pending, submitted):
         try:
             job.returncode = int(sub.result())
+        except KeyboardInterrupt:
+            print("stopped waiting; the jobs keep running. Rerun this command to see their status.", file=sys.stderr)
+            break
         except Exception as e:  # the job itself failed (killed, out of memory, not requeued, …)
             job.returncode = -1
             print(f"{job.name}: job {sub.job_id} failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e}"
