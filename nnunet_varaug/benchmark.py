@@ -440,7 +440,8 @@ class Benchmark:
                 env["nnUNet_n_proc_DA"] = "1"
             self._call(stage, nnunet_command("nnUNetv2_plan_and_preprocess")
                        + ["-d", str(self.dataset_id), "-c", self.configuration, "-pl", self.planner,
-                          "--verify_dataset_integrity"] + np_flag, env)
+                          "--verify_dataset_integrity"] + np_flag
+                       + ([] if self.num_processes is None else ["-npfp", str(self.num_processes)]), env)
         elif stage == "baseline":
             self._train(stage, self.base)
         elif stage == "replicas":
