@@ -237,9 +237,13 @@ def _predict_one(predictor, weights: dict, data, props: dict, folder: str, case:
     except RuntimeError as e:
         raise VarAugError(f"predicting {case} failed: {str(e).splitlines()[0]}") from None
     tmp = os.path.join(folder, f".tmp_{case}")
-    export_prediction_from_logits(logits, props, predictor.configuration_manager, predictor.plans_manager,
-                                  predictor.dataset_json, tmp, False)
-    os.replace(tmp + ending, os.path.join(folder, case + ending))
+    try:
+        export_prediction_from_logits(logits, props, predictor.configuration_manager, predictor.plans_manager,
+                                      predictor.dataset_json, tmp, False)
+        os.replace(tmp + ending, os.path.join(folder, case + ending))
+    finally:
+        if os.path.exists(tmp + ending):
+            os.remove(tmp + ending)
 
 
 # ---- analysis ---------------------------------------------------------------------------------------------------
@@ -263,9 +267,24 @@ def _load_maps(rw, files: Sequence[str], case: str, out: str):
         listing = ", ".join(f"{os.path.relpath(f, out)} {tuple(a.shape)}" for f, a in zip(files, arrays))
         raise VarAugError(f"the replicas' predictions of {case} have different shapes ({listing}); delete the wrong "
                           f"one(s) and rerun analyze to predict them again")
+    for f, a in zip(files, arrays):
+        if a.size and (not np.array_equal(a, np.rint(a)) or a.min() < 0):
+            raise VarAugError(f"{f} is not a label map (it holds negative or non-integer values); delete it and "
+                              f"rerun analyze to predict it again")
     top = max(int(a.max()) for a in arrays) if arrays[0].size else 0
     dtype = np.uint8 if top < 256 else np.uint16
     return np.stack([a.astype(dtype, copy=False) for a in arrays]), props
+
+
+def check_ground_truth(rw, cases: Sequence[Case], allowed: Sequence[int]) -> None:
+    """Every ground-truth file holds only labels of dataset.json (checked before any prediction is made)."""
+    for case in cases:
+        if case.label is None:
+            continue
+        try:
+            variability.check_labels(rw.read_seg(case.label)[0], allowed, case.label)
+        except ValueError as e:
+            raise VarAugError(f"{e}. Fix the label map, or the labels in dataset.json") from None
 
 
 def analyze_experiment(experiments: Union[Experiment, Sequence[Experiment]], output: Optional[str] = None,
@@ -314,25 +333,20 @@ def analyze_experiment(experiments: Union[Experiment, Sequence[Experiment]], out
     ignore = variability.ignore_label(dj)
     cases = list_cases(first, images, labels)
 
+    ending = dj["file_ending"]
+    rw = _reader(dj, cases[0].images[0])
+    check_ground_truth(rw, cases, values + ([] if ignore is None else [ignore]))
+
     os.makedirs(output, exist_ok=True)
     folders = predict(experiments, cases, output, device, progress)
 
     from tqdm import tqdm
 
-    ending = dj["file_ending"]
-    rw = _reader(dj, os.path.join(folders[first.replica_names[0]], cases[0].name + ending))
     stage = report.ReportStage(output)
     results = {e.kind: {} for e in experiments}
     try:
         for case in tqdm(cases, desc="analyzing", unit="case", disable=not progress):
-            gt = None
-            if case.label is not None:
-                gt_arr, _ = rw.read_seg(case.label)
-                gt = gt_arr[0]
-                try:
-                    variability.check_labels(gt, values + ([] if ignore is None else [ignore]), case.label)
-                except ValueError as e:
-                    raise VarAugError(str(e)) from None
+            gt = None if case.label is None else rw.read_seg(case.label)[0][0]
             for i, exp in enumerate(experiments):
                 files = [os.path.join(folders[n], case.name + ending) for n in exp.replica_names]
                 maps, props = _load_maps(rw, files, case.name, output)

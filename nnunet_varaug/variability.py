@@ -337,7 +337,8 @@ def check_labels(array: np.ndarray, labels: Sequence[int], what: str) -> None:
     present = np.unique(array)
     bad = np.setdiff1d(present, np.asarray(list(labels)))
     if bad.size:
-        raise ValueError(f"{what} holds label values {bad.tolist()} that dataset.json does not define "
+        shown = [int(b) if float(b).is_integer() else float(b) for b in bad.tolist()]
+        raise ValueError(f"{what} holds label values {shown} that dataset.json does not define "
                          f"(it defines {sorted(int(v) for v in labels)})")
 
 
