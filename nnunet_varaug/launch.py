@@ -15,6 +15,7 @@ processes run:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import queue
@@ -292,7 +293,9 @@ def run_slurm(exp: Experiment, jobs: List[TrainJob], args: argparse.Namespace) -
     os.makedirs(folder, exist_ok=True)
     executor = slurm_executor(folder, args, len(pending), name=f"varaug_{exp.dataset}")
     forwarded = forwarded_env(pending[0].env)
-    submitted = executor.map_array(TrainReplicaTask(), pending, [forwarded] * len(pending))
+    # the pickled jobs carry only the forwarded variables, not the whole login environment
+    shipped = [dataclasses.replace(job, env={}) for job in pending]
+    submitted = executor.map_array(TrainReplicaTask(), shipped, [forwarded] * len(pending))
     for job, sub in zip(pending, submitted):
         record = {"job_id": sub.job_id, "folder": folder, "cluster": args.slurm_executor,
                   "submitted": time.strftime("%Y-%m-%d %H:%M:%S"), "command": job.command}
