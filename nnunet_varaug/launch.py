@@ -249,8 +249,15 @@ def active_submission(exp: Experiment, name: str) -> Optional[str]:
         return record["job_id"] if alive else None
     import submitit
 
-    state = submitit.SlurmJob(record["folder"], record["job_id"]).state
-    return record["job_id"] if state.split()[0].upper() in _ACTIVE_SLURM_STATES else None
+    state = submitit.SlurmJob(record["folder"], record["job_id"]).state.split()[0].upper()
+    if state in ("UNKNOWN", "NONE", ""):  # no accounting (sacct) on this cluster: ask the queue itself
+        try:
+            queued = subprocess.run(["squeue", "-h", "-j", str(record["job_id"]), "-o", "%T"], capture_output=True,
+                                    text=True, timeout=60).stdout.split()
+        except (OSError, subprocess.TimeoutExpired):
+            queued = []
+        state = queued[0].upper() if queued else state
+    return record["job_id"] if state in _ACTIVE_SLURM_STATES else None
 
 
 def slurm_executor(folder: str, args: argparse.Namespace, num_jobs: int, name: str = "varaug"):
