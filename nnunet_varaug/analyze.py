@@ -255,25 +255,26 @@ def _reader(dataset_json: dict, example: str):
 
 
 def _load_maps(rw, files: Sequence[str], case: str, out: str):
-    """``(K, *spatial)`` label maps of one case, the first file's properties; shapes must agree."""
+    """``(K, *spatial)`` label maps of one case, the first file's properties; shapes must agree.
+
+    Each map is narrowed to uint8/uint16 as soon as it is read (readers return float32: 4x the memory).
+    """
     arrays, props = [], None
     for f in files:
         seg, p = rw.read_seg(f)
+        seg = seg[0]
         if props is None:
             props = p
-        arrays.append(seg[0])
+        if seg.size and (seg.min() < 0 or not np.array_equal(seg, np.rint(seg))):
+            raise VarAugError(f"{f} is not a label map (it holds negative or non-integer values); delete it and "
+                              f"rerun analyze to predict it again")
+        arrays.append(seg.astype(np.uint8 if seg.size == 0 or seg.max() < 256 else np.uint16))
     shapes = {tuple(a.shape) for a in arrays}
     if len(shapes) > 1:
         listing = ", ".join(f"{os.path.relpath(f, out)} {tuple(a.shape)}" for f, a in zip(files, arrays))
         raise VarAugError(f"the replicas' predictions of {case} have different shapes ({listing}); delete the wrong "
                           f"one(s) and rerun analyze to predict them again")
-    for f, a in zip(files, arrays):
-        if a.size and (not np.array_equal(a, np.rint(a)) or a.min() < 0):
-            raise VarAugError(f"{f} is not a label map (it holds negative or non-integer values); delete it and "
-                              f"rerun analyze to predict it again")
-    top = max(int(a.max()) for a in arrays) if arrays[0].size else 0
-    dtype = np.uint8 if top < 256 else np.uint16
-    return np.stack([a.astype(dtype, copy=False) for a in arrays]), props
+    return np.stack(arrays), props
 
 
 def check_ground_truth(rw, cases: Sequence[Case], allowed: Sequence[int]) -> None:

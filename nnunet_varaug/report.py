@@ -395,10 +395,13 @@ def build_html(experiments, summary, comparison, figures: Sequence[str], cases, 
                                 f"<p>Pearson correlation across structures of the mean pairwise Dice: "
                                 f"<b>{comparison.attrs['pearson_r']:.4f}</b></p>\n" + _table(comparison)))
     sections.append(section("figures", "Figures", "\n".join(_img(f, os.path.basename(f)) for f in figures)))
-    per_case = cases.groupby(["case", "label"]).agg(volume_mean_mm3=("volume_mm3", "mean"),
-                                                     volume_std_mm3=("volume_mm3", "std"),
-                                                     dice_to_gt_mean=("dice_to_gt", "mean")).reset_index()
-    sections.append(section("cases", "Per case (all kinds' replicas pooled)", _table(per_case)))
+    kind_of = {n: e.kind for e in experiments for n in e.replica_names}
+    per_case = cases.assign(kind=cases["replica"].map(kind_of)).groupby(["case", "kind", "label"], sort=False).agg(
+        volume_mean_mm3=("volume_mm3", "mean"), volume_std_mm3=("volume_mm3", "std"),
+        dice_to_gt_mean=("dice_to_gt", "mean")).reset_index()
+    per_case["volume_cv"] = per_case["volume_std_mm3"] / per_case["volume_mean_mm3"].where(
+        per_case["volume_mean_mm3"] > 0)
+    sections.append(section("cases", "Per case: volume over replicas", _table(per_case)))
     sections.append(section("files", "Files",
                             "<p class=\"note\"><code>cases.csv</code> (volume and Dice to ground truth per case, "
                             "structure, replica), <code>pairs.csv</code> (Dice per replica pair), "
