@@ -50,6 +50,7 @@ NO_ROUNDING = frozenset({
     "permute_copy", "expand_copy", "transpose_copy", "unsqueeze_copy", "squeeze_copy", "slice_copy",
     "select_copy", "narrow_copy", "split_copy", "split_with_sizes_copy", "unbind_copy", "as_strided_copy",
     "_foreach_copy", "set", "resize", "resize_as", "_local_scalar_dense", "_pin_memory", "_to_dense",
+    "slice_backward", "select_backward", "diagonal_backward",  # zeros with the gradient copied into a slice
     # creation, fills, random draws
     "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "zeros", "zeros_like", "new_zeros",
     "ones", "ones_like", "new_ones", "full", "full_like", "new_full", "scalar_tensor", "fill", "zero",
