@@ -76,12 +76,16 @@ def test_ops_without_rounding_are_not_perturbed():
         results = [x.clone(), x.t().contiguous(), x.view(-1), torch.cat([x, x]), x[idx], x[:, 1:3], torch.relu(x),
                    x.abs(), -x, x.clamp(-0.5, 0.5), torch.where(x > 0, x, torch.zeros_like(x)), x.max(dim=1).values,
                    torch.nn.functional.pad(x, (1, 1)), torch.empty(3).fill_(0.3), x.to(torch.float64),
-                   torch.zeros(3).copy_(x[0, :3])]
+                   torch.zeros(3).copy_(x[0, :3]), torch.zeros(5).index_put_((idx,), x[0, :2]),
+                   torch.zeros(5).scatter_(0, idx, x[0, :2])]
+        accumulated = torch.zeros(5).index_put_((idx,), x[0, :2], accumulate=True)
     expected = [x, x.t(), x.view(-1), torch.cat([x, x]), x[idx], x[:, 1:3], torch.relu(x), x.abs(), -x,
                 x.clamp(-0.5, 0.5), torch.where(x > 0, x, torch.zeros_like(x)), x.max(dim=1).values,
-                torch.nn.functional.pad(x, (1, 1)), torch.full((3,), 0.3), x.double(), x[0, :3]]
+                torch.nn.functional.pad(x, (1, 1)), torch.full((3,), 0.3), x.double(), x[0, :3],
+                torch.zeros(5).index_put_((idx,), x[0, :2]), torch.zeros(5).scatter_(0, idx, x[0, :2])]
     for got, want in zip(results, expected):
         assert torch.equal(got, want)
+    assert not torch.equal(accumulated, torch.zeros(5).index_put_((idx,), x[0, :2], accumulate=True))
     assert {"cat", "clone", "relu", "index", "fill", "_to_copy"} <= NO_ROUNDING
     assert not is_perturbed(aten.view.default) and not is_perturbed(aten.copy_.default)
     assert is_perturbed(aten.mul.Tensor) and is_perturbed(aten.add_.Tensor) and is_perturbed(aten.convolution.default)
