@@ -361,7 +361,7 @@ def status_table(exp: Experiment, outcome: Dict[str, str]) -> str:
         dice = "-" if info["dice"] is None else f"{info['dice']:.4f}"
         rows.append((name, outcome.get(name, exp.replica_state(name)), str(info["epochs"]), dice))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
