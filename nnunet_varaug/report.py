@@ -195,6 +195,7 @@ def compare_kinds(summary):
     a, b = kinds[:2]
     wide = summary.pivot(index=["label", "name"], columns="kind",
                          values=["pairwise_dice_mean", "volume_cv", "sig_digits"])
+    wide = wide[[(m, k) for m in ("pairwise_dice_mean", "volume_cv", "sig_digits") for k in kinds]]
     wide.columns = [f"{m}_{k}" for m, k in wide.columns]
     wide = wide.reset_index()
     order = {k: i for i, k in enumerate(summary.loc[summary["kind"] == a, "label"])}
@@ -233,7 +234,7 @@ def make_figures(folder: str, pairs, cases, majority, summary, experiments) -> L
     width = 0.8 / len(kinds)
     written = []
 
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(labels), 3.6))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 + 1.4 * len(labels)), 3.6))
     kind_col = pairs["replica_a"].map(kind_of)
     for i, kind in enumerate(kinds):
         data = [pairs.loc[(pairs["label"] == l) & (kind_col == kind), "dice"].to_numpy() for l in labels]
@@ -245,12 +246,12 @@ def make_figures(folder: str, pairs, cases, majority, summary, experiments) -> L
         ax.plot([], [], color=f"C{i}", lw=6, alpha=0.6, label=f"{kind} replicas")
     ax.set_xticks(np.arange(len(labels)), ticks)
     ax.set_ylabel("pairwise Dice")
-    ax.set_title("Agreement between replicas (all cases, all pairs)")
+    ax.set_title("Agreement between replicas (all cases and pairs)", fontsize=10)
     ax.legend(fontsize=8)
     written.append(os.path.join(folder, "pairwise_dice.png"))
     _figure_to_png(fig, written[-1])
 
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(labels), 3.4))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 + 1.4 * len(labels)), 3.4))
     for i, kind in enumerate(kinds):
         rows = summary[summary["kind"] == kind].set_index("label").loc[labels]
         ax.bar(np.arange(len(labels)) + (i - (len(kinds) - 1) / 2) * width, 100 * rows["volume_cv"], width,
@@ -263,7 +264,7 @@ def make_figures(folder: str, pairs, cases, majority, summary, experiments) -> L
     _figure_to_png(fig, written[-1])
 
     if cases["dice_to_gt"].notna().any():
-        fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(labels), 3.6))
+        fig, ax = plt.subplots(figsize=(max(5.0, 1.6 + 1.4 * len(labels)), 3.6))
         rep_kind = cases["replica"].map(kind_of)
         for i, kind in enumerate(kinds):
             pos = np.arange(len(labels)) + (i - (len(kinds) - 1) / 2) * width
