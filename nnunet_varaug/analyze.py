@@ -18,7 +18,6 @@ import io
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Union
 

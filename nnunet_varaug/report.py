@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import base64
 import html as html_lib
-import io
 import math
 import os
 import re
 import shutil
 import tempfile
 import uuid
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 
