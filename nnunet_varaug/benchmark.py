@@ -194,7 +194,7 @@ class Benchmark:
         self.num_processes = num_processes
         self.devices = devices
         if p is not None and not 0 <= int(p) <= 100:
-            raise VarAugError(f"--p is a percentage 0..100, got {p}")
+            raise VarAugError(f"--varaug-p is a percentage 0..100, got {p}")
         self.varaug_trainer = f"{base}_varaug" if p is None else f"{base}_varaug_p{int(p)}"
         self.state_path = os.path.join(self.out, STATE_FILE)
         self.state = self._load_state()
@@ -714,7 +714,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     p.add_argument("-pl", dest="planner", default="ExperimentPlanner",
                    help="planner for plan_preprocess (default ExperimentPlanner, which writes nnUNetPlans)")
-    p.add_argument("--p", dest="p", type=int, default=None, metavar="NN",
+    p.add_argument("--varaug-p", dest="p", type=int, default=None, metavar="NN",
                    help="probability (percent) of training on a variability sample: trains <BASE>_varaug_p<NN> "
                         "(default: <BASE>_varaug, p = 0.5)")
     p.add_argument("-o", dest="output", default=None,
