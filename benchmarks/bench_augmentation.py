@@ -67,9 +67,10 @@ def bench_augmentation(patch, k: int, batches: int, batch_size: int = 2):
     for b in range(batches + 1):  # first batch: warm-up, not timed
         # the choice is drawn before seeding, so that all three flows augment with the same random parameters
         channels = [alone.get_parameters()["channel"] for _ in range(batch_size)]
-        for name, pipe, seg in (("default", default, lambda i: gt[None]),
-                                ("select_at_load", default, lambda i: stack[channels[i]][None]),
-                                ("all_channels", varaug, lambda i: stack)):
+        variants = [("default", default, lambda i: gt[None]),
+                    ("select_at_load", default, lambda i: stack[channels[i]][None]),
+                    ("all_channels", varaug, lambda i: stack)]
+        for name, pipe, seg in (variants if b % 2 else variants[::-1]):  # alternate the order: no position bias
             torch.manual_seed(b)
             np.random.seed(b)
             start = time.perf_counter()
@@ -127,7 +128,7 @@ def bench_loading(folder: str, patch, k: int, batches: int, batch_size: int = 2,
                for name, ds in (("plain", plain), ("select_at_load", chosen), ("all_channels", stacked))}
     times = {n: 0.0 for n in loaders}
     for b in range(batches + 1):
-        for name, loader in loaders.items():
+        for name, loader in (list(loaders.items()) if b % 2 else list(loaders.items())[::-1]):
             np.random.seed(b)
             start = time.perf_counter()
             batch = next(loader)

@@ -7,13 +7,16 @@ uniformly, and returns a single channel, so everything after it (region conversi
 downsampling, the loss) sees an ordinary one-channel target.
 
 Following batchgeneratorsv2, ``get_parameters`` draws all randomness and ``_apply_to_segmentation`` is
-deterministic given it. Exactly two uniforms are drawn from torch's generator per sample whatever p and K are, so
-that pipelines with different p or K consume the same random stream (the alignment test relies on it).
+deterministic given it. Exactly two uniforms are drawn from numpy's global generator per sample whatever p and K
+are, so that pipelines with different p or K consume the same random stream (the alignment test relies on it).
+numpy, not torch: batchgenerators seeds numpy in every augmentation worker, while forked workers inherit one torch
+state, which would give every worker the same sequence of choices.
 """
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from batchgeneratorsv2.transforms.base.basic_transform import SegOnlyTransform
 
@@ -45,7 +48,7 @@ class VariabilitySampleTransform(SegOnlyTransform):
 
     def get_parameters(self, **data_dict) -> dict:
         """Draw the channel to keep: 0 (ground truth) with probability 1 - p, else 1 + k, k uniform in 0..K-1."""
-        u = torch.rand(2)
+        u = np.random.random_sample(2)
         if float(u[0]) < self.p:
             k = min(int(float(u[1]) * self.num_samples), self.num_samples - 1)
             return {"channel": 1 + k}

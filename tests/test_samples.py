@@ -24,7 +24,7 @@ def experiment(n: int = 3, fold=0):
 
 @pytest.fixture(scope="module")
 def sample_set(seed_replicas):
-    proc = run_cli("nnunet_varaug", "samples", *FLAGS, "-device", "cpu")
+    proc = run_cli("nnunet_varaug", "samples", *FLAGS, "-device", "cpu", "--no-tta")  # TTA: see test_varaug's e2e
     exp = experiment()
     return {**seed_replicas, "exp": exp, "folder": exp.samples_folder, "stdout": proc.stdout}
 
@@ -41,7 +41,7 @@ def test_maps_are_the_replicas_predictions(sample_set, tmp_path):
     exp, folder = sample_set["exp"], sample_set["folder"]
     cases = sorted(exp.split()[0])
     manifest = json.load(open(os.path.join(folder, MANIFEST)))
-    assert manifest["case_list"] == cases and manifest["num_replicas"] == 3 and manifest["tta"] is True
+    assert manifest["case_list"] == cases and manifest["num_replicas"] == 3 and manifest["tta"] is False
     assert [r["name"] for r in manifest["replicas"]] == sample_set["names"]
     for r in manifest["replicas"]:
         ckpt = os.path.join(os.environ["nnUNet_results"], r["checkpoint"])
@@ -63,7 +63,8 @@ def test_maps_are_the_replicas_predictions(sample_set, tmp_path):
     for case in cases[:2]:
         os.symlink(os.path.join(sample_set["raw"], "imagesTr", f"{case}_0000.nii.gz"), images / f"{case}_0000.nii.gz")
     run_cli("nnUNetv2_predict", "-i", str(images), "-o", str(tmp_path / "pred"), "-d", str(SYNTHETIC_3D_ID),
-            "-c", "3d_fullres", "-f", "0", "-tr", sample_set["names"][1], "-device", "cpu", "-npp", "1", "-nps", "1")
+            "-c", "3d_fullres", "-f", "0", "-tr", sample_set["names"][1], "-device", "cpu", "-npp", "1", "-nps", "1",
+            "--disable_tta")
     transpose = exp.plans_json["transpose_forward"]
     for case in cases[:2]:
         predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "pred" / f"{case}.nii.gz")))
@@ -80,7 +81,7 @@ def test_rerun_skips_force_rebuilds_and_missing_case_is_redone(sample_set, capsy
     exp, folder = sample_set["exp"], sample_set["folder"]
 
     def rerun(**kwargs):
-        write_samples(exp, device="cpu", progress=False, **kwargs)
+        write_samples(exp, device="cpu", progress=False, tta=False, **kwargs)
         return capsys.readouterr().out
 
     before = mtimes(folder)
@@ -90,12 +91,11 @@ def test_rerun_skips_force_rebuilds_and_missing_case_is_redone(sample_set, capsy
     assert "wrote 1 case(s), kept 7" in rerun()
     now = mtimes(folder)
     assert [f for f in now if f.endswith(".b2nd") and now[f] != before[f]] == [victim]
-    assert "wrote 8 case(s), kept 0" in rerun(tta=False)  # another TTA setting: another sample set
-    assert "wrote 8 case(s), kept 0" in rerun(force=True)  # back to TTA, everything rebuilt
+    assert "wrote 8 case(s), kept 0" in rerun(force=True)
 
 
 @pytest.mark.e2e
-def test_interrupted_run_leaves_nothing_trusted(sample_set, monkeypatch):
+def test_interrupted_run_leaves_nothing_trusted(sample_set, monkeypatch, capsys):
     """A run killed after one case (and in the middle of writing the next) has no manifest: trainers refuse the
     set, the half-written file is never read, and the next run keeps the finished case and completes the rest."""
     from nnunet_varaug import samples
@@ -115,14 +115,15 @@ def test_interrupted_run_leaves_nothing_trusted(sample_set, monkeypatch):
 
     monkeypatch.setattr(samples, "save_sample_array", dies_on_second_case)
     with pytest.raises(KeyboardInterrupt):
-        samples.write_samples(exp, device="cpu", tta=True, force=True, progress=False)
+        samples.write_samples(exp, device="cpu", tta=False, force=True, progress=False)
     assert not os.path.exists(os.path.join(folder, samples.MANIFEST))
     cases = sorted(exp.split()[0])
     with pytest.raises(VarAugError, match="left no manifest\\): run `nnunet_varaug samples"):
         samples.validate_sample_set(folder, plans="nnUNetPlans", configuration="3d_fullres", fold=0, cases=cases,
                                     shapes={}, fix=COMMAND)
     monkeypatch.setattr(samples, "save_sample_array", real_save)
-    samples.write_samples(exp, device="cpu", tta=True, progress=False)
+    samples.write_samples(exp, device="cpu", tta=False, progress=False)
+    assert "wrote 7 case(s), kept 1" in capsys.readouterr().out
     assert not [f for f in os.listdir(folder) if "partial" in f]
     manifest = samples.read_manifest(folder)
     assert manifest["case_list"] == cases

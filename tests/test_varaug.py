@@ -274,7 +274,10 @@ def test_replicas_samples_train_predict(seed_replicas, tmp_path):
 
     dataset_id, name = str(seed_replicas["id"]), seed_replicas["name"]
     run_cli("nnunet_varaug", "samples", "-d", dataset_id, "-c", "3d_fullres", "-f", "0", "-n", "3", "-tr", TINY,
-            "-device", "cpu")
+            "-device", "cpu")  # default: with TTA, as nnUNetv2_predict
+    manifest = json.load(open(os.path.join(os.environ["nnUNet_preprocessed"], name, "varaug",
+                                           "nnUNetPlans__3d_fullres__fold_0", "manifest.json")))
+    assert manifest["tta"] is True
     trainer = f"{TINY}_varaug"
     run_cli("nnUNetv2_train", dataset_id, "3d_fullres", "0", "-tr", trainer, "-device", "cpu")
     fold_folder = os.path.join(seed_replicas["results"], f"{trainer}__nnUNetPlans__3d_fullres", "fold_0")
