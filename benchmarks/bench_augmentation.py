@@ -64,6 +64,7 @@ def bench_augmentation(patch, k: int, batches: int, batch_size: int = 2):
     alone = VariabilitySampleTransform(0.5, k)
     stack = np.concatenate([gt[None], reps.astype(np.int16)])
     times = {"default": 0.0, "select_at_load": 0.0, "all_channels": 0.0, "transform": 0.0}
+    per_batch = {n: [] for n in times}
     for b in range(batches + 1):  # first batch: warm-up, not timed
         # the choice is drawn before seeding, so that all three flows augment with the same random parameters
         channels = [alone.get_parameters()["channel"] for _ in range(batch_size)]
@@ -78,13 +79,16 @@ def bench_augmentation(patch, k: int, batches: int, batch_size: int = 2):
                 pipe(image=torch.from_numpy(image.copy()), segmentation=torch.from_numpy(seg(i).copy()))
             if b:
                 times[name] += time.perf_counter() - start
+                per_batch[name].append(time.perf_counter() - start)
         seg = torch.from_numpy(np.concatenate([gt[None], reps.astype(np.int16)]))
         start = time.perf_counter()
         for _ in range(batch_size):
             alone(image=None, segmentation=seg[:, :patch[0], :patch[1], :patch[2]])
         if b:
             times["transform"] += time.perf_counter() - start
-    return {n: t / batches for n, t in times.items()}
+    medians = {n: float(np.median(np.array(per_batch[n]) / np.array(per_batch["default"])))
+               for n in ("select_at_load", "all_channels")}
+    return {n: t / batches for n, t in times.items()}, medians
 
 
 def write_dataset(folder: str, cases: int, shape, patch, k: int):
@@ -152,12 +156,13 @@ def main() -> None:
     print(f"patch {patch}, K = {args.k}, batch size 2, {args.batches} timed batches, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
 
-    t = bench_augmentation(patch, args.k, args.batches)
+    t, medians = bench_augmentation(patch, args.k, args.batches)
     print(f"(a) augmentation per batch: default {t['default'] * 1e3:.1f} ms; select_at_load "
           f"{t['select_at_load'] * 1e3:.1f} ms, ratio {t['select_at_load'] / t['default']:.3f}; all_channels "
           f"{t['all_channels'] * 1e3:.1f} ms, ratio {t['all_channels'] / t['default']:.3f}; "
           f"VariabilitySampleTransform alone {t['transform'] * 1e3:.3f} ms = {t['transform'] / t['default']:.4f} "
-          f"of the default pipeline")
+          f"of the default pipeline; median of per-batch ratios: select_at_load {medians['select_at_load']:.3f}, "
+          f"all_channels {medians['all_channels']:.3f}")
     with tempfile.TemporaryDirectory() as tmp:
         lt, seg_bytes, sample_bytes = bench_loading(tmp, patch, args.k, args.batches, shape=(args.shape,) * 3)
     print(f"(b) data loading per batch (crop, no augmentation), K={args.k}: plain {lt['plain'] * 1e3:.2f} ms; "
