@@ -29,7 +29,7 @@ def hippocampus(nnunet_env, tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     msd = make_msd_task(str(root / "msd"), "Task04_Hippocampus", num_cases=10, num_test=2, seed=4, macos_junk=True)
     out = str(root / "out")
-    proc = run_cli(*bench_args(msd, out, "-d", str(DATASET_ID)))
+    proc = run_cli(*bench_args(msd, out, "-d", str(DATASET_ID)), timeout=3600)
     with open(os.path.join(out, STATE_FILE)) as f:
         state = json.load(f)
     with open(os.path.join(out, "evaluation", "dice.json")) as f:
