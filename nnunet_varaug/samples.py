@@ -327,7 +327,6 @@ def build_manifest(identity: dict, cases: Dict[str, dict], *, base: str, kind: s
                    patch_size: Sequence[int], ignore_label: Optional[int], regions: bool, command: str) -> dict:
     """A complete manifest: ``identity`` (see ``_identity``) plus the case entries ``{case: {shape, sha256,
     bytes}}`` and what the reading side and the error messages need."""
-    import nnunetv2  # noqa: F401  (version below)
     from importlib.metadata import version
 
     from nnunet_varaug import __version__ as plugin_version

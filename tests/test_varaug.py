@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SYNTHETIC_3D_ID, TINY, plan_and_preprocess, run_cli
+from conftest import TINY, plan_and_preprocess, run_cli
 
 REGION_IGNORE_ID = 133  # regions + ignore label, (16, 32, 32): the 2d and 3d data-loader tests
 
