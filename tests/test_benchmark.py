@@ -29,7 +29,8 @@ def hippocampus(nnunet_env, tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     msd = make_msd_task(str(root / "msd"), "Task04_Hippocampus", num_cases=10, num_test=2, seed=4, macos_junk=True)
     out = str(root / "out")
-    proc = run_cli(*bench_args(msd, out, "-d", str(DATASET_ID)), timeout=3600)
+    # --devices: the two replicas train side by side (one process per "device"; -device cpu ignores the GPU index)
+    proc = run_cli(*bench_args(msd, out, "-d", str(DATASET_ID), "--devices", "0,1"), timeout=3600)
     with open(os.path.join(out, STATE_FILE)) as f:
         state = json.load(f)
     with open(os.path.join(out, "evaluation", "dice.json")) as f:
@@ -54,6 +55,7 @@ def test_every_stage_runs_and_is_recorded(hippocampus):
         record = hippocampus["state"]["stages"][stage]
         assert record["status"] == "done" and record["attempts"] == 1 and record["seconds"] > 0
     assert hippocampus["state"]["settings"]["dataset_id"] == DATASET_ID
+    assert "--devices 0,1" in hippocampus["state"]["stages"]["replicas"]["commands"][0]
     # each stage left what the next one needs, in nnU-Net's and the plugin's own places
     raw = os.path.join(os.environ["nnUNet_raw"], DATASET)
     assert sorted(os.listdir(os.path.join(raw, "imagesTr")))[0] == "hippocampus_000_0000.nii.gz"
