@@ -2,8 +2,8 @@
 
 Each case holds two structures whose shape, size and position vary from case to case: an ellipsoid
 ("organ", label 1) with a smaller ellipsoid inside it ("lesion", label 2), on a noisy background with a smooth
-intensity bias. The lesion's contrast is low, so short trainings disagree about its border: replicas have
-something to disagree about. Images are written as NIfTI with the requested spacing; dataset.json comes from
+intensity bias. The lesion's contrast to the organ is about three noise standard deviations, so short trainings
+disagree about its border: replicas have something to disagree about. Images are written as NIfTI with the requested spacing; dataset.json comes from
 nnU-Net's own ``generate_dataset_json``.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ def synthetic_case(rng: np.random.Generator, shape: Sequence[int], num_channels:
     rotation = _random_rotation(rng, nd)
     organ = _ellipsoid(shape, center, radii, rotation)
     lesion_center = center + rng.uniform(-0.35, 0.35, nd) * radii
-    lesion = _ellipsoid(shape, lesion_center, radii * rng.uniform(0.3, 0.5, nd), _random_rotation(rng, nd)) & organ
+    lesion = _ellipsoid(shape, lesion_center, radii * rng.uniform(0.4, 0.6, nd), _random_rotation(rng, nd)) & organ
     labels = organ.astype(np.uint8)
     labels[lesion] = 2
 
@@ -46,7 +46,7 @@ def synthetic_case(rng: np.random.Generator, shape: Sequence[int], num_channels:
     images = []
     for c in range(num_channels):
         bias = 1 + 0.2 * sum(rng.uniform(-1, 1) * g for g in grids)
-        contrast = (1.0 + 0.3 * c, 1.6 - 0.2 * c)  # organ, lesion intensities differ per channel
+        contrast = (1.0 + 0.3 * c, 1.8 - 0.2 * c)  # organ, lesion intensities differ per channel
         img = np.zeros(shape, np.float32)
         img[organ] = contrast[0]
         img[lesion] = contrast[1]

@@ -55,7 +55,8 @@ def nnunet_env(tmp_path_factory):
 def plan_and_preprocess(dataset_id: int, configurations=("3d_fullres",)) -> None:
     env = os.environ.copy()
     env["nnUNet_n_proc_DA"] = "1"  # planning fails with 0
-    run_cli("nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", *configurations, "-np", "1", env=env)
+    run_cli("nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", *configurations, "-np", "1", "-npfp", "1",
+            env=env)
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """``nnUNetTrainerTiny``: nnU-Net's own trainer with a narrow network and a few short epochs.
 
 For tests and the CPU demo only: same plans, data pipeline, loss and validation as ``nnUNetTrainer``, but the
-network's feature widths are divided by 8 (minimum 4) and training is short. ``VARAUG_TINY_EPOCHS`` and
+network's feature widths are divided by 4 (minimum 4) and training is short. ``VARAUG_TINY_EPOCHS`` and
 ``VARAUG_TINY_ITERATIONS`` change the length (recorded in debug.json like every trainer attribute).
 """
 from __future__ import annotations
@@ -15,9 +15,9 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
 
 class nnUNetTrainerTiny(nnUNetTrainer):
-    """A few short epochs of a network 8x narrower than planned, checkpointing every epoch."""
+    """A few short epochs of a network 4x narrower than planned, checkpointing every epoch."""
 
-    width_divisor = 8
+    width_divisor = 4
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
