@@ -70,6 +70,18 @@ def write_image(array: np.ndarray, spacing: Sequence[float], path: str) -> None:
     os.replace(tmp, path)
 
 
+def _partial_folder(folder: str, overwrite: bool) -> Optional[str]:
+    """The empty temporary folder to build ``folder`` in (renamed into place when complete), or None when
+    ``folder`` exists and is kept."""
+    if os.path.isdir(folder):
+        if not overwrite:
+            return None
+        shutil.rmtree(folder)
+    tmp = folder + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
 def make_synthetic_dataset(dataset_id: int, raw_root: Optional[str] = None, name: str = "VarAugSynthetic",
                            num_cases: int = 10, shape: Sequence[int] = (32, 32, 32),
                            spacing: Sequence[float] = (1.0, 1.0, 1.0), num_channels: int = 1,
@@ -93,12 +105,9 @@ def make_synthetic_dataset(dataset_id: int, raw_root: Optional[str] = None, name
     if not 1 <= dataset_id <= 999:
         raise ValueError(f"dataset id must be within 1..999, got {dataset_id}")
     folder = os.path.join(raw_root, f"Dataset{dataset_id:03d}_{name}")
-    if os.path.isdir(folder):
-        if not overwrite:
-            return folder
-        shutil.rmtree(folder)
-    tmp = folder + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = _partial_folder(folder, overwrite)
+    if tmp is None:
+        return folder
     rng = np.random.default_rng(seed)
     for split, count in (("Tr", num_cases), ("Ts", num_test_cases)):
         if count == 0:
@@ -177,12 +186,9 @@ def make_msd_task(root: str, task: str = "Task04_Hippocampus", num_cases: int = 
     if not modalities:
         raise ValueError("modalities must name at least one modality")
     folder = os.path.join(root, task)
-    if os.path.isdir(folder):
-        if not overwrite:
-            return folder
-        shutil.rmtree(folder)
-    tmp = folder + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = _partial_folder(folder, overwrite)
+    if tmp is None:
+        return folder
     for sub in ("imagesTr", "labelsTr", "imagesTs"):
         os.makedirs(os.path.join(tmp, sub))
     prefix = task.split("_", 1)[1].lower()
