@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     flags = ["-d", d, "-c", c, "-f", f, "-n", str(args.num_replicas), "-tr", BASE]
     plans = os.path.join(env["nnUNet_preprocessed"], os.path.basename(raw), "nnUNetPlans.json")
     if not os.path.isfile(plans):
-        step("plan and preprocess", ["nnUNetv2_plan_and_preprocess", "-d", d, "-c", c, "-np", "1"], env,
+        step("plan and preprocess", ["nnUNetv2_plan_and_preprocess", "-d", d, "-c", c, "-np", "1", "-npfp", "1"], env,
              {"nnUNet_n_proc_DA": "1"})
     print(step(f"{args.num_replicas} seed replicas", ["nnunet_varaug", "replicas", *flags, "-device", "cpu"], env))
 
