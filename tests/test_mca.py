@@ -78,3 +78,40 @@ def test_two_mca_replicas_end_to_end(synthetic_3d):
     assert not torch.equal(weights[0], weights[1])
     relative = ((weights[0] - weights[1]).norm() / weights[0].norm()).item()
     assert 0 < relative < 0.5  # the same training, apart from floating-point noise
+
+
+def test_samples_and_analyze_accept_mca_replicas(seed_replicas, tmp_path):
+    """`samples --kind mca` stores the numerical replicas' maps; `analyze --kind seed mca` reports both kinds side
+    by side, with one row per kind and structure and their comparison."""
+    import shutil
+
+    import pandas as pd
+
+    env = {**os.environ, "VARAUG_TINY_EPOCHS": "1", "VARAUG_TINY_ITERATIONS": "3"}
+    flags = ("-n", "2", "-tr", TINY, "-device", "cpu", "-d", str(SYNTHETIC_3D_ID), "-c", "3d_fullres", "-f", "0")
+    run_cli("nnunet_varaug", "replicas", "--kind", "mca", *flags, env=env)  # skipped when already trained
+
+    samples = os.path.join(os.environ["nnUNet_preprocessed"], seed_replicas["name"], "varaug",
+                           "nnUNetPlans__3d_fullres__fold_0")
+    kept = str(tmp_path / "seed_samples")
+    if os.path.isdir(samples):  # the seed sample set other tests use: set it aside, put it back afterwards
+        shutil.move(samples, kept)
+    try:
+        run_cli("nnunet_varaug", "samples", "--kind", "mca", "--no-tta", *flags)
+        with open(os.path.join(samples, "manifest.json")) as f:
+            manifest = json.load(f)
+        assert manifest["kind"] == "mca" and manifest["num_replicas"] == 2
+        assert [r["name"] for r in manifest["replicas"]] == [f"{TINY}_mca0", f"{TINY}_mca1"]
+    finally:
+        shutil.rmtree(samples, ignore_errors=True)
+        if os.path.isdir(kept):
+            shutil.move(kept, samples)
+
+    out = str(tmp_path / "both_kinds")
+    run_cli("nnunet_varaug", "analyze", "--kind", "seed", "mca", "--quiet", "-o", out, *flags)
+    summary = pd.read_csv(os.path.join(out, "summary.csv"))
+    assert sorted(summary["kind"].unique()) == ["mca", "seed"]
+    assert len(summary) == 2 * 2  # two kinds x two structures (organ, lesion)
+    assert os.path.isfile(os.path.join(out, "comparison.csv"))
+    cases = pd.read_csv(os.path.join(out, "cases.csv"))
+    assert set(cases["replica"]) == {f"{TINY}_seed0", f"{TINY}_seed1", f"{TINY}_mca0", f"{TINY}_mca1"}
