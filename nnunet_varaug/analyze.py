@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from nnunet_varaug import report, variability
+from nnunet_varaug.atomic import write_json
 from nnunet_varaug.experiment import Experiment, VarAugError, require_env
 from nnunet_varaug.launch import add_experiment_arguments, plugin_env
 from nnunet_varaug.report import format_summary  # noqa: F401  (the demo imports both from here)
@@ -127,13 +128,6 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _write_json(path: str, content: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(content, f, indent=2)
-    os.replace(tmp, path)
-
-
 def _prediction_state(exp: Experiment, name: str, folder: str, cases: Sequence[Case], ending: str) -> tuple:
     """(checkpoint sha256, fingerprint dict, cases still to predict). Stale predictions (other checkpoint) go."""
     sha = _sha256(os.path.join(exp.fold_folder(name), "checkpoint_final.pth"))
@@ -191,7 +185,7 @@ def predict(experiments: Sequence[Experiment], cases: Sequence[Case], output: st
                                  weights_only=False)["network_weights"] for n in jobs}
         for folder, record, _ in jobs.values():
             os.makedirs(folder, exist_ok=True)
-            _write_json(os.path.join(folder, FINGERPRINT), record)  # drops entries of a stale checkpoint first
+            write_json(os.path.join(folder, FINGERPRINT), record)  # drops entries of a stale checkpoint first
         preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
         for case in cases:
             names = [n for n in jobs if case.name in jobs[n][2]]
@@ -205,7 +199,7 @@ def predict(experiments: Sequence[Experiment], cases: Sequence[Case], output: st
                 folder, record, _ = jobs[name]
                 _predict_one(predictor, weights[name], data, props, folder, case.name, ending)
                 record["cases"][case.name] = [os.path.abspath(p) for p in case.images]
-                _write_json(os.path.join(folder, FINGERPRINT), record)
+                write_json(os.path.join(folder, FINGERPRINT), record)
                 bar.update(1)
     bar.close()
     return folders

@@ -33,8 +33,9 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
+from nnunet_varaug.atomic import write_text
 from nnunet_varaug.experiment import Experiment, VarAugError, require_env
 from nnunet_varaug.launch import nnunet_command, plugin_env
 
@@ -156,13 +157,6 @@ def read_msd_task(folder: str) -> MsdTask:
 
 
 # ---- the benchmark ----------------------------------------------------------------------------------------------------
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _fmt_seconds(seconds: Optional[float]) -> str:
     if seconds is None:
         return "–"
@@ -226,7 +220,7 @@ class Benchmark:
 
     def save_state(self) -> None:
         os.makedirs(self.out, exist_ok=True)
-        _atomic_write(self.state_path, json.dumps(self.state, indent=2) + "\n")
+        write_text(self.state_path, json.dumps(self.state, indent=2) + "\n")
 
     def stage_record(self, stage: str) -> dict:
         return self.state["stages"].setdefault(stage, {"status": "pending", "seconds": None, "attempts": 0})
@@ -588,14 +582,14 @@ class Benchmark:
         summary = {"dataset": self.dataset, "configuration": self.configuration, "fold": self.fold,
                    "validation_cases": val_cases, "labels": names, "models": models,
                    "inputs": self._evaluation_inputs()}
-        _atomic_write(os.path.join(out, "dice.json"), json.dumps(summary, indent=2) + "\n")
+        write_text(os.path.join(out, "dice.json"), json.dumps(summary, indent=2) + "\n")
         return summary
 
     # ---- results.md -------------------------------------------------------------------------------------------
     def write_results(self) -> str:
         path = os.path.join(self.out, "results.md")
         os.makedirs(self.out, exist_ok=True)
-        _atomic_write(path, render_results(self))
+        write_text(path, render_results(self))
         return path
 
 

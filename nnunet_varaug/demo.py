@@ -139,6 +139,8 @@ def write_synthetic_targets(raw: str, path: str, seed: int = 0) -> str:
     import numpy as np
     import SimpleITK as sitk
 
+    from nnunet_varaug.atomic import write_text
+
     rng = np.random.default_rng(seed)
     rows = ["subject,target"]
     folder = os.path.join(raw, "labelsTs")
@@ -147,7 +149,5 @@ def write_synthetic_targets(raw: str, path: str, seed: int = 0) -> str:
         voxel = float(np.prod(img.GetSpacing()))
         lesion = float((sitk.GetArrayViewFromImage(img) == 2).sum()) * voxel
         rows.append(f"{name[:-len('.nii.gz')]},{lesion + rng.normal(0, 0.1 * lesion + 1):.3f}")
-    with open(path + ".tmp", "w") as fh:
-        fh.write("\n".join(rows) + "\n")
-    os.replace(path + ".tmp", path)
+    write_text(path, "\n".join(rows) + "\n")
     return path

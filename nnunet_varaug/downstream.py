@@ -25,13 +25,13 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
 
+from nnunet_varaug.atomic import temporary_name, write_text
 from nnunet_varaug.experiment import VarAugError
 
 ARMS: Tuple[str, ...] = ("ieee", "replicas", "gaussian", "combined")
@@ -574,7 +574,7 @@ def plot_mae(summary: pd.DataFrame, path: str) -> None:
     ax.set_xticks(xs_all if n_top <= 20 else np.linspace(1, n_top, 10).round().astype(int))
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = _temp_name(path, ".png")
+    tmp = temporary_name(path, ".tmp.png")
     try:
         fig.savefig(tmp, format="png")
         os.replace(tmp, path)
@@ -606,25 +606,6 @@ def section_html(summary: pd.DataFrame, verdict: str, design: Design, options: O
 # ----------------------------------------------------------------------------------------------------------------
 # Atomic writes and the experiment entry point
 # ----------------------------------------------------------------------------------------------------------------
-
-def _temp_name(path: str, suffix: str = "") -> str:
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=f".tmp{suffix}",
-                               dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    return tmp
-
-
-def write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``: readers never see half a file."""
-    tmp = _temp_name(path)
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
 
 def write_csv(table: pd.DataFrame, path: str) -> None:
     write_text(path, table.to_csv(index=False))

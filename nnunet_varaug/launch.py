@@ -315,8 +315,8 @@ def run_slurm(exp: Experiment, jobs: List[TrainJob], args: argparse.Namespace) -
         outcome[job.name] = f"submitted (job {sub.job_id})"
         print(f"submitted {job.name}: job {sub.job_id} (training log: {job.log}; submitit logs: {folder})")
     if args.no_wait:
-        print(f"not waiting (--no-wait): rerun this command to see the status; it submits nothing that is queued, "
-              f"running or finished")
+        print("not waiting (--no-wait): rerun this command to see the status; it submits nothing that is queued, "
+              "running or finished")
         return outcome
     print(f"waiting for {len(submitted)} job(s); Ctrl-C stops waiting, not the jobs")
     for job, sub in zip(pending, submitted):

@@ -17,7 +17,7 @@ import os
 import re
 import threading
 from importlib.metadata import entry_points
-from typing import Callable, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 ENTRY_POINT_GROUP = "nnunet_varaug.trainers"
 LOOKUP_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lookup")

@@ -22,6 +22,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 from nnunet_varaug import variability
+from nnunet_varaug.atomic import write_text
 
 REPORT = "report.html"
 OWN_SECTIONS = ("overview", "summary", "comparison", "figures", "cases", "files")
@@ -30,13 +31,6 @@ _END = "<!-- end of sections -->"
 
 
 # ---- atomic writes ----------------------------------------------------------------------------------------------
-def _atomic_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{uuid.uuid4().hex[:8]}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_map(array: np.ndarray, path: str, properties: dict) -> None:
     """Write a voxel map as NIfTI in the grid and orientation of the image that nnU-Net read with ``properties``.
 
@@ -358,7 +352,7 @@ def add_html_section(report_dir: str, section_id: str, title: str, html: str) ->
         text = text.replace(_END, new + _END, 1)
     else:
         text = text.replace("</body>", new + "</body>", 1)
-    _atomic_text(path, text)
+    write_text(path, text)
 
 
 def foreign_sections(path: str) -> List[str]:

@@ -31,6 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from nnunet_varaug.atomic import write_json
 from nnunet_varaug.experiment import Experiment, VarAugError
 
 MANIFEST = "manifest.json"
@@ -65,15 +66,6 @@ def samples_command(dataset_id: int, configuration: str, fold, num_replicas: int
     flags = Experiment(f"Dataset{int(dataset_id):03d}", configuration, fold, int(num_replicas), base, kind, plans,
                        int(start)).flags
     return f"nnunet_varaug samples {flags}{' --force' if force else ''}"
-
-
-def _atomic_json(obj: dict, path: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_manifest(folder: str, name: str = MANIFEST) -> Optional[dict]:
@@ -344,7 +336,7 @@ def build_manifest(identity: dict, cases: Dict[str, dict], *, base: str, kind: s
 
 def save_manifest(folder: str, manifest: dict) -> None:
     """Write ``manifest.json`` atomically: the last step of building a sample set."""
-    _atomic_json(manifest, os.path.join(folder, MANIFEST))
+    write_json(os.path.join(folder, MANIFEST), manifest, indent=1)
 
 
 def write_sample_set(folder: str, maps: Dict[str, np.ndarray], *, dataset: str, plans: str, configuration: str,
@@ -506,7 +498,7 @@ def write_samples(exp: Experiment, device: str = "cpu", tta: bool = True, force:
 
     dataset = infer_dataset_class(exp.preprocessed_folder)(exp.preprocessed_folder, list(cases))
     state = {**identity, "cases": {c: done[c] for c in cases if c in done}}
-    _atomic_json(state, os.path.join(folder, PARTIAL))
+    write_json(os.path.join(folder, PARTIAL), state, indent=1)
     if todo:
         predictors = _make_predictors(exp, names, torch_device, tta)
         bar = tqdm(total=len(todo) * len(names), desc="samples (cases x replicas)", unit="map",
@@ -520,7 +512,7 @@ def write_samples(exp: Experiment, device: str = "cpu", tta: bool = True, force:
                 digest = save_sample_array(maps, path, config.patch_size)
                 state["cases"][case] = {"shape": [int(s) for s in maps.shape], "sha256": digest,
                                         "bytes": os.path.getsize(path), "seg_sha256": seg_digests[case]}
-                _atomic_json(state, os.path.join(folder, PARTIAL))
+                write_json(os.path.join(folder, PARTIAL), state, indent=1)
     # files of cases that are no longer training cases are not part of the set
     for f in os.listdir(folder):
         if f.endswith(".b2nd") and f[:-5] not in state["cases"]:

@@ -82,7 +82,7 @@ def test_dice_table_shows_nnunets_numbers_and_the_published_reference(hippocampu
         assert cells[1:] == [f"{model['dice']['1']:.4f}", f"{model['dice']['2']:.4f}",
                              f"{model['foreground_mean']:.4f}"]
     reps = [dice["models"][f"{TINY}_seed{k}"]["foreground_mean"] for k in (0, 1)]
-    assert f"| replicas, mean ± sd (n=2) |" in results and f"{np.mean(reps):.4f} ± {np.std(reps, ddof=1):.4f} |" in results
+    assert "| replicas, mean ± sd (n=2) |" in results and f"{np.mean(reps):.4f} ± {np.std(reps, ddof=1):.4f} |" in results
     assert "| nnU-Net, published (MSD test set)¹ | 0.90 | 0.89 | 0.895 |" in results
     assert "arXiv:1809.10486" in results
     for stage in STAGES:
