@@ -5,7 +5,9 @@ import os
 from typing import Any, Dict
 
 import torch
-from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json, save_json
+from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
+
+from nnunet_varaug.atomic import temporary_name, write_json
 
 SETTINGS_KEY = "nnunet_varaug"
 
@@ -26,13 +28,13 @@ class RecordSettingsMixin:
         if self.local_rank == 0 and isfile(path):
             debug = load_json(path)
             debug[SETTINGS_KEY] = self.varaug_record()
-            save_json(debug, path + ".tmp", sort_keys=False)
-            os.replace(path + ".tmp", path)
+            write_json(path, debug, indent=4)
 
     def save_checkpoint(self, filename: str) -> None:
         super().save_checkpoint(filename)
         if self.local_rank == 0 and not self.disable_checkpointing and isfile(filename):
             checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
             checkpoint[SETTINGS_KEY] = self.varaug_record()
-            torch.save(checkpoint, filename + ".tmp")
-            os.replace(filename + ".tmp", filename)
+            tmp = temporary_name(filename)
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, filename)
