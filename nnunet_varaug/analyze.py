@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -24,7 +23,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from nnunet_varaug import report, variability
-from nnunet_varaug.atomic import write_json
+from nnunet_varaug.fileio import file_sha256, write_json
 from nnunet_varaug.experiment import Experiment, VarAugError, require_env
 from nnunet_varaug.launch import add_experiment_arguments, plugin_env
 from nnunet_varaug.report import format_summary  # noqa: F401  (the demo imports both from here)
@@ -120,17 +119,9 @@ def default_output(experiments: Sequence[Experiment]) -> str:
 
 
 # ---- predictions ------------------------------------------------------------------------------------------------
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _prediction_state(exp: Experiment, name: str, folder: str, cases: Sequence[Case], ending: str) -> tuple:
     """(checkpoint sha256, fingerprint dict, cases still to predict). Stale predictions (other checkpoint) go."""
-    sha = _sha256(os.path.join(exp.fold_folder(name), "checkpoint_final.pth"))
+    sha = file_sha256(os.path.join(exp.fold_folder(name), "checkpoint_final.pth"))
     path = os.path.join(folder, FINGERPRINT)
     record = {"checkpoint_sha256": sha, "trainer": name, "cases": {}}
     if os.path.isfile(path):

@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
-from nnunet_varaug.atomic import write_text
+from nnunet_varaug.fileio import write_text
 from nnunet_varaug.experiment import Experiment, VarAugError, require_env
 from nnunet_varaug.launch import nnunet_command, plugin_env
 

@@ -139,7 +139,7 @@ def write_synthetic_targets(raw: str, path: str, seed: int = 0) -> str:
     import numpy as np
     import SimpleITK as sitk
 
-    from nnunet_varaug.atomic import write_text
+    from nnunet_varaug.fileio import write_text
 
     rng = np.random.default_rng(seed)
     rows = ["subject,target"]

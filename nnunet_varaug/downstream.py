@@ -31,7 +31,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import pandas as pd
 
-from nnunet_varaug.atomic import temporary_name, write_text
+from nnunet_varaug.fileio import temporary_name, write_text
 from nnunet_varaug.experiment import VarAugError
 
 ARMS: Tuple[str, ...] = ("ieee", "replicas", "gaussian", "combined")

@@ -22,7 +22,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 from nnunet_varaug import variability
-from nnunet_varaug.atomic import write_text
+from nnunet_varaug.fileio import write_text
 
 REPORT = "report.html"
 OWN_SECTIONS = ("overview", "summary", "comparison", "figures", "cases", "files")
@@ -30,7 +30,7 @@ _SECTION = re.compile(r"<!-- section:(?P<id>[A-Za-z0-9_.-]+) -->.*?<!-- /section
 _END = "<!-- end of sections -->"
 
 
-# ---- atomic writes ----------------------------------------------------------------------------------------------
+# ---- NIfTI maps -------------------------------------------------------------------------------------------------
 def write_map(array: np.ndarray, path: str, properties: dict) -> None:
     """Write a voxel map as NIfTI in the grid and orientation of the image that nnU-Net read with ``properties``.
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import os
 import sys
@@ -31,7 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from nnunet_varaug.atomic import write_json
+from nnunet_varaug.fileio import file_sha256, write_json
 from nnunet_varaug.experiment import Experiment, VarAugError
 
 MANIFEST = "manifest.json"
@@ -48,16 +47,6 @@ def samples_folder_for(preprocessed_base: str, plans: str, configuration: str, f
 
 def sample_file(folder: str, case: str) -> str:
     return os.path.join(folder, f"{case}.b2nd")
-
-
-def file_sha256(path: str, block: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(block)
-            if not chunk:
-                return h.hexdigest()
-            h.update(chunk)
 
 
 def samples_command(dataset_id: int, configuration: str, fold, num_replicas: int, base: str = "nnUNetTrainer",

@@ -7,7 +7,7 @@ from typing import Any, Dict
 import torch
 from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
 
-from nnunet_varaug.atomic import temporary_name, write_json
+from nnunet_varaug.fileio import temporary_name, write_json
 
 SETTINGS_KEY = "nnunet_varaug"
 
