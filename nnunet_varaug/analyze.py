@@ -121,7 +121,7 @@ def default_output(experiments: Sequence[Experiment]) -> str:
 # ---- predictions ------------------------------------------------------------------------------------------------
 def _prediction_state(exp: Experiment, name: str, folder: str, cases: Sequence[Case], ending: str) -> tuple:
     """(checkpoint sha256, fingerprint dict, cases still to predict). Stale predictions (other checkpoint) go."""
-    sha = file_sha256(os.path.join(exp.fold_folder(name), "checkpoint_final.pth"))
+    sha = file_sha256(exp.final_checkpoint(name))
     path = os.path.join(folder, FINGERPRINT)
     record = {"checkpoint_sha256": sha, "trainer": name, "cases": {}}
     if os.path.isfile(path):
@@ -172,7 +172,7 @@ def predict(experiments: Sequence[Experiment], cases: Sequence[Case], output: st
     dev = _device(device) if total else None
     for exp, jobs in plans:
         predictor = _predictor(exp, next(iter(jobs)), dev)
-        weights = {n: torch.load(os.path.join(exp.fold_folder(n), "checkpoint_final.pth"), map_location="cpu",
+        weights = {n: torch.load(exp.final_checkpoint(n), map_location="cpu",
                                  weights_only=False)["network_weights"] for n in jobs}
         for folder, record, _ in jobs.values():
             os.makedirs(folder, exist_ok=True)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 from nnunet_varaug.fileio import write_text
-from nnunet_varaug.experiment import Experiment, VarAugError, require_env
+from nnunet_varaug.experiment import Experiment, VarAugError, dataset_id_of, require_env
 from nnunet_varaug.launch import nnunet_command, plugin_env
 
 STAGES = ("convert", "plan_preprocess", "baseline", "replicas", "samples", "varaug", "evaluate", "analyze")
@@ -242,13 +242,17 @@ class Benchmark:
         return Experiment.from_args(self.dataset_id, self.configuration, self.fold, self.num_replicas, self.base,
                                     "seed", self.plans)
 
+    @property
+    def layout(self) -> Experiment:
+        """The replica experiment's names and folders, unchecked (its inputs may not exist yet)."""
+        return Experiment(self.dataset, self.configuration, self.fold, self.num_replicas, self.base, "seed", self.plans)
+
     def fold_folder(self, trainer: str) -> str:
-        return os.path.join(os.environ["nnUNet_results"], self.dataset,
-                            f"{trainer}__{self.plans}__{self.configuration}", f"fold_{self.fold}")
+        return self.layout.fold_folder(trainer)
 
     @property
     def replica_names(self) -> List[str]:
-        return [f"{self.base}_seed{k}" for k in range(self.num_replicas)]
+        return self.layout.replica_names
 
     @property
     def flags(self) -> str:
@@ -322,7 +326,7 @@ class Benchmark:
         """What the evaluation was computed from: size and mtime of every model's final checkpoint."""
         inputs = {}
         for trainer in [self.base, *self.replica_names, self.varaug_trainer]:
-            path = os.path.join(self.fold_folder(trainer), "checkpoint_final.pth")
+            path = self.layout.final_checkpoint(trainer)
             st = os.stat(path) if os.path.isfile(path) else None
             inputs[trainer] = [st.st_size, round(st.st_mtime, 3)] if st else None
         return inputs
@@ -341,7 +345,7 @@ class Benchmark:
                          for p in glob.glob(os.path.join(os.environ[root], f"Dataset[0-9][0-9][0-9]_{self.task.name}"))
                          if os.path.basename(p) != self.dataset})
         if others and not os.path.isdir(self.raw_folder):
-            other_id = int(others[0][len("Dataset"):len("Dataset") + 3])
+            other_id = dataset_id_of(others[0])
             raise VarAugError(f"{self.task.folder_name} was already converted as {others[0]}: benchmark that one with "
                               f"-d {other_id} (its preprocessed data and models are reused), or delete it to "
                               f"convert the task again under id {self.dataset_id}")

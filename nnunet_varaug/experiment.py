@@ -38,6 +38,16 @@ def dataset_name(dataset: Union[int, str]) -> str:
                           f"(e.g. `nnUNetv2_convert_MSD_dataset -i TaskXX_Name`).") from None
 
 
+def dataset_id_of(name: str) -> int:
+    """``"Dataset004_Hippocampus"`` -> ``4``."""
+    return int(name[len("Dataset"):len("Dataset") + 3])
+
+
+def samples_folder_for(preprocessed_base: str, plans: str, configuration: str, fold) -> str:
+    """Where a fold's sample set lives: ``<preprocessed_base>/varaug/<plans>__<configuration>__fold_<fold>``."""
+    return os.path.join(preprocessed_base, "varaug", f"{plans}__{configuration}__fold_{fold}")
+
+
 def parse_fold(fold: Union[int, str]) -> Union[int, str]:
     if str(fold) == "all":
         return "all"
@@ -100,7 +110,7 @@ class Experiment:
     # ---- names and folders ------------------------------------------------------------------------------------
     @property
     def dataset_id(self) -> int:
-        return int(self.dataset[len("Dataset"):len("Dataset") + 3])
+        return dataset_id_of(self.dataset)
 
     @property
     def replica_names(self) -> List[str]:
@@ -140,9 +150,12 @@ class Experiment:
     def fold_folder(self, trainer: str) -> str:
         return os.path.join(self.model_folder(trainer), f"fold_{self.fold}")
 
+    def final_checkpoint(self, trainer: str) -> str:
+        return os.path.join(self.fold_folder(trainer), "checkpoint_final.pth")
+
     @property
     def samples_folder(self) -> str:
-        return os.path.join(self.preprocessed_base, "varaug", f"{self.plans}__{self.configuration}__fold_{self.fold}")
+        return samples_folder_for(self.preprocessed_base, self.plans, self.configuration, self.fold)
 
     @property
     def flags(self) -> str:
@@ -185,10 +198,9 @@ class Experiment:
     # ---- replica states ---------------------------------------------------------------------------------------
     def replica_state(self, trainer: str) -> str:
         """'finished' (checkpoint_final.pth), 'interrupted' (checkpoint_latest.pth only) or 'missing'."""
-        folder = self.fold_folder(trainer)
-        if os.path.isfile(os.path.join(folder, "checkpoint_final.pth")):
+        if os.path.isfile(self.final_checkpoint(trainer)):
             return "finished"
-        if os.path.isfile(os.path.join(folder, "checkpoint_latest.pth")):
+        if os.path.isfile(os.path.join(self.fold_folder(trainer), "checkpoint_latest.pth")):
             return "interrupted"
         return "missing"
 

@@ -40,11 +40,6 @@ SAMPLE_DTYPE = np.int8
 
 
 # ---- names and small helpers ------------------------------------------------------------------------------------
-def samples_folder_for(preprocessed_base: str, plans: str, configuration: str, fold) -> str:
-    """``<preprocessed_base>/varaug/<plans>__<configuration>__fold_<fold>`` (same as ``Experiment.samples_folder``)."""
-    return os.path.join(preprocessed_base, "varaug", f"{plans}__{configuration}__fold_{fold}")
-
-
 def sample_file(folder: str, case: str) -> str:
     return os.path.join(folder, f"{case}.b2nd")
 
@@ -286,10 +281,6 @@ class VariabilitySampleDataset(_dataset_base()):
 
 
 # ---- writing side: the samples command ----------------------------------------------------------------------------
-def _checkpoint(exp: Experiment, name: str) -> str:
-    return os.path.join(exp.fold_folder(name), "checkpoint_final.pth")
-
-
 def sample_set_identity(dataset: str, plans: str, configuration: str, fold, replicas: List[dict],
                         tta: bool) -> dict:
     """What determines the content of a sample set: two runs with equal identity write equal files.
@@ -465,8 +456,8 @@ def write_samples(exp: Experiment, device: str = "cpu", tta: bool = True, force:
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise VarAugError(f"-device {device}: no CUDA device is available here; use `{fix} -device cpu`")
 
-    replicas = [{"name": n, "checkpoint": os.path.relpath(_checkpoint(exp, n), os.environ["nnUNet_results"]),
-                 "sha256": file_sha256(_checkpoint(exp, n))} for n in names]
+    replicas = [{"name": n, "checkpoint": os.path.relpath(exp.final_checkpoint(n), os.environ["nnUNet_results"]),
+                 "sha256": file_sha256(exp.final_checkpoint(n))} for n in names]
     identity = _identity(exp, replicas, tta)
     os.makedirs(folder, exist_ok=True)
     _remove_stale(folder)

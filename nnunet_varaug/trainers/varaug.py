@@ -77,7 +77,7 @@ class VarAugMixin(RecordSettingsMixin):
 
     # ---- where the samples are and how to make them ----------------------------------------------------------
     def varaug_folder(self) -> str:
-        from nnunet_varaug.samples import samples_folder_for
+        from nnunet_varaug.experiment import samples_folder_for
 
         return samples_folder_for(self.preprocessed_dataset_folder_base, self.plans_manager.plans_name,
                                   self.configuration_name, self.fold)
@@ -88,26 +88,23 @@ class VarAugMixin(RecordSettingsMixin):
         Taken from the manifest if there is one; otherwise for the seed replicas of this trainer's base that are
         already trained (or, with none trained, the replicas command followed by samples for ten of them).
         """
+        from nnunet_varaug.experiment import Experiment, dataset_id_of
         from nnunet_varaug.samples import samples_command
 
-        dataset_id = int(self.plans_manager.dataset_name[7:10])
+        dataset_id = dataset_id_of(self.plans_manager.dataset_name)
         plans, config = self.plans_manager.plans_name, self.configuration_name
         if manifest is not None and manifest.get("num_replicas"):
             return samples_command(dataset_id, config, self.fold, manifest["num_replicas"],
                                    manifest.get("base", "nnUNetTrainer"), manifest.get("kind", "seed"), plans,
                                    manifest.get("start", 0))
         base = getattr(type(self), "varaug_base_name", None) or "nnUNetTrainer"
-        results = os.environ.get("nnUNet_results", "")
+        exp = Experiment(self.plans_manager.dataset_name, config, self.fold, 10, base, "seed", plans)
         k = 0
-        while os.path.isfile(os.path.join(results, self.plans_manager.dataset_name,
-                                          f"{base}_seed{k}__{plans}__{config}", f"fold_{self.fold}",
-                                          "checkpoint_final.pth")):
+        while os.environ.get("nnUNet_results") and exp.replica_state(f"{base}_seed{k}") == "finished":
             k += 1
         command = samples_command(dataset_id, config, self.fold, k or 10, base, "seed", plans)
         if k == 0:
-            from nnunet_varaug.experiment import Experiment
-
-            flags = Experiment(self.plans_manager.dataset_name, config, self.fold, 10, base, "seed", plans).flags
+            flags = exp.flags
             return f"nnunet_varaug replicas {flags}` and then `{command}"
         return command
 
