@@ -12,11 +12,17 @@ Conventions (also in docs/variability.md):
 
 * **Structures** are nnU-Net's: the foreground labels of dataset.json, or its regions for region-based
   datasets (a voxel is in a region when its label is one of the region's labels). The ignore label is none.
-* **Absent in both**: the Dice of two masks that are both empty is ``EMPTY_DICE = 1.0`` — both replicas agree
-  the structure is not there. The volume columns (0) tell such cases apart.
-* **Majority vote**: the most frequent label over the K replicas; ties go to the smallest label value (so a
-  tie between background and a structure is background).
-* **Entropy**: ``-sum_l p_l log2 p_l`` in bits, ``p_l`` the fraction of replicas voting label ``l``.
+* **Absent in both, between replicas**: the pairwise Dice of two masks that are both empty is
+  ``EMPTY_DICE = 1.0`` — both replicas agree the structure is not there. Tables flag such pairs
+  (``both_empty``) so that means can be taken with and without them.
+* **Absent in both, to the ground truth**: nnU-Net's convention (``compute_metrics`` in
+  ``nnunetv2.evaluation.evaluate_predictions``): Dice is NaN when prediction and ground truth are both empty
+  (on the non-ignored voxels), and such cases are left out of means (``GT_EMPTY_DICE``).
+* **Majority vote**: the most frequent label over the K replicas. A tie (possible for any K with 3+ labels, and
+  for even K with 2) goes to the tied label with the highest mean predicted probability over the replicas when
+  probabilities are given, else (and when those are equal too) to the smallest label value.
+* **Entropy**: ``-sum_l p_l log2 p_l`` in bits, ``p_l`` the fraction of replicas voting label ``l``; the
+  normalised entropy divides it by ``log2 K`` (1 = the K replicas all differ, reachable only with K labels).
 * **Disagreement**: the fraction of replicas whose label differs from the majority vote.
 * **Ground truth**: voxels with nnU-Net's ignore label in the ground truth are left out of Dice to the ground
   truth (as nnU-Net's own evaluation does); they still count in pairwise Dice and volumes.
@@ -31,7 +37,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 EMPTY_DICE = 1.0
-"""Dice of two empty masks (the structure is absent from both): perfect agreement."""
+"""Dice of two replicas' empty masks (the structure is absent from both): perfect agreement."""
+
+GT_EMPTY_DICE = math.nan
+"""Dice to the ground truth when both are empty: NaN, left out of means, as nnU-Net's ``summary.json`` does."""
 
 DEFAULT_CHUNK = 1 << 18
 """Voxels per chunk: big enough for numpy to be efficient, small enough to stay in cache-sized buffers."""
@@ -196,6 +205,10 @@ class CaseResult:
     gt_intersection: Optional[np.ndarray] = None  # (S, K+1): |pred ∩ gt| on non-ignored voxels
     gt_pred_volume: Optional[np.ndarray] = None   # (S, K+1): |pred| on non-ignored voxels
     gt_volume: Optional[np.ndarray] = None        # (S,): |gt|
+    ref_intersection: Optional[np.ndarray] = None  # (S, K+1): |pred ∩ reference model's prediction|
+    ref_volume: Optional[np.ndarray] = None        # (S,): |reference model's prediction| (e.g. the IEEE model)
+    tie_voxels: int = 0                            # voxels whose vote was a tie
+    ties_by_probability: int = 0                   # of those, resolved by the mean probability
 
     @property
     def voxels(self) -> np.ndarray:
@@ -214,6 +227,12 @@ class CaseResult:
         return np.stack([d[:, a, b] for a, b in pair_indices(self.num_replicas)], axis=1)
 
     @property
+    def pairwise_both_empty(self) -> np.ndarray:
+        """``(S, P)`` True where both replicas of the pair lack the structure (their Dice is ``EMPTY_DICE``)."""
+        v = self.voxels
+        return np.stack([(v[:, a] == 0) & (v[:, b] == 0) for a, b in pair_indices(self.num_replicas)], axis=1)
+
+    @property
     def has_gt(self) -> bool:
         return self.gt_intersection is not None
 
@@ -221,11 +240,32 @@ class CaseResult:
         denom = self.gt_pred_volume + self.gt_volume[:, None]
         with np.errstate(invalid="ignore", divide="ignore"):
             d = 2.0 * self.gt_intersection / denom
+        return np.where(denom == 0, GT_EMPTY_DICE, d)
+
+    @property
+    def has_reference(self) -> bool:
+        return self.ref_intersection is not None
+
+    @property
+    def dice_to_reference(self) -> Optional[np.ndarray]:
+        """``(S, K+1)`` Dice of each replica (and, last, the majority vote) to the reference model's prediction,
+        pairwise convention (``EMPTY_DICE`` when both are empty); None without a reference."""
+        if not self.has_reference:
+            return None
+        pred = np.diagonal(self.overlap, axis1=1, axis2=2)
+        denom = pred + self.ref_volume[:, None]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            d = 2.0 * self.ref_intersection / denom
         return np.where(denom == 0, EMPTY_DICE, d)
 
     @property
+    def reference_volume_mm3(self) -> Optional[np.ndarray]:
+        """``(S,)`` the reference model's volumes in mm^3, or None."""
+        return None if not self.has_reference else self.ref_volume * self.voxel_volume
+
+    @property
     def dice_to_gt(self) -> Optional[np.ndarray]:
-        """``(S, K)`` each replica's Dice to the ground truth, or None without ground truth."""
+        """``(S, K)`` each replica's Dice to the ground truth (NaN when both are empty), or None without it."""
         return None if not self.has_gt else self._dice_gt()[:, : self.num_replicas]
 
     @property
@@ -234,40 +274,62 @@ class CaseResult:
         return None if not self.has_gt else self._dice_gt()[:, self.num_replicas]
 
 
-def _vote(maps: np.ndarray, labels: Sequence[int]) -> Tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
-    """Majority, entropy, disagreement of ``(K, ...)`` maps, and whether every value was one of ``labels``."""
+def _vote(maps: np.ndarray, labels: Sequence[int], prob: Optional[np.ndarray] = None
+          ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, bool, int, int]:
+    """Majority, entropy, disagreement of ``(K, n)`` maps, whether every value was one of ``labels``, the number of
+    tied voxels and how many of them the probabilities decided.
+
+    ``prob``: ``(C, n)`` mean predicted probability per label value (row = label value) or None. A tie goes to
+    the tied label with the highest mean probability; without ``prob``, or when those are equal, to the smallest.
+    """
     k = maps.shape[0]
-    best = np.zeros(maps.shape[1:], dtype=np.int32)
-    total = np.zeros(maps.shape[1:], dtype=np.int32)
-    best_label = np.full(maps.shape[1:], labels[0], dtype=maps.dtype)
-    entropy = np.zeros(maps.shape[1:], dtype=np.float64)
-    for v in labels:  # ascending: a later label must beat the count strictly, so ties keep the smaller label
-        count = np.count_nonzero(maps == v, axis=0).astype(np.int32)
-        total += count
-        better = count > best
-        best_label[better] = v
-        np.maximum(best, count, out=best)
-        p = count / k
-        entropy -= p * np.log2(np.where(count > 0, p, 1.0))
-    entropy = np.abs(entropy)  # -0.0 -> 0.0
-    return best_label, entropy.astype(np.float32), (1.0 - best / k).astype(np.float32), bool((total == k).all())
+    counts = np.stack([np.count_nonzero(maps == v, axis=0) for v in labels]).astype(np.int32)  # (L, n)
+    best = counts.max(axis=0)
+    tied = counts == best
+    n_tied = tied.sum(axis=0) > 1
+    pick = np.argmax(tied, axis=0)  # the first (smallest) tied label
+    by_prob = 0
+    if prob is not None and n_tied.any():
+        cols = np.flatnonzero(n_tied)
+        score = np.where(tied[:, cols], prob[np.asarray(labels)][:, cols], -np.inf)
+        chosen = np.argmax(score, axis=0)  # equal probabilities: the first, i.e. the smallest label
+        by_prob = int(np.count_nonzero(np.sort(score, axis=0)[-2] < score.max(axis=0)))  # a strict winner
+        pick[cols] = chosen
+    best_label = np.asarray(labels, dtype=maps.dtype)[pick]
+    p = counts / k
+    entropy = np.abs(-(p * np.log2(np.where(counts > 0, p, 1.0))).sum(axis=0))  # abs: -0.0 -> 0.0
+    known = bool((counts.sum(axis=0) == k).all())
+    return (best_label, entropy.astype(np.float32), (1.0 - best / k).astype(np.float32), known,
+            int(n_tied.sum()), by_prob)
 
 
-def voxel_maps(maps: np.ndarray, labels: Sequence[int]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def voxel_maps(maps: np.ndarray, labels: Sequence[int], probabilities: Optional[np.ndarray] = None
+               ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Majority vote, entropy (bits) and disagreement fraction of ``(K, *spatial)`` label maps.
 
-    ``labels`` must list every value present (else ValueError); ties of the vote go to the smallest label.
+    ``labels`` must list every value present (else ValueError). ``probabilities``: optional ``(C, *spatial)``
+    mean predicted probability of each label value (row = label value) over the replicas, which breaks ties of
+    the vote; without it (or when equal) ties go to the smallest label.
     """
     labels = sorted(int(v) for v in labels)
-    majority, entropy, disagreement, known = _vote(maps, labels)
+    k = maps.shape[0]
+    prob = None if probabilities is None else probabilities.reshape(probabilities.shape[0], -1)
+    majority, entropy, disagreement, known, _, _ = _vote(maps.reshape(k, -1), labels, prob)
     if not known:
         check_labels(maps, labels, "the label maps")
-    return majority, entropy, disagreement
+    shape = maps.shape[1:]
+    return majority.reshape(shape), entropy.reshape(shape), disagreement.reshape(shape)
+
+
+def normalised_entropy(entropy: np.ndarray, k: int) -> np.ndarray:
+    """Entropy in bits divided by ``log2 K``: 0 = unanimous, 1 = all K replicas differ; comparable across K."""
+    return (np.asarray(entropy, dtype=np.float32) / np.float32(math.log2(k))).astype(np.float32)
 
 
 def analyze_case(maps: np.ndarray, spacing: Sequence[float], structures: Sequence[Structure],
                  labels: Sequence[int], gt: Optional[np.ndarray] = None, ignore: Optional[int] = None,
-                 chunk: int = DEFAULT_CHUNK) -> CaseResult:
+                 chunk: int = DEFAULT_CHUNK, probabilities: Optional[np.ndarray] = None,
+                 reference: Optional[np.ndarray] = None) -> CaseResult:
     """All per-case metrics of K replicas' label maps in one chunked pass.
 
     Args:
@@ -278,6 +340,10 @@ def analyze_case(maps: np.ndarray, spacing: Sequence[float], structures: Sequenc
         gt: optional ground truth ``spatial`` label map on the same grid.
         ignore: the ground truth's ignore label, if the dataset has one.
         chunk: voxels per chunk.
+        probabilities: optional ``(C, *spatial)`` mean predicted probability of each label value over the K
+            replicas (row = label value); it breaks ties of the majority vote.
+        reference: optional label map of a reference model (e.g. the IEEE model) on the same grid; each
+            replica's Dice to it is measured (``CaseResult.dice_to_reference``).
 
     Raises:
         ValueError: K < 2, shapes differ, or a map holds a value outside ``labels``.
@@ -287,6 +353,9 @@ def analyze_case(maps: np.ndarray, spacing: Sequence[float], structures: Sequenc
         raise ValueError(f"variability needs at least 2 replicas, got {k}")
     if gt is not None and gt.shape != maps.shape[1:]:
         raise ValueError(f"ground truth has shape {gt.shape}, the replicas' maps {maps.shape[1:]}")
+    for what, arr in (("reference map", reference), ("probabilities", probabilities)):
+        if arr is not None and tuple(arr.shape[-len(maps.shape[1:]):]) != tuple(maps.shape[1:]):
+            raise ValueError(f"{what} has shape {arr.shape}, the replicas' maps {maps.shape[1:]}")
     labels = sorted(int(v) for v in labels)
     known = np.zeros(max(labels) + 1, dtype=bool)
     known[labels] = True
@@ -295,8 +364,13 @@ def analyze_case(maps: np.ndarray, spacing: Sequence[float], structures: Sequenc
     majority = np.empty(n, dtype=maps.dtype)
     entropy = np.zeros(n, dtype=np.float32)
     disagreement = np.zeros(n, dtype=np.float32)
-    # rows: K replicas, the majority vote, then (with ground truth) its structure mask and its ignore mask
-    rows = k + 1 + (0 if gt is None else 1 if ignore is None else 2)
+    # rows: K replicas, the majority vote, then (with ground truth) its structure mask and its ignore mask, then
+    # (with a reference model) its map
+    n_gt = 0 if gt is None else 1 if ignore is None else 2
+    rows = k + 1 + n_gt + (reference is not None)
+    prob = None if probabilities is None else probabilities.reshape(probabilities.shape[0], -1)
+    rflat = None if reference is None else reference.reshape(-1)
+    ties = by_prob = 0
     bits = _bit_matrix(rows) if rows <= _MAX_BITS else None
     counts = np.zeros((len(structures), rows, rows), dtype=np.int64)
     gflat = None if gt is None else gt.reshape(-1)
@@ -306,7 +380,9 @@ def analyze_case(maps: np.ndarray, spacing: Sequence[float], structures: Sequenc
         maj = block[0].copy()
         differ = np.flatnonzero(~agree)
         if differ.size:  # the vote only where replicas differ; elsewhere it is their common label
-            m, e, d, ok = _vote(np.take(block, differ, axis=1), labels)
+            p = None if prob is None else np.take(prob[:, start:start + chunk], differ, axis=1)
+            m, e, d, ok, t, b = _vote(np.take(block, differ, axis=1), labels, p)
+            ties, by_prob = ties + t, by_prob + b
             if not ok:
                 check_labels(block, labels, "the label maps")
             maj[differ] = m
@@ -319,11 +395,16 @@ def analyze_case(maps: np.ndarray, spacing: Sequence[float], structures: Sequenc
         if gflat is not None:
             g = gflat[start:start + chunk]
             free = [(g, None)] + ([] if ignore is None else [(g, (int(ignore),))])
+        if rflat is not None:
+            free.append((rflat[start:start + chunk], None))
         _count_chunk(counts, np.concatenate([block, maj[None]]), structures, bits, agree, free)
     spatial = maps.shape[1:]
     result = CaseResult(list(structures), k, float(np.prod(np.asarray(spacing, dtype=np.float64))),
                         counts[:, : k + 1, : k + 1].copy(), majority.reshape(spatial), entropy.reshape(spatial),
-                        disagreement.reshape(spatial))
+                        disagreement.reshape(spatial), tie_voxels=ties, ties_by_probability=by_prob)
+    if reference is not None:
+        result.ref_intersection = counts[:, : k + 1, k + 1 + n_gt].copy()
+        result.ref_volume = counts[:, k + 1 + n_gt, k + 1 + n_gt].copy()
     if gt is not None:
         result.gt_intersection = counts[:, : k + 1, k + 1].copy()
         pred = np.diagonal(counts, axis1=1, axis2=2)[:, : k + 1]
@@ -343,38 +424,8 @@ def check_labels(array: np.ndarray, labels: Sequence[int], what: str) -> None:
 
 
 # ---- over cases -----------------------------------------------------------------------------------------------
-def significant_digits(volumes: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Significant bits and decimal digits of each column of ``(K, cases)`` volumes across the K replicas.
-
-    Through the ``significantdigits`` package: general method (no distribution assumed), relative error,
-    reference = the replicas' mean. Columns whose mean is 0 (the structure absent from every replica) get NaN:
-    the relative error is undefined there.
-    """
-    import significantdigits as sd
-
-    volumes = np.asarray(volumes, dtype=np.float64)
-    mean = volumes.mean(axis=0)
-    out = []
-    for basis in (2, 10):
-        with warnings.catch_warnings(), np.errstate(all="ignore"):
-            warnings.simplefilter("ignore")
-            value = sd.significant_digits(volumes, reference=mean, axis=0, basis=basis,
-                                          method=sd.Method.General, error=sd.Error.Relative)
-        value = np.asarray(value, dtype=np.float64).reshape(mean.shape)
-        out.append(np.where(mean == 0, np.nan, value))
-    return out[0], out[1]
-
-
-def volume_spread(volumes: np.ndarray) -> Dict[str, np.ndarray]:
-    """Per column of ``(K, cases)`` volumes: replica mean, standard deviation (ddof=1), coefficient of
-    variation (std / mean; NaN where the mean is 0), significant bits and digits."""
-    volumes = np.asarray(volumes, dtype=np.float64)
-    mean = volumes.mean(axis=0)
-    std = volumes.std(axis=0, ddof=1) if volumes.shape[0] > 1 else np.zeros_like(mean)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cv = np.where(mean > 0, std / np.where(mean > 0, mean, 1.0), np.nan)
-    bits, digits = significant_digits(volumes)
-    return {"mean": mean, "std": std, "cv": cv, "sig_bits": bits, "sig_digits": digits}
+# significant digits and volume spread live in volume_stats (one job per module); re-exported for callers
+from nnunet_varaug.volume_stats import significant_digits, volume_spread  # noqa: E402,F401
 
 
 def pearson(x: Sequence[float], y: Sequence[float]) -> float:
