@@ -30,11 +30,12 @@ Conventions (also in docs/variability.md):
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from nnunet_varaug.voting import _vote, check_labels, normalised_entropy, voxel_maps  # noqa: F401
 
 EMPTY_DICE = 1.0
 """Dice of two replicas' empty masks (the structure is absent from both): perfect agreement."""
@@ -207,6 +208,8 @@ class CaseResult:
     gt_volume: Optional[np.ndarray] = None        # (S,): |gt|
     ref_intersection: Optional[np.ndarray] = None  # (S, K+1): |pred ∩ reference model's prediction|
     ref_volume: Optional[np.ndarray] = None        # (S,): |reference model's prediction| (e.g. the IEEE model)
+    ref_gt_intersection: Optional[np.ndarray] = None  # (S,): |reference ∩ gt| on non-ignored voxels
+    ref_gt_pred_volume: Optional[np.ndarray] = None   # (S,): |reference| on non-ignored voxels
     tie_voxels: int = 0                            # voxels whose vote was a tie
     ties_by_probability: int = 0                   # of those, resolved by the mean probability
 
@@ -259,6 +262,15 @@ class CaseResult:
         return np.where(denom == 0, EMPTY_DICE, d)
 
     @property
+    def reference_dice_to_gt(self) -> Optional[np.ndarray]:
+        """``(S,)`` the reference model's Dice to the ground truth (nnU-Net's convention), or None."""
+        if not (self.has_reference and self.has_gt):
+            return None
+        denom = self.ref_gt_pred_volume + self.gt_volume
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(denom == 0, GT_EMPTY_DICE, 2.0 * self.ref_gt_intersection / denom)
+
+    @property
     def reference_volume_mm3(self) -> Optional[np.ndarray]:
         """``(S,)`` the reference model's volumes in mm^3, or None."""
         return None if not self.has_reference else self.ref_volume * self.voxel_volume
@@ -272,58 +284,6 @@ class CaseResult:
     def majority_dice_to_gt(self) -> Optional[np.ndarray]:
         """``(S,)`` the majority vote's Dice to the ground truth, or None without ground truth."""
         return None if not self.has_gt else self._dice_gt()[:, self.num_replicas]
-
-
-def _vote(maps: np.ndarray, labels: Sequence[int], prob: Optional[np.ndarray] = None
-          ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, bool, int, int]:
-    """Majority, entropy, disagreement of ``(K, n)`` maps, whether every value was one of ``labels``, the number of
-    tied voxels and how many of them the probabilities decided.
-
-    ``prob``: ``(C, n)`` mean predicted probability per label value (row = label value) or None. A tie goes to
-    the tied label with the highest mean probability; without ``prob``, or when those are equal, to the smallest.
-    """
-    k = maps.shape[0]
-    counts = np.stack([np.count_nonzero(maps == v, axis=0) for v in labels]).astype(np.int32)  # (L, n)
-    best = counts.max(axis=0)
-    tied = counts == best
-    n_tied = tied.sum(axis=0) > 1
-    pick = np.argmax(tied, axis=0)  # the first (smallest) tied label
-    by_prob = 0
-    if prob is not None and n_tied.any():
-        cols = np.flatnonzero(n_tied)
-        score = np.where(tied[:, cols], prob[np.asarray(labels)][:, cols], -np.inf)
-        chosen = np.argmax(score, axis=0)  # equal probabilities: the first, i.e. the smallest label
-        by_prob = int(np.count_nonzero(np.sort(score, axis=0)[-2] < score.max(axis=0)))  # a strict winner
-        pick[cols] = chosen
-    best_label = np.asarray(labels, dtype=maps.dtype)[pick]
-    p = counts / k
-    entropy = np.abs(-(p * np.log2(np.where(counts > 0, p, 1.0))).sum(axis=0))  # abs: -0.0 -> 0.0
-    known = bool((counts.sum(axis=0) == k).all())
-    return (best_label, entropy.astype(np.float32), (1.0 - best / k).astype(np.float32), known,
-            int(n_tied.sum()), by_prob)
-
-
-def voxel_maps(maps: np.ndarray, labels: Sequence[int], probabilities: Optional[np.ndarray] = None
-               ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Majority vote, entropy (bits) and disagreement fraction of ``(K, *spatial)`` label maps.
-
-    ``labels`` must list every value present (else ValueError). ``probabilities``: optional ``(C, *spatial)``
-    mean predicted probability of each label value (row = label value) over the replicas, which breaks ties of
-    the vote; without it (or when equal) ties go to the smallest label.
-    """
-    labels = sorted(int(v) for v in labels)
-    k = maps.shape[0]
-    prob = None if probabilities is None else probabilities.reshape(probabilities.shape[0], -1)
-    majority, entropy, disagreement, known, _, _ = _vote(maps.reshape(k, -1), labels, prob)
-    if not known:
-        check_labels(maps, labels, "the label maps")
-    shape = maps.shape[1:]
-    return majority.reshape(shape), entropy.reshape(shape), disagreement.reshape(shape)
-
-
-def normalised_entropy(entropy: np.ndarray, k: int) -> np.ndarray:
-    """Entropy in bits divided by ``log2 K``: 0 = unanimous, 1 = all K replicas differ; comparable across K."""
-    return (np.asarray(entropy, dtype=np.float32) / np.float32(math.log2(k))).astype(np.float32)
 
 
 def analyze_case(maps: np.ndarray, spacing: Sequence[float], structures: Sequence[Structure],
@@ -405,22 +365,16 @@ def analyze_case(maps: np.ndarray, spacing: Sequence[float], structures: Sequenc
     if reference is not None:
         result.ref_intersection = counts[:, : k + 1, k + 1 + n_gt].copy()
         result.ref_volume = counts[:, k + 1 + n_gt, k + 1 + n_gt].copy()
+        if gt is not None:
+            r = k + 1 + n_gt
+            result.ref_gt_intersection = counts[:, r, k + 1].copy()
+            result.ref_gt_pred_volume = result.ref_volume - (0 if ignore is None else counts[:, r, k + 2])
     if gt is not None:
         result.gt_intersection = counts[:, : k + 1, k + 1].copy()
         pred = np.diagonal(counts, axis1=1, axis2=2)[:, : k + 1]
         result.gt_pred_volume = pred - (0 if ignore is None else counts[:, : k + 1, k + 2])
         result.gt_volume = counts[:, k + 1, k + 1].copy()
     return result
-
-
-def check_labels(array: np.ndarray, labels: Sequence[int], what: str) -> None:
-    """Raise ValueError naming ``what`` if ``array`` holds a value outside ``labels``."""
-    present = np.unique(array)
-    bad = np.setdiff1d(present, np.asarray(list(labels)))
-    if bad.size:
-        shown = [int(b) if float(b).is_integer() else float(b) for b in bad.tolist()]
-        raise ValueError(f"{what} holds label values {shown} that dataset.json does not define "
-                         f"(it defines {sorted(int(v) for v in labels)})")
 
 
 # ---- over cases -----------------------------------------------------------------------------------------------

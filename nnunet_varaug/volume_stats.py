@@ -106,8 +106,8 @@ def volume_spread(volumes: np.ndarray, voxels: Optional[np.ndarray] = None,
     bits, digits = significant_digits(volumes, reference)
     same = unanimous(volumes, reference)
     cap = bits_cap(voxels) if voxels is not None else np.full(mean.shape, np.inf)
-    bits = np.where(same, np.nan, np.fmin(bits, cap))
-    digits = np.where(same, np.nan, np.fmin(digits, cap * math.log10(2)))
+    bits = np.where(same, np.nan, np.minimum(bits, cap))
+    digits = np.where(same, np.nan, np.minimum(digits, cap * math.log10(2)))
     return {"mean": mean, "std": std, "cv": cv, "sig_bits": bits, "sig_digits": digits, "unanimous": same,
             "bits_cap": cap}
 
