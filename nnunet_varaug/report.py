@@ -1,7 +1,8 @@
 """The variability report: tables, voxel maps, figures and one self-contained ``report.html``.
 
 Files of one report folder (DESIGN.md): ``cases.csv``, ``pairs.csv``, ``summary.csv``, ``majority.csv``,
-``comparison.csv`` (only with two kinds), ``maps/<case>[_<kind>]_{entropy,majority,disagreement}.nii.gz``,
+``comparison.csv`` (only with two kinds),
+``maps/<case>[_<kind>]_{entropy,entropy_norm,majority,disagreement}.nii.gz``,
 ``figures/*.png`` and ``report.html``. Everything is written into a staging folder first and moved into place
 at the end (:class:`ReportStage`), so a failed run leaves the previous report untouched. ``report.html`` is
 made of marked sections (``<!-- section:ID -->…<!-- /section:ID -->``); other commands add theirs with
@@ -17,12 +18,14 @@ import re
 import shutil
 import tempfile
 import uuid
-from typing import Dict, List, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 
-from nnunet_varaug import variability
+from nnunet_varaug import variability, volume_stats
 from nnunet_varaug.fileio import write_text
+from nnunet_varaug.report_figures import make_figures  # noqa: F401
+from nnunet_varaug.report_tables import build_tables, compare_kinds, format_summary, format_volume  # noqa: F401
 
 REPORT = "report.html"
 OWN_SECTIONS = ("overview", "summary", "comparison", "figures", "cases", "files")
@@ -86,8 +89,11 @@ class ReportStage:
         return os.path.join(self.folder, *parts)
 
     def write_maps(self, stem: str, result: variability.CaseResult, properties: dict) -> None:
-        """``maps/<stem>_entropy``, ``_majority``, ``_disagreement`` ``.nii.gz`` of one case."""
+        """``maps/<stem>_entropy`` (bits), ``_entropy_norm`` (bits / log2 K), ``_majority``, ``_disagreement``
+        ``.nii.gz`` of one case."""
         write_map(result.entropy, self.path("maps", f"{stem}_entropy.nii.gz"), properties)
+        write_map(variability.normalised_entropy(result.entropy, result.num_replicas),
+                  self.path("maps", f"{stem}_entropy_norm.nii.gz"), properties)
         write_map(result.majority, self.path("maps", f"{stem}_majority.nii.gz"), properties)
         write_map(result.disagreement, self.path("maps", f"{stem}_disagreement.nii.gz"), properties)
 
@@ -114,186 +120,9 @@ class ReportStage:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-# ---- tables -----------------------------------------------------------------------------------------------------
-def build_tables(experiments, results: Dict[str, Dict[str, variability.CaseResult]]):
-    """``cases``, ``pairs``, ``majority`` and ``summary`` DataFrames from per-kind, per-case results.
-
-    Summary, per kind and structure: pairwise Dice min and mean over all cases and pairs; volume mean, standard
-    deviation, coefficient of variation and significant bits/digits computed per case over the K replicas and
-    then averaged over cases; mean Dice to the ground truth of the replicas and of the majority vote.
-    """
-    import pandas as pd
-
-    cases_rows, pair_rows, maj_rows, summary_rows = [], [], [], []
-    for exp in experiments:
-        per_case = results[exp.kind]
-        names = exp.replica_names
-        pairs = variability.pair_indices(len(names))
-        structures = next(iter(per_case.values())).structures
-        vols = {s: [] for s in range(len(structures))}
-        dices = {s: [] for s in range(len(structures))}
-        absent = {s: 0 for s in range(len(structures))}
-        gt_d = {s: [] for s in range(len(structures))}
-        maj_d = {s: [] for s in range(len(structures))}
-        for case, res in per_case.items():
-            volumes = res.volumes_mm3
-            pw = res.pairwise_dice
-            to_gt, maj_gt = res.dice_to_gt, res.majority_dice_to_gt
-            maj_vol = np.diagonal(res.overlap, axis1=1, axis2=2)[:, res.num_replicas] * res.voxel_volume
-            for s, st in enumerate(structures):
-                for k, name in enumerate(names):
-                    cases_rows.append((case, st.key, name, float(volumes[s, k]),
-                                       float(to_gt[s, k]) if to_gt is not None else math.nan))
-                for p, (a, b) in enumerate(pairs):
-                    pair_rows.append((case, st.key, names[a], names[b], float(pw[s, p])))
-                    absent[s] += int(res.overlap[s, a, a] == 0 and res.overlap[s, b, b] == 0)
-                maj_rows.append((case, st.key, exp.kind, float(maj_vol[s]),
-                                 float(maj_gt[s]) if maj_gt is not None else math.nan))
-                vols[s].append(volumes[s])
-                dices[s].append(pw[s])
-                if to_gt is not None:
-                    gt_d[s].append(to_gt[s])
-                    maj_d[s].append(maj_gt[s])
-        for s, st in enumerate(structures):
-            spread = variability.volume_spread(np.stack(vols[s], axis=1))  # (K, cases)
-            d = np.concatenate(dices[s])
-            summary_rows.append({
-                "kind": exp.kind, "label": st.key, "name": st.name, "cases": len(per_case),
-                "pairwise_dice_min": float(d.min()), "pairwise_dice_mean": float(d.mean()),
-                "volume_mean_mm3": _nanmean(spread["mean"]), "volume_std_mm3": _nanmean(spread["std"]),
-                "volume_cv": _nanmean(spread["cv"]), "sig_bits": _nanmean(spread["sig_bits"]),
-                "sig_digits": _nanmean(spread["sig_digits"]),
-                "dice_to_gt_mean": float(np.mean(np.concatenate(gt_d[s]))) if gt_d[s] else math.nan,
-                "majority_dice_to_gt_mean": float(np.mean(maj_d[s])) if maj_d[s] else math.nan,
-                "absent_pairs": absent[s],
-            })
-    cases = pd.DataFrame(cases_rows, columns=["case", "label", "replica", "volume_mm3", "dice_to_gt"])
-    pairs = pd.DataFrame(pair_rows, columns=["case", "label", "replica_a", "replica_b", "dice"])
-    majority = pd.DataFrame(maj_rows, columns=["case", "label", "kind", "volume_mm3", "dice_to_gt"])
-    summary = pd.DataFrame(summary_rows)
-    return cases, pairs, majority, summary
-
-
-def _nanmean(x: np.ndarray) -> float:
-    x = np.asarray(x, dtype=np.float64)
-    return float(np.nanmean(x)) if np.isfinite(x).any() else math.nan
-
-
-def compare_kinds(summary):
-    """Per structure, the mean pairwise Dice and volume CV of each kind side by side, and the Pearson
-    correlation across structures of the kinds' mean pairwise Dice (``attrs["pearson_r"]``); None with one kind."""
-    kinds = list(dict.fromkeys(summary["kind"]))
-    if len(kinds) < 2:
-        return None
-    a, b = kinds[:2]
-    wide = summary.pivot(index=["label", "name"], columns="kind",
-                         values=["pairwise_dice_mean", "volume_cv", "sig_digits"])
-    wide = wide[[(m, k) for m in ("pairwise_dice_mean", "volume_cv", "sig_digits") for k in kinds]]
-    wide.columns = [f"{m}_{k}" for m, k in wide.columns]
-    wide = wide.reset_index()
-    order = {k: i for i, k in enumerate(summary.loc[summary["kind"] == a, "label"])}
-    wide = wide.sort_values("label", key=lambda c: c.map(order)).reset_index(drop=True)
-    wide.attrs["pearson_r"] = variability.pearson(wide[f"pairwise_dice_mean_{a}"], wide[f"pairwise_dice_mean_{b}"])
-    wide.attrs["kinds"] = (a, b)
-    return wide
-
-
+# ---- tables (report_tables.py) ------------------------------------------------------------------------------
 def _write_csv(df, path: str) -> None:
     df.to_csv(path, index=False, float_format="%.10g")
-
-
-# ---- figures ----------------------------------------------------------------------------------------------------
-def _figure_to_png(fig, path: str) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-
-
-def make_figures(folder: str, pairs, cases, majority, summary, experiments) -> List[str]:
-    """Boxplots of pairwise Dice per structure, bars of volume CV, replicas' vs majority's Dice to GT, and
-    (two kinds) one kind's pairwise Dice against the other's. Returns the files written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    kinds = [e.kind for e in experiments]
-    kind_of = {n: e.kind for e in experiments for n in e.replica_names}
-    labels = list(dict.fromkeys(summary["label"]))
-    names = dict(zip(summary["label"], summary["name"]))
-    ticks = [f"{names[l]}\n({l})" for l in labels]
-    width = 0.8 / len(kinds)
-    written = []
-
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 + 1.4 * len(labels)), 3.6))
-    kind_col = pairs["replica_a"].map(kind_of)
-    for i, kind in enumerate(kinds):
-        data = [pairs.loc[(pairs["label"] == l) & (kind_col == kind), "dice"].to_numpy() for l in labels]
-        pos = np.arange(len(labels)) + (i - (len(kinds) - 1) / 2) * width
-        box = ax.boxplot(data, positions=pos, widths=width * 0.85, patch_artist=True, showfliers=True)
-        for patch in box["boxes"]:
-            patch.set_facecolor(f"C{i}")
-            patch.set_alpha(0.6)
-        ax.plot([], [], color=f"C{i}", lw=6, alpha=0.6, label=f"{kind} replicas")
-    ax.set_xticks(np.arange(len(labels)), ticks)
-    ax.set_ylabel("pairwise Dice")
-    ax.set_title("Agreement between replicas (all cases and pairs)", fontsize=10)
-    ax.legend(fontsize=8)
-    written.append(os.path.join(folder, "pairwise_dice.png"))
-    _figure_to_png(fig, written[-1])
-
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 + 1.4 * len(labels)), 3.4))
-    for i, kind in enumerate(kinds):
-        rows = summary[summary["kind"] == kind].set_index("label").loc[labels]
-        ax.bar(np.arange(len(labels)) + (i - (len(kinds) - 1) / 2) * width, 100 * rows["volume_cv"], width,
-               color=f"C{i}", alpha=0.8, label=f"{kind} replicas")
-    ax.set_xticks(np.arange(len(labels)), ticks)
-    ax.set_ylabel("volume CV over replicas (%)")
-    ax.set_title("Volume spread (mean over cases)")
-    ax.legend(fontsize=8)
-    written.append(os.path.join(folder, "volume_cv.png"))
-    _figure_to_png(fig, written[-1])
-
-    if cases["dice_to_gt"].notna().any():
-        fig, ax = plt.subplots(figsize=(max(5.0, 1.6 + 1.4 * len(labels)), 3.6))
-        rep_kind = cases["replica"].map(kind_of)
-        for i, kind in enumerate(kinds):
-            pos = np.arange(len(labels)) + (i - (len(kinds) - 1) / 2) * width
-            data = [cases.loc[(cases["label"] == l) & (rep_kind == kind), "dice_to_gt"].to_numpy() for l in labels]
-            box = ax.boxplot(data, positions=pos, widths=width * 0.85, patch_artist=True)
-            for patch in box["boxes"]:
-                patch.set_facecolor(f"C{i}")
-                patch.set_alpha(0.5)
-            maj = [majority.loc[(majority["label"] == l) & (majority["kind"] == kind), "dice_to_gt"].mean()
-                   for l in labels]
-            ax.scatter(pos, maj, marker="D", color="k", zorder=5, s=22,
-                       label="majority vote (mean)" if i == 0 else None)
-            ax.plot([], [], color=f"C{i}", lw=6, alpha=0.5, label=f"{kind} replicas")
-        ax.set_xticks(np.arange(len(labels)), ticks)
-        ax.set_ylabel("Dice to ground truth")
-        ax.set_title("Single replicas vs their majority vote")
-        ax.legend(fontsize=8)
-        written.append(os.path.join(folder, "dice_to_gt.png"))
-        _figure_to_png(fig, written[-1])
-
-    comparison = compare_kinds(summary)
-    if comparison is not None:
-        a, b = comparison.attrs["kinds"]
-        fig, ax = plt.subplots(figsize=(4.2, 4.0))
-        x, y = comparison[f"pairwise_dice_mean_{a}"], comparison[f"pairwise_dice_mean_{b}"]
-        ax.scatter(x, y)
-        for _, row in comparison.iterrows():
-            ax.annotate(row["name"], (row[f"pairwise_dice_mean_{a}"], row[f"pairwise_dice_mean_{b}"]), fontsize=8)
-        lo, hi = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
-        ax.plot([lo, hi], [lo, hi], "k:", lw=1)
-        ax.set_xlabel(f"mean pairwise Dice, {a} replicas")
-        ax.set_ylabel(f"mean pairwise Dice, {b} replicas")
-        ax.set_title(f"Per structure (Pearson r = {comparison.attrs['pearson_r']:.3f})")
-        written.append(os.path.join(folder, "kinds.png"))
-        _figure_to_png(fig, written[-1])
-    return written
 
 
 # ---- HTML -------------------------------------------------------------------------------------------------------
@@ -301,7 +130,9 @@ _STYLE = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;
 color:#222;padding:0 1em}h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
 table{border-collapse:collapse;font-size:.85em;margin:.5em 0}th,td{border:1px solid #ccc;padding:3px 7px;
 text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%;
-margin:.4em 0}.note{color:#555;font-size:.9em}code{background:#f5f5f5;padding:0 3px}"""
+margin:.4em 0}.note{color:#555;font-size:.9em}code{background:#f5f5f5;padding:0 3px}
+.wide{max-width:100%;overflow-x:auto}.wide table{font-size:.78em}.wide th{white-space:normal;max-width:8em;
+vertical-align:bottom}"""
 
 
 def section(section_id: str, title: str, body: str) -> str:
@@ -365,24 +196,95 @@ def foreign_sections(path: str) -> List[str]:
             for m in _SECTION.finditer(text) if m.group("id") not in OWN_SECTIONS]
 
 
+_SUMMARY_HTML = [  # (summary column, header, formatter): the HTML shows a page-wide selection, summary.csv all
+    ("name", "structure", str), ("label", "label", str), ("kind", "kind", str), ("cases", "cases", str),
+    ("pairwise_dice_mean", "pairwise Dice (all pairs)", lambda v: f"{v:.4f}"),
+    ("pairwise_dice_mean_nonempty", "pairwise Dice (non-empty pairs)", lambda v: f"{v:.4f}"),
+    ("pairwise_dice_min", "min", lambda v: f"{v:.4f}"),
+    ("volume_mean_mm3", "volume", format_volume), ("volume_cv", "volume CV", lambda v: f"{100 * v:.2f} %"),
+    ("sig_bits_median", "sig. bits (median)", lambda v: f"{v:.1f}"),
+    ("sig_bits_mean", "sig. bits (mean, non-unanimous)", lambda v: f"{v:.1f}"),
+    ("unanimous_cases", "unanimous cases", str),
+    ("dice_to_gt_mean", "Dice to GT", lambda v: f"{v:.4f}"), ("gt_both_empty", "GT: both empty (left out)", str),
+    ("majority_dice_to_gt_mean", "majority vote Dice to GT", lambda v: f"{v:.4f}"),
+    ("dice_to_reference_mean", "Dice to reference model", lambda v: f"{v:.4f}"),
+]
+
+
+def _summary_table(summary) -> str:
+    import pandas as pd
+
+    cols = [(c, h, f) for c, h, f in _SUMMARY_HTML if c in summary.columns and summary[c].notna().any()]
+    shown = pd.DataFrame({h: [f(v) if not (isinstance(v, float) and math.isnan(v)) else "–" for v in summary[c]]
+                          for c, h, f in cols})
+    return f'<div class="wide">{shown.to_html(index=False, border=0)}</div>'
+
+
+def headlines(summary, num_replicas: int) -> str:
+    """One ``<li>`` per headline number, each saying in one line what it averages over (cases, pairs, which
+    convention)."""
+    esc = html_lib.escape
+    k = num_replicas
+    prob = volume_stats.bound_probability(k)
+    needed = volume_stats.trials_needed()
+    items = []
+    multi = summary["kind"].nunique() > 1
+    for _, r in summary.iterrows():
+        head = f"{esc(r['name'])} ({esc(r['label'])}){' [' + esc(r['kind']) + ']' if multi else ''}"
+        n_cases, pairs = int(r["cases"]), int(r["pairs"])
+        sub = [f"<b>pairwise Dice {r['pairwise_dice_mean']:.4f}</b>: mean over {pairs} pairs ({n_cases} cases × "
+               f"{k * (k - 1) // 2} replica pairs), two empty masks counted as 1 — the headline uses all pairs; "
+               f"{int(r['both_empty_pairs'])} such pair(s); without them {r['pairwise_dice_mean_nonempty']:.4f}",
+               f"<b>volume {format_volume(r['volume_mean_mm3'])}, CV {100 * r['volume_cv']:.2f} %</b>: per case "
+               f"over the {k} replicas (std with ddof = 1 / mean), then the mean over {n_cases} cases",
+               f"<b>{r['sig_bits_median']:.1f} significant bits ({r['sig_digits_median']:.2f} digits)</b>: median "
+               f"over {n_cases} cases, relative error to the {esc(str(r['sig_reference']))}, each case capped at "
+               f"floor(log2 voxels) + 1 bits, the {int(r['unanimous_cases'])} unanimous case(s) counted at their "
+               f"cap; mean over the non-unanimous cases {r['sig_bits_mean']:.1f} bits"]
+        if not math.isnan(r["dice_to_gt_mean"]):
+            n_gt = n_cases * k - int(r["gt_both_empty"])
+            sub.append(f"<b>Dice to GT {r['dice_to_gt_mean']:.4f}</b> (single replicas): mean over {n_gt} "
+                       f"(case, replica) values; nnU-Net's convention: {int(r['gt_both_empty'])} value(s) where "
+                       f"prediction and ground truth are both empty are NaN and left out")
+            sub.append(f"<b>majority vote Dice to GT {r['majority_dice_to_gt_mean']:.4f}</b>: mean over "
+                       f"{n_cases - int(r['majority_gt_both_empty'])} cases, same convention")
+        if not math.isnan(r.get("dice_to_reference_mean", math.nan)):
+            sub.append(f"<b>Dice to {esc(str(r['sig_reference']))} {r['dice_to_reference_mean']:.4f}</b>: mean "
+                       f"over {n_cases * k} (case, replica) values, two empty masks counted as 1")
+        items.append(f"<li>{head}<ul>" + "".join(f"<li>{x}</li>" for x in sub) + "</ul></li>")
+    parity = ("odd: with two labels (background and one structure) a voxel cannot tie; with three or more it can"
+              if k % 2 else "even: a voxel can tie between two labels (e.g. half the replicas background, half "
+              "the structure)")
+    notes = (f"<p class=\"note\">Significant digits (general method of <code>significantdigits</code>): with "
+             f"K = {k} samples all within the bound, the bound holds with probability at least {prob:.3f} at "
+             f"95 % confidence (<code>probability_estimation_bernoulli({k}, {k}, 0.95)</code> = 1 + ln(1 − 0.95) / "
+             f"K; Sohier et al. 2021, ACM TOMS 47(2)); 95 % probability at 95 % confidence needs K ≥ {needed}. "
+             f"Majority vote: K = {k} is {parity}; ties go to the tied label with the highest mean predicted "
+             f"probability over the replicas where probabilities were available, else to the smallest label "
+             f"(majority.csv: <code>tie_voxels</code>, <code>ties_by_probability</code>).</p>")
+    return "<ul>" + "".join(items) + "</ul>\n" + notes
+
+
 def build_html(experiments, summary, comparison, figures: Sequence[str], cases, output: str) -> str:
     exp = experiments[0]
     kinds = ", ".join(e.kind for e in experiments)
+    replicas = cases[cases["role"] == "replica"]
     n_cases = cases["case"].nunique()
     has_gt = cases["dice_to_gt"].notna().any()
+    reference = sorted(set(cases.loc[cases["role"] == "reference", "replica"]))
     overview = (
         f"<p>{exp.dataset}, configuration <code>{exp.configuration}</code>, fold {exp.fold}, plans "
         f"<code>{exp.plans}</code>, base trainer <code>{exp.base}</code>: {exp.num_replicas} {kinds} replicas "
-        f"each, {n_cases} case(s){'' if has_gt else ', no ground truth'}.</p>\n"
+        f"each, {n_cases} case(s){'' if has_gt else ', no ground truth'}"
+        + (f"; reference model <code>{html_lib.escape(reference[0])}</code> (IEEE, unperturbed)" if reference
+           else "") + ".</p>\n"
         f"<p class=\"note\">Replicas: {', '.join(n for e in experiments for n in e.replica_names)}.</p>\n"
-        "<p class=\"note\">Pairwise Dice: agreement of two replicas on a structure (1 = identical; two empty "
-        "masks count as 1). Volume CV: standard deviation over replicas divided by their mean, per case, averaged "
-        "over cases. Significant digits: how many leading digits (bits) of a volume all replicas share, through "
-        "the <code>significantdigits</code> package (general method, relative error to the replicas' mean). "
-        "See docs/variability.md.</p>")
-    shown = summary.copy()
-    body = _table(shown)
-    sections = [section("overview", "Experiment", overview), section("summary", "Per structure", body)]
+        "<h3>Headline numbers (what each averages over)</h3>\n" + headlines(summary, exp.num_replicas)
+        + "<p class=\"note\">Entropy maps are in bits (<code>_entropy</code>) and divided by log2 K "
+          "(<code>_entropy_norm</code>, 0–1, comparable across K). See docs/variability.md.</p>")
+    sections = [section("overview", "Experiment", overview),
+                section("summary", "Per structure", _summary_table(summary)
+                        + "<p class=\"note\">All columns, volumes in mm³: <code>summary.csv</code>.</p>")]
     if comparison is not None:
         a, b = comparison.attrs["kinds"]
         sections.append(section("comparison", f"{a} vs {b} replicas",
@@ -390,25 +292,33 @@ def build_html(experiments, summary, comparison, figures: Sequence[str], cases, 
                                 f"<b>{comparison.attrs['pearson_r']:.4f}</b></p>\n" + _table(comparison)))
     sections.append(section("figures", "Figures", "\n".join(_img(f, os.path.basename(f)) for f in figures)))
     kind_of = {n: e.kind for e in experiments for n in e.replica_names}
-    per_case = cases.assign(kind=cases["replica"].map(kind_of)).groupby(["case", "kind", "label"], sort=False).agg(
-        volume_mean_mm3=("volume_mm3", "mean"), volume_std_mm3=("volume_mm3", "std"),
-        dice_to_gt_mean=("dice_to_gt", "mean")).reset_index()
-    per_case["volume_cv"] = per_case["volume_std_mm3"] / per_case["volume_mean_mm3"].where(
-        per_case["volume_mean_mm3"] > 0)
-    sections.append(section("cases", "Per case: volume over replicas", _table(per_case)))
+    per_case = replicas.assign(kind=replicas["replica"].map(kind_of)).groupby(
+        ["case", "kind", "label"], sort=False).agg(volume_mean_mm3=("volume_mm3", "mean"),
+                                                   volume_std_mm3=("volume_mm3", "std"),
+                                                   dice_to_gt_mean=("dice_to_gt", "mean")).reset_index()
+    per_case["volume CV"] = [f"{100 * s / m:.2f} %" if m > 0 else "–"
+                             for s, m in zip(per_case["volume_std_mm3"], per_case["volume_mean_mm3"])]
+    per_case["volume (mean)"] = per_case["volume_mean_mm3"].map(format_volume)
+    per_case["volume (std)"] = per_case["volume_std_mm3"].map(format_volume)
+    per_case = per_case[["case", "kind", "label", "volume (mean)", "volume (std)", "volume CV", "dice_to_gt_mean"]]
+    sections.append(section("cases", "Per case: volume over replicas",
+                            f'<div class="wide">{_table(per_case)}</div>'))
     sections.append(section("files", "Files",
-                            "<p class=\"note\"><code>cases.csv</code> (volume and Dice to ground truth per case, "
-                            "structure, replica), <code>pairs.csv</code> (Dice per replica pair), "
-                            "<code>summary.csv</code>, <code>majority.csv</code>, <code>maps/</code> (entropy, "
-                            "majority vote and disagreement as NIfTI in each input image's grid), "
-                            "<code>predictions/</code>.</p>"))
+                            "<p class=\"note\"><code>cases.csv</code> (volume in mm³, Dice to ground truth and to "
+                            "the reference model per case, structure, replica; the reference model's own rows have "
+                            "<code>role</code> = reference), <code>pairs.csv</code> (Dice per replica pair, "
+                            "<code>both_empty</code>), <code>summary.csv</code>, <code>majority.csv</code>, "
+                            "<code>maps/</code> (entropy in bits and normalised, majority vote and disagreement as "
+                            "NIfTI in each input image's grid), <code>predictions/</code>.</p>"))
     sections.extend(foreign_sections(os.path.join(output, REPORT)))
     return page(f"Replica variability — {exp.dataset} {exp.configuration} fold {exp.fold}", sections)
 
 
-def write_report(stage: ReportStage, experiments, results) -> "object":
-    """Tables, figures and report.html into ``stage``, then commit. Returns the summary DataFrame."""
-    cases, pairs, majority, summary = build_tables(experiments, results)
+def write_report(stage: ReportStage, experiments, results, reference: Optional[str] = None) -> "object":
+    """Tables, figures and report.html into ``stage``, then commit. Returns the summary DataFrame.
+
+    ``reference``: the reference model's name (``<Base>_ieee``) when the results carry its counts."""
+    cases, pairs, majority, summary = build_tables(experiments, results, reference)
     comparison = compare_kinds(summary)
     for name, df in (("cases.csv", cases), ("pairs.csv", pairs), ("majority.csv", majority),
                      ("summary.csv", summary)):
@@ -418,25 +328,6 @@ def write_report(stage: ReportStage, experiments, results) -> "object":
         summary.attrs["pearson_r"] = comparison.attrs["pearson_r"]
     figures = make_figures(stage.path("figures"), pairs, cases, majority, summary, experiments)
     text = build_html(experiments, summary, comparison, figures, cases, stage.output)
-    with open(stage.path(REPORT), "w", encoding="utf-8") as f:
-        f.write(text)
+    write_text(stage.path(REPORT), text)
     stage.commit()
     return summary
-
-
-# ---- text -------------------------------------------------------------------------------------------------------
-def format_summary(summary) -> str:
-    """A few lines per structure (and kind) for the terminal: agreement, volume spread, accuracy."""
-    lines = []
-    multi = summary["kind"].nunique() > 1
-    for _, r in summary.iterrows():
-        head = f"{r['name']} ({r['label']})" + (f" [{r['kind']}]" if multi else "")
-        text = (f"{head}: pairwise Dice mean {r['pairwise_dice_mean']:.4f} (min {r['pairwise_dice_min']:.4f}); "
-                f"volume {r['volume_mean_mm3']:.6g} mm3, CV {100 * r['volume_cv']:.2f}%, "
-                f"{r['sig_digits']:.2f} significant digits ({r['sig_bits']:.1f} bits)")
-        if not math.isnan(r["dice_to_gt_mean"]):
-            text += f"; Dice to GT {r['dice_to_gt_mean']:.4f}, majority vote {r['majority_dice_to_gt_mean']:.4f}"
-        lines.append(text)
-    if "pearson_r" in summary.attrs:
-        lines.append(f"correlation across structures of the kinds' mean pairwise Dice: {summary.attrs['pearson_r']:.4f}")
-    return "\n".join(lines)
