@@ -258,7 +258,8 @@ def headlines(summary, num_replicas: int) -> str:
     notes = (f"<p class=\"note\">Significant digits (general method of <code>significantdigits</code>): with "
              f"K = {k} samples all within the bound, the bound holds with probability at least {prob:.3f} at "
              f"95 % confidence (<code>probability_estimation_bernoulli({k}, {k}, 0.95)</code> = 1 + ln(1 − 0.95) / "
-             f"K; Sohier et al. 2021, ACM TOMS 47(2)); 95 % probability at 95 % confidence needs K ≥ {needed}. "
+             f"K; Sohier et al. 2021, ACM TOMS 47(2)); the package's <code>minimum_number_of_trials(0.95, 0.95)</code> "
+             f"= ⌈ln 0.05 / ln 0.95⌉ = {needed} replicas for 95 % probability at 95 % confidence. "
              f"Majority vote: K = {k} is {parity}; ties go to the tied label with the highest mean predicted "
              f"probability over the replicas where probabilities were available, else to the smallest label "
              f"(majority.csv: <code>tie_voxels</code>, <code>ties_by_probability</code>).</p>")
