@@ -17,12 +17,13 @@ import io
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from nnunet_varaug import report, variability
+from nnunet_varaug import probsums, report, variability
 from nnunet_varaug.fileio import file_sha256, write_json
 from nnunet_varaug.experiment import Experiment, VarAugError, require_env
 from nnunet_varaug.launch import add_experiment_arguments, plugin_env
@@ -145,8 +146,11 @@ def _device(name: str):
 
 
 def predict(experiments: Sequence[Experiment], cases: Sequence[Case], output: str, device: str = "cuda",
-            progress: bool = True) -> Dict[str, str]:
+            progress: bool = True, reference: Optional[str] = None) -> Dict[str, str]:
     """Predict every replica on every case with nnU-Net's ``nnUNetPredictor``, reusing valid cached predictions.
+
+    Also keeps each kind's mean predicted probabilities per case (:mod:`probsums`, for the vote's tie-break;
+    not for region-based datasets) and predicts the ``reference`` model (``<Base>_ieee``) if given.
 
     Returns ``replica -> folder`` of its predictions (``OUT/predictions/<replica>/<case><file_ending>``), in the
     input image's grid exactly as ``nnUNetv2_predict`` writes them.
@@ -156,25 +160,29 @@ def predict(experiments: Sequence[Experiment], cases: Sequence[Case], output: st
 
     os.environ["nnUNet_extTrainer"] = plugin_env()["nnUNet_extTrainer"]  # the predictor resolves replica names
     ending = experiments[0].dataset_json["file_ending"]
+    keep_probs = not variability.has_regions(experiments[0].dataset_json)
     folders, plans = {}, []
-    for exp in experiments:
-        jobs = {}
-        for name in exp.replica_names:
-            folder = os.path.join(output, PREDICTIONS, name)
-            folders[name] = folder
-            sha, record, todo = _prediction_state(exp, name, folder, cases, ending)
-            if todo:
-                jobs[name] = (folder, record, {c.name for c in todo})
+    for i, exp in enumerate(experiments):
+        state = {}
+        for name in exp.replica_names + ([reference] if reference and i == 0 else []):
+            folders[name] = os.path.join(output, PREDICTIONS, name)
+            sha, record, todo = _prediction_state(exp, name, folders[name], cases, ending)
+            state[name] = (folders[name], record, {c.name for c in todo}, sha)
+        shas = {n: state[n][3] for n in exp.replica_names}
+        stale = {c.name for c in cases if keep_probs and not probsums.is_current(output, exp.kind, c.name, shas)}
+        for n in exp.replica_names:  # the probability sum needs every replica of the case
+            state[n][2].update(stale)
+        jobs = {n: st for n, st in state.items() if st[2]}
         if jobs:
-            plans.append((exp, jobs))
-    total = sum(len(t) for _, jobs in plans for _, _, t in jobs.values())
+            plans.append((exp, jobs, stale, shas))
+    total = sum(len(t[2]) for _, jobs, _, _ in plans for t in jobs.values())
     bar = tqdm(total=total, desc="predicting", unit="prediction", disable=not progress or total == 0)
     dev = _device(device) if total else None
-    for exp, jobs in plans:
-        predictor = _predictor(exp, next(iter(jobs)), dev)
+    for exp, jobs, stale, shas in plans:
+        predictor = _predictor(exp, exp.replica_names[0], dev)
         weights = {n: torch.load(exp.final_checkpoint(n), map_location="cpu",
                                  weights_only=False)["network_weights"] for n in jobs}
-        for folder, record, _ in jobs.values():
+        for folder, record, _, _ in jobs.values():
             os.makedirs(folder, exist_ok=True)
             write_json(os.path.join(folder, FINGERPRINT), record)  # drops entries of a stale checkpoint first
         preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
@@ -186,14 +194,33 @@ def predict(experiments: Sequence[Experiment], cases: Sequence[Case], output: st
                 data, _, props = preprocessor.run_case(case.images, None, predictor.plans_manager,
                                                        predictor.configuration_manager, predictor.dataset_json)
             data = torch.from_numpy(data)
+            summed = None
             for name in names:
-                folder, record, _ = jobs[name]
-                _predict_one(predictor, weights[name], data, props, folder, case.name, ending)
+                folder, record, _, _ = jobs[name]
+                want = case.name in stale and name in shas
+                probs = _predict_one(predictor, weights[name], data, props, folder, case.name, ending, want)
+                if want:
+                    summed = probs if summed is None else summed + probs
                 record["cases"][case.name] = [os.path.abspath(p) for p in case.images]
                 write_json(os.path.join(folder, FINGERPRINT), record)
                 bar.update(1)
+            if summed is not None:
+                probsums.save(output, exp.kind, case.name, summed, shas)
     bar.close()
     return folders
+
+
+def reference_model(exp: Experiment, kinds: Sequence[str]) -> Optional[str]:
+    """``<Base>_ieee`` when its final checkpoint exists (the unperturbed twin of numerical replicas), else None;
+    with ``--kind mca`` and no such model, a note says how to train it."""
+    name = f"{exp.base}_ieee"
+    if os.path.isfile(exp.final_checkpoint(name)):
+        return name
+    if "mca" in kinds:
+        print(f"note: no {name} model (fold {exp.fold}): significant digits use the replicas' mean as reference; "
+              f"train it with `nnUNetv2_train {exp.dataset} {exp.configuration} {exp.fold} -tr {name}`",
+              file=sys.stderr)
+    return None
 
 
 def _predictor(exp: Experiment, first: str, device):
@@ -212,8 +239,11 @@ def _predictor(exp: Experiment, first: str, device):
     return predictor
 
 
-def _predict_one(predictor, weights: dict, data, props: dict, folder: str, case: str, ending: str) -> None:
-    from nnunetv2.inference.export_prediction import export_prediction_from_logits
+def _predict_one(predictor, weights: dict, data, props: dict, folder: str, case: str, ending: str,
+                 probabilities: bool = False) -> Optional[np.ndarray]:
+    """Write one prediction as ``nnUNetv2_predict`` does (``export_prediction_from_logits``' two steps); return
+    the probabilities in the image's grid when asked."""
+    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 
     predictor.list_of_parameters = [weights]
     try:
@@ -221,13 +251,18 @@ def _predict_one(predictor, weights: dict, data, props: dict, folder: str, case:
     except RuntimeError as e:
         raise VarAugError(f"predicting {case} failed: {str(e).splitlines()[0]}") from None
     tmp = os.path.join(folder, f".tmp_{case}")
+    label_manager = predictor.plans_manager.get_label_manager(predictor.dataset_json)
+    out = convert_predicted_logits_to_segmentation_with_correct_shape(
+        logits, predictor.plans_manager, predictor.configuration_manager, label_manager, props,
+        return_probabilities=probabilities)
+    seg, probs = out if probabilities else (out, None)
     try:
-        export_prediction_from_logits(logits, props, predictor.configuration_manager, predictor.plans_manager,
-                                      predictor.dataset_json, tmp, False)
+        predictor.plans_manager.image_reader_writer_class().write_seg(seg, tmp + ending, props)
         os.replace(tmp + ending, os.path.join(folder, case + ending))
     finally:
         if os.path.exists(tmp + ending):
             os.remove(tmp + ending)
+    return None if probs is None else np.asarray(probs, dtype=np.float32)
 
 
 # ---- analysis ---------------------------------------------------------------------------------------------------
@@ -323,7 +358,8 @@ def analyze_experiment(experiments: Union[Experiment, Sequence[Experiment]], out
     check_ground_truth(rw, cases, values + ([] if ignore is None else [ignore]))
 
     os.makedirs(output, exist_ok=True)
-    folders = predict(experiments, cases, output, device, progress)
+    reference = reference_model(first, [e.kind for e in experiments])
+    folders = predict(experiments, cases, output, device, progress, reference)
 
     from tqdm import tqdm
 
@@ -332,6 +368,8 @@ def analyze_experiment(experiments: Union[Experiment, Sequence[Experiment]], out
     try:
         for case in tqdm(cases, desc="analyzing", unit="case", disable=not progress):
             gt = None if case.label is None else rw.read_seg(case.label)[0][0]
+            ref = None if reference is None else _load_maps(
+                rw, [os.path.join(folders[reference], case.name + ending)], case.name, output)[0][0]
             for i, exp in enumerate(experiments):
                 files = [os.path.join(folders[n], case.name + ending) for n in exp.replica_names]
                 maps, props = _load_maps(rw, files, case.name, output)
@@ -339,14 +377,16 @@ def analyze_experiment(experiments: Union[Experiment, Sequence[Experiment]], out
                     raise VarAugError(f"ground truth {case.label} has shape {gt.shape}, the predictions of "
                                       f"{case.name} {maps.shape[1:]}: it does not belong to this image")
                 try:
-                    res = variability.analyze_case(maps, props["spacing"], structures, values, gt, ignore)
+                    res = variability.analyze_case(maps, props["spacing"], structures, values, gt, ignore,
+                                                   probabilities=probsums.load(output, exp.kind, case.name),
+                                                   reference=ref)
                 except ValueError as e:
                     raise VarAugError(f"{case.name} ({exp.kind} replicas): {e}") from None
                 suffix = "" if i == 0 else f"_{exp.kind}"
                 stage.write_maps(case.name + suffix, res, props)
                 res.majority = res.entropy = res.disagreement = None  # keep only the counts in memory
                 results[exp.kind][case.name] = res
-        summary = report.write_report(stage, experiments, results)
+        summary = report.write_report(stage, experiments, results, reference)
     except BaseException:
         stage.abort()
         raise

@@ -89,6 +89,13 @@ def label_values(dataset_json: dict) -> List[int]:
     return sorted(int(v) for v in manager.all_labels)
 
 
+def has_regions(dataset_json: dict) -> bool:
+    """Whether the dataset is region-based (sigmoid outputs per region, no distribution over labels)."""
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    return LabelManager(dataset_json["labels"], dataset_json.get("regions_class_order")).has_regions
+
+
 def ignore_label(dataset_json: dict) -> Optional[int]:
     from nnunetv2.utilities.label_handling.label_handling import LabelManager
 

@@ -22,9 +22,9 @@ pytestmark = pytest.mark.e2e
 FLAGS = ["-c", "3d_fullres", "-f", "0", "-tr", "nnUNetTrainerTiny", "-device", "cpu", "--quiet"]
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
+def _dice(a: np.ndarray, b: np.ndarray, empty: float = 1.0) -> float:
     s = a.sum() + b.sum()
-    return 1.0 if s == 0 else 2.0 * np.logical_and(a, b).sum() / s
+    return empty if s == 0 else 2.0 * np.logical_and(a, b).sum() / s
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,7 @@ def test_report_files_and_values(analyzed):
     summary = pd.read_csv(os.path.join(out, "summary.csv"), dtype={"label": str})
     assert sorted(cases["case"].unique()) == val and len(cases) == len(val) * 2 * 3 and len(pairs) == len(val) * 2 * 3
     assert list(summary["name"]) == ["organ", "lesion"]
+    ties = 0
     for case in val:
         preds = [np.asarray(nibabel.load(os.path.join(out, "predictions", n, case + ".nii.gz")).dataobj)
                  for n in names]
@@ -59,12 +60,13 @@ def test_report_files_and_values(analyzed):
             rows = cases[(cases["case"] == case) & (cases["label"] == str(label))].set_index("replica")
             for k, n in enumerate(names):
                 assert rows.loc[n, "volume_mm3"] == pytest.approx((preds[k] == label).sum() * voxel)
-                assert rows.loc[n, "dice_to_gt"] == pytest.approx(_dice(preds[k] == label, gt == label))
+                assert rows.loc[n, "dice_to_gt"] == pytest.approx(_dice(preds[k] == label, gt == label, np.nan),
+                                                                  nan_ok=True)  # nnU-Net: NaN if both empty
             p = pairs[(pairs["case"] == case) & (pairs["label"] == str(label))]
             row = p[(p["replica_a"] == names[0]) & (p["replica_b"] == names[2])].iloc[0]
             assert row["dice"] == pytest.approx(_dice(preds[0] == label, preds[2] == label))
         # voxel maps: the input image's grid and affine, majority = the vote of the predictions
-        for kind in ("entropy", "majority", "disagreement"):
+        for kind in ("entropy", "entropy_norm", "majority", "disagreement"):
             m = nibabel.load(os.path.join(out, "maps", f"{case}_{kind}.nii.gz"))
             assert m.shape == ref.shape
             np.testing.assert_allclose(m.affine, ref.affine, atol=1e-5)
@@ -74,11 +76,57 @@ def test_report_files_and_values(analyzed):
         majority = np.asarray(nibabel.load(os.path.join(out, "maps", f"{case}_majority.nii.gz")).dataobj)
         stack = np.stack(preds)
         counts = np.stack([(stack == v).sum(0) for v in (0, 1, 2)])
-        np.testing.assert_array_equal(majority, counts.argmax(0))
+        # ties go to the highest mean probability: the stored mean, read back in the image's grid (z, y, x)
+        with np.load(os.path.join(out, "predictions", "_probabilities", "seed", case + ".npz")) as f:
+            prob = f["mean"].transpose(0, 3, 2, 1)  # nibabel's (x, y, z) order like the predictions here
+        np.testing.assert_allclose(prob.sum(0), 1.0, atol=1e-4)  # a mean of softmaxes
+        tied = counts == counts.max(0)
+        np.testing.assert_array_equal(majority, np.where(tied, prob, -np.inf).argmax(0))
+        ties += int((tied.sum(0) > 1).sum())
+        bits = np.asarray(nibabel.load(os.path.join(out, "maps", f"{case}_entropy.nii.gz")).dataobj)
+        norm = np.asarray(nibabel.load(os.path.join(out, "maps", f"{case}_entropy_norm.nii.gz")).dataobj)
+        np.testing.assert_allclose(norm, bits / np.log2(3), rtol=1e-5)
+    majority_csv = pd.read_csv(os.path.join(out, "majority.csv"))
+    assert majority_csv.drop_duplicates("case")["tie_voxels"].sum() == ties
     html = open(os.path.join(out, "report.html")).read()
     assert "data:image/png;base64," in html and "organ" in html
     assert "organ (1): pairwise Dice mean" in analyzed["stdout"]
     assert f"report: {os.path.join(out, 'report.html')}" in analyzed["stdout"]
+
+
+def test_ieee_model_is_the_reference(analyzed, tmp_path, capsys):
+    """A ``<Base>_ieee`` model (here a copy of seed0's folder, so its predictions equal seed0's) is predicted
+    too: its rows are in cases.csv, seed0's Dice to it is 1, and the significant digits use its volume."""
+    import significantdigits as sd
+
+    src = os.path.join(os.environ["nnUNet_results"], analyzed["name"], f"{analyzed['names'][0]}__nnUNetPlans__3d_fullres")
+    dst = src.replace(analyzed["names"][0], "nnUNetTrainerTiny_ieee")
+    shutil.copytree(src, dst)
+    try:
+        out = str(tmp_path / "ieee")
+        raw = analyzed["raw"]
+        assert _main("-d", str(analyzed["id"]), "-n", "2", *FLAGS, "-i", os.path.join(raw, "imagesTs"),
+                     "-l", os.path.join(raw, "labelsTs"), "-o", out) == 0
+    finally:
+        shutil.rmtree(dst)
+    cases = pd.read_csv(os.path.join(out, "cases.csv"), dtype={"label": str})
+    summary = pd.read_csv(os.path.join(out, "summary.csv"), dtype={"label": str})
+    ref = cases[cases["role"] == "reference"]
+    assert set(ref["replica"]) == {"nnUNetTrainerTiny_ieee"} and len(ref) == 2 * 2
+    seed0 = cases[cases["replica"] == analyzed["names"][0]].set_index(["case", "label"])
+    np.testing.assert_allclose(ref.set_index(["case", "label"]).loc[seed0.index, "volume_mm3"], seed0["volume_mm3"])
+    assert (seed0["dice_to_reference"] == 1.0).all()
+    assert (summary["sig_reference"] == "nnUNetTrainerTiny_ieee").all()
+    organ = cases[(cases["label"] == "1") & (cases["role"] == "replica")].pivot(
+        index="replica", columns="case", values="volume_mm3")
+    ieee = ref[ref["label"] == "1"].set_index("case").loc[organ.columns, "volume_mm3"].to_numpy()
+    direct = np.asarray(sd.significant_digits(organ.to_numpy(), reference=ieee, axis=0, basis=2,
+                                              method="General", error="Relative"), dtype=float)
+    unanimous = (organ.to_numpy() == ieee).all(axis=0)  # organ: thousands of voxels, far from the cap
+    assert summary.loc[summary["label"] == "1", "sig_bits_mean"].iat[0] == pytest.approx(
+        np.nanmean(np.where(unanimous, np.nan, direct)), nan_ok=True)
+    assert summary.loc[summary["label"] == "1", "unanimous_cases"].iat[0] == unanimous.sum()
+    assert "reference model <code>nnUNetTrainerTiny_ieee</code>" in open(os.path.join(out, "report.html")).read()
 
 
 def test_predictions_equal_nnunetv2_predict(analyzed, tmp_path):
