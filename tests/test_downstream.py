@@ -19,23 +19,31 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from nnunet_varaug import downstream
+from nnunet_varaug import downstream, downstream_protocol
 from nnunet_varaug.experiment import VarAugError
 
 from conftest import run_cli
 
+pytestmark = pytest.mark.unit
+
 
 def synthetic(num_subjects: int, num_replicas: int, num_features: int, replica_noise: float, target_noise: float,
-              seed: int):
-    """Features (subject, replica, f0..) and targets (subject, target) with y = w·z + noise, x_k = z + e_k."""
+              seed: int, ieee: bool = True):
+    """Features (subject, replica, f0..) and targets (subject, target) with y = w·z + noise, x_k = z + e_k.
+
+    With ``ieee``, each subject also has a ``nnUNetTrainer_ieee`` row (the reference model, same noise model),
+    appended after all replica rows so that row indices of the replicas do not depend on it."""
     rng = np.random.default_rng(seed)
     z = rng.standard_normal((num_subjects, num_features))
     y = z @ rng.uniform(0.5, 1.5, num_features) + rng.standard_normal(num_subjects) * target_noise
-    x = z[:, None, :] + rng.standard_normal((num_subjects, num_replicas, num_features)) * replica_noise
+    x = z[:, None, :] + rng.standard_normal((num_subjects, num_replicas + 1, num_features)) * replica_noise
     subjects = [f"sub{s:03d}" for s in range(num_subjects)]
     rows = [{"subject": subjects[s], "replica": f"nnUNetTrainer_seed{k}",
              **{f"f{j}": x[s, k, j] for j in range(num_features)}}
             for s in range(num_subjects) for k in range(num_replicas)]
+    if ieee:
+        rows += [{"subject": subjects[s], "replica": "nnUNetTrainer_ieee",
+                  **{f"f{j}": x[s, num_replicas, j] for j in range(num_features)}} for s in range(num_subjects)]
     return pd.DataFrame(rows), pd.DataFrame({"subject": subjects, "target": y})
 
 
@@ -62,7 +70,7 @@ def test_no_subject_on_both_sides_of_any_fit(tmp_path, monkeypatch):
             fits.append((self.train_ids_, set(np.rint(X[:, 0] / 10).astype(int))))
             return super().predict(X)
 
-    monkeypatch.setattr(downstream, "make_model", lambda *a, **k: Recording())
+    monkeypatch.setattr(downstream_protocol, "make_model", lambda *a, **k: Recording())
     downstream.run_experiment(features, targets, str(tmp_path), arms="ieee,replicas,gaussian,combined",
                               combinations=2, splits=3, test_size=0.2, seed=5)
     # per split: ieee 1; replicas 2+2+2+1 (C(4,4) = 1); gaussian 1 (N=1) + 2+2+1; combined 2+2+2+1
@@ -84,28 +92,35 @@ def test_group_splits_asserts_on_indices():
 
 
 def test_rows_of_each_arm():
-    """Row counts per arm, targets inherited, and the Gaussian control's noise scale = pooled across-replica std."""
+    """Row counts per arm, targets inherited, and the independent control's noise scale = pooled across-replica
+    std."""
     rng = np.random.default_rng(0)
     X = rng.standard_normal((50, 5, 3)) * np.array([1.0, 2.0, 0.5])
+    ref = rng.standard_normal((50, 3)) + 10.0
     y = np.arange(50.0)
     scale = downstream.noise_scale(X)
     expected = np.sqrt(np.mean([[np.var(X[s, :, f], ddof=1) for f in range(3)] for s in range(50)], axis=0))
     np.testing.assert_allclose(scale, expected)
     np.testing.assert_allclose(scale, [1.0, 2.0, 0.5], rtol=0.15)
 
-    Xr, yr, g = downstream.training_rows(X, y, "replicas", (1, 3, 4), 3, 0, scale, rng)
+    Xr, yr, g = downstream.training_rows(X, y, "replicas", (1, 3, 4), 3, ref, scale, rng)
     assert Xr.shape == (150, 3) and np.array_equal(yr, np.repeat(y, 3)) and np.array_equal(g, np.repeat(y, 3))
     np.testing.assert_array_equal(Xr[3:6], X[1, [1, 3, 4]])
-    Xi, _, _ = downstream.training_rows(X, y, "ieee", (0,), 1, 2, scale, rng)
-    np.testing.assert_array_equal(Xi, X[:, 2])
-    Xg, yg, _ = downstream.training_rows(X, y, "gaussian", (0,), 400, 0, scale, rng)
+    Xi, _, _ = downstream.training_rows(X, y, "ieee", (), 1, ref, scale, rng)
+    np.testing.assert_array_equal(Xi, ref)
+    Xg, yg, _ = downstream.training_rows(X, y, "gaussian", (), 400, ref, scale, rng)
     per = Xg.reshape(50, 400, 3)
-    np.testing.assert_array_equal(per[:, 0], X[:, 0])
-    np.testing.assert_allclose((per[:, 1:] - X[:, None, 0]).std(axis=(0, 1)), scale, rtol=0.03)
-    Xc, _, _ = downstream.training_rows(X, y, "combined", (2, 4), 2, 0, scale, rng)
+    np.testing.assert_array_equal(per[:, 0], ref)
+    np.testing.assert_allclose((per[:, 1:] - ref[:, None]).std(axis=(0, 1)), scale, rtol=0.03)
+    Xc, _, _ = downstream.training_rows(X, y, "combined", (2, 4), 2, ref, scale, rng)
     per = Xc.reshape(50, 3, 3)  # 2 replica rows + 1 noisy copy of the reference
     np.testing.assert_array_equal(per[:, :2], X[:, [2, 4]])
-    assert not np.allclose(per[:, 2], X[:, 0])
+    assert not np.allclose(per[:, 2], ref)
+    cov = downstream.noise_covariance(X)
+    Xk, _, _ = downstream.training_rows(X, y, "gaussian_corr", (), 3, ref, scale, rng, cov, np.ones(3, bool))
+    per = Xk.reshape(50, 3, 3)
+    np.testing.assert_array_equal(per[:, 0], ref)
+    assert (per >= 0).all() and not np.allclose(per[:, 1], ref)
 
 
 def test_combinations_all_or_m_distinct():
@@ -132,7 +147,7 @@ def test_results_summary_and_files(tmp_path):
     # the ieee arm of split 0, recomputed by hand
     splits = pd.read_csv(tmp_path / "splits.csv")
     s0 = splits[splits.split == 0]
-    ref = features[features.replica == "nnUNetTrainer_seed0"].set_index("subject")
+    ref = features[features.replica == "nnUNetTrainer_ieee"].set_index("subject")
     cols = ["f0", "f1", "f2", "f3"]
     tr, te = s0.loc[s0.side == "train", "subject"], s0.loc[s0.side == "test", "subject"]
     yt = targets.set_index("subject")["target"]
@@ -157,8 +172,11 @@ def test_results_summary_and_files(tmp_path):
     np.testing.assert_allclose(on_disk["MAE_mean"], summary["MAE_mean"], rtol=1e-9)
     assert (tmp_path / "figures" / "mae_vs_n.png").read_bytes()[:4] == b"\x89PNG"
     settings = json.loads((tmp_path / "settings.json").read_text())
-    assert settings["reference"] == "nnUNetTrainer_seed0" and settings["subjects"] == 40
-    assert (tmp_path / "verdict.txt").read_text().startswith("ridge: single model (ieee) MAE")
+    assert settings["reference"] == "nnUNetTrainer_ieee" and settings["subjects"] == 40
+    assert "nnUNetTrainer_ieee" not in settings["replicas"] and len(settings["replicas"]) == 3
+    assert (summary["reference"] == "nnUNetTrainer_ieee").all()
+    verdict = (tmp_path / "verdict.txt").read_text()
+    assert verdict.startswith("ridge: single model (ieee) MAE") and "reference model nnUNetTrainer_ieee" in verdict
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
 
 
@@ -220,7 +238,9 @@ def _bad(kind: str):
     elif kind == "replica counts":
         features = features.drop(index=[4])
     elif kind == "one replica":
-        features = features[features.replica == "nnUNetTrainer_seed1"]
+        features = features[features.replica.isin(["nnUNetTrainer_seed1", "nnUNetTrainer_ieee"])]
+    elif kind == "no reference":
+        features = features[features.replica != "nnUNetTrainer_ieee"]
     elif kind == "duplicate":
         features = pd.concat([features, features.iloc[[0]]])
     elif kind == "reference":
@@ -239,12 +259,13 @@ def _bad(kind: str):
 @pytest.mark.parametrize("kind, message", [
     ("no target", "2 subject(s) of the features table have no target: 'sub004', 'sub007'"),
     ("nan", "NaN or infinite value(s) (subject/replica/feature): 'sub001/nnUNetTrainer_seed2/f1'"),
-    ("replica counts", "every subject needs the same replicas: 3 replicas exist, but subject(s) 'sub001' have [2]"),
-    ("one replica", "only one replica ('nnUNetTrainer_seed1')"),
+    ("replica counts", "every subject needs the same replicas: 4 replicas exist, but subject(s) 'sub001' have [3]"),
+    ("one replica", "only 1 replica(s) besides the reference 'nnUNetTrainer_ieee'"),
+    ("no reference", "no reference model: the features table has no '<Base>_ieee' rows"),
     ("duplicate", "duplicated (subject, replica) rows for subject(s) 'sub000'"),
     ("reference", "--reference 'nnUNetTrainer_seed9' is not a replica"),
     ("n-max", "--n-max 4 exceeds the number of replicas (3)"),
-    ("arm", "--arms must be a comma-separated subset of ieee,replicas,gaussian,combined"),
+    ("arm", "--arms must be a comma-separated subset of ieee,replicas,gaussian,gaussian_corr,combined"),
     ("target column", "targets table needs a 'target' column"),
     ("knn", "--model knn averages 5 neighbours but the single-model arm has only 4 training subjects"),
 ])
@@ -276,10 +297,11 @@ def test_cli_on_cases_csv_adds_report_section(tmp_path):
     age = rng.uniform(20, 80, 30)
     rows = []
     for c in range(30):
-        for k in range(3):
+        for k in range(4):
             for label in (1, 2):
                 volume = 1000 * label + 10 * age[c] + rng.normal(0, 20)
-                rows.append((f"case{c:02d}", label, f"nnUNetTrainerTiny_seed{k}", volume, float("nan")))
+                name = f"nnUNetTrainerTiny_seed{k}" if k < 3 else "nnUNetTrainerTiny_ieee"
+                rows.append((f"case{c:02d}", label, name, volume, float("nan")))
     folder = tmp_path / "report"
     folder.mkdir()
     pd.DataFrame(rows, columns=["case", "label", "replica", "volume_mm3", "dice_to_gt"]).to_csv(
@@ -291,6 +313,7 @@ def test_cli_on_cases_csv_adds_report_section(tmp_path):
                    str(tmp_path / "age.csv"), "-o", str(folder), "--model", "ridge", "--combinations", "2",
                    "--test-size", "6", "--seed", "3")
     assert "ridge: single model (ieee) MAE" in proc.stdout
+    assert "reference model nnUNetTrainerTiny_ieee (not in the replica pool)" in proc.stdout
     out = folder / "downstream"
     summary = pd.read_csv(out / "summary.csv")
     assert set(summary["arm"]) == set(downstream.ARMS) and summary["N"].max() == 3
@@ -304,19 +327,112 @@ def test_cli_on_cases_csv_adds_report_section(tmp_path):
     assert bad.returncode == 2 and "--targets file" in bad.stderr and "does not exist" in bad.stderr
 
 
-def test_test_on_mean_predicts_from_the_replica_mean(tmp_path):
+def test_test_features_mean_predicts_from_the_pool_mean(tmp_path):
+    """An explicitly named reference (seed2) leaves the pool: the mean is over seed0, seed1, seed3 only."""
     from sklearn.linear_model import Ridge
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    features, targets = synthetic(30, 4, 3, 0.5, 0.2, seed=6)
+    features, targets = synthetic(30, 4, 3, 0.5, 0.2, seed=6, ieee=False)
     downstream.run_experiment(features, targets, str(tmp_path), model="ridge", arms="ieee", test_on="mean",
                               reference="nnUNetTrainer_seed2", test_size=0.2, seed=1)
     splits = pd.read_csv(tmp_path / "splits.csv")
     tr, te = (splits.loc[splits.side == side, "subject"] for side in ("train", "test"))
     cols, yt = ["f0", "f1", "f2"], targets.set_index("subject")["target"]
     ref = features[features.replica == "nnUNetTrainer_seed2"].set_index("subject")
-    mean = features.groupby("subject")[cols].mean()
+    mean = features[features.replica != "nnUNetTrainer_seed2"].groupby("subject")[cols].mean()
     pred = make_pipeline(StandardScaler(), Ridge()).fit(ref.loc[tr, cols], yt[tr]).predict(mean.loc[te, cols])
     got = pd.read_csv(tmp_path / "results.csv")["MAE"].iat[0]
     assert got == pytest.approx(np.mean(np.abs(pred - yt[te].to_numpy())), rel=1e-9)
+    settings = json.loads((tmp_path / "settings.json").read_text())
+    assert settings["reference"] == "nnUNetTrainer_seed2" and "nnUNetTrainer_seed2" not in settings["replicas"]
+
+
+def test_reference_is_never_in_the_replica_pool(tmp_path, monkeypatch):
+    """The IEEE rows carry values no replica has (1000 + subject): every row a replica arm trains on must come
+    from the pool, and the ieee arm trains on the IEEE rows only."""
+    features, targets = synthetic(20, 3, 2, 0.3, 0.1, seed=2)
+    ieee = features.replica == "nnUNetTrainer_ieee"
+    features.loc[ieee, "f0"] = 1000.0 + np.arange(int(ieee.sum()))
+    seen = []
+    original = downstream_protocol.training_rows
+
+    def recording(X_train, y_train, arm, replicas, n, ref_train, *args):
+        rows = original(X_train, y_train, arm, replicas, n, ref_train, *args)
+        seen.append((arm, rows[0]))
+        return rows
+
+    monkeypatch.setattr(downstream_protocol, "training_rows", recording)
+    downstream.run_experiment(features, targets, str(tmp_path), model="ridge", combinations=2, test_size=0.2)
+    design = downstream.prepare(features, targets)
+    assert design.reference_name == "nnUNetTrainer_ieee" and "nnUNetTrainer_ieee" not in design.replicas
+    assert design.X.shape[1] == 3 and (design.X[..., 0] < 100).all() and (design.X_ref[:, 0] >= 1000).all()
+    assert {arm for arm, _ in seen} == set(downstream.ARMS)
+    for arm, X in seen:
+        if arm == "replicas":
+            assert (X[:, 0] < 100).all()
+        if arm == "ieee":
+            assert (X[:, 0] >= 1000).all()
+    results = pd.read_csv(tmp_path / "results.csv")
+    used = {r for cell in results.loc[results.arm == "replicas", "replicas"] for r in str(cell).split(";")}
+    assert used == {"nnUNetTrainer_seed0", "nnUNetTrainer_seed1", "nnUNetTrainer_seed2"}
+    # named explicitly, a seed replica is taken out of the pool too
+    design = downstream.prepare(features, targets, "nnUNetTrainer_seed1")
+    assert design.replicas == ["nnUNetTrainer_ieee", "nnUNetTrainer_seed0", "nnUNetTrainer_seed2"]
+
+
+def test_test_features_all_beats_reference_on_noisy_copies(tmp_path):
+    """Every model row is z + independent noise (sd 1), y = w·z. A linear model's prediction averaged over a test
+    subject's K = 8 rows equals its prediction of their mean, whose noise variance is 8 times smaller than one
+    row's: 'all' must beat 'reference'. Checked by hand on split 0 with scikit-learn, then on 5 splits."""
+    from sklearn.linear_model import Ridge
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    features, targets = synthetic(200, 8, 5, 1.0, 0.1, seed=4)
+    maes = {}
+    for how in ("reference", "all"):
+        summary = downstream.run_experiment(features, targets, str(tmp_path / how), model="ridge", arms="ieee",
+                                            test_features=how, test_size=0.25, splits=5, seed=0)
+        maes[how] = mae(summary, "ieee", 1)
+    splits = pd.read_csv(tmp_path / "all" / "splits.csv")
+    s0 = splits[splits.split == 0]
+    tr, te = s0.loc[s0.side == "train", "subject"], s0.loc[s0.side == "test", "subject"]
+    cols, yt = [f"f{j}" for j in range(5)], targets.set_index("subject")["target"]
+    ref = features[features.replica == "nnUNetTrainer_ieee"].set_index("subject")
+    model = make_pipeline(StandardScaler(), Ridge()).fit(ref.loc[tr, cols], yt[tr])
+    pool = features[features.replica != "nnUNetTrainer_ieee"]
+    per_row = pool.assign(pred=model.predict(pool[cols])).groupby("subject")["pred"].mean()
+    results = pd.read_csv(tmp_path / "all" / "results.csv")
+    assert results.loc[results.split == 0, "MAE"].iat[0] == pytest.approx(
+        np.mean(np.abs(per_row[te].to_numpy() - yt[te].to_numpy())), rel=1e-9)
+    assert maes["all"] < 0.8 * maes["reference"], maes
+
+
+def test_correlated_control_reproduces_the_training_covariance():
+    """Within-subject deviations drawn with a known covariance (correlation 0.8): the Ledoit–Wolf estimate and the
+    copies' noise covariance both match it within sampling error; the independent control has no correlation;
+    a volume near 0 is reflected, never negative, never exactly 0."""
+    rng = np.random.default_rng(1)
+    sd = np.array([20.0, 10.0, 5.0])
+    corr = np.array([[1.0, 0.8, 0.6], [0.8, 1.0, 0.7], [0.6, 0.7, 1.0]])
+    sigma = corr * np.outer(sd, sd)
+    s, k = 300, 6
+    X = (np.array([1000.0, 500.0, 200.0]) + rng.normal(0, 50, (s, 1, 3))
+         + rng.multivariate_normal(np.zeros(3), sigma, (s, k)))
+    cov = downstream.noise_covariance(X)
+    df = s * (k - 1)
+    se = np.sqrt((sigma ** 2 + np.outer(np.diag(sigma), np.diag(sigma))) / df)  # Wishart entry SE
+    assert (np.abs(cov - sigma) < 4 * se).all(), (cov, sigma)
+    ref = X[:, 0]
+    copies = downstream.correlated_copies(ref, 200, cov, rng, np.ones(3, bool))
+    noise = (copies - ref[:, None]).reshape(-1, 3)
+    got = np.cov(noise, rowvar=False)
+    se_copies = np.sqrt((cov ** 2 + np.outer(np.diag(cov), np.diag(cov))) / noise.shape[0])
+    assert (np.abs(got - cov) < 4 * se_copies).all(), (got, cov)
+    independent = (downstream.training_rows(X, np.zeros(s), "gaussian", (), 50, ref, downstream.noise_scale(X),
+                                            rng)[0].reshape(s, 50, 3)[:, 1:] - ref[:, None]).reshape(-1, 3)
+    assert abs(np.corrcoef(independent, rowvar=False)[0, 1]) < 0.02  # the other control: uncorrelated
+    near_zero = np.full((2000, 1), 5.0)  # mean 5, noise sd 10: a plain Gaussian would go negative 31 % of the time
+    out = downstream.correlated_copies(near_zero, 1, np.array([[100.0]]), rng, np.array([True]))
+    assert (out > 0).all()
