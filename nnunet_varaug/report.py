@@ -232,13 +232,15 @@ def headlines(summary, num_replicas: int) -> str:
     for _, r in summary.iterrows():
         head = f"{esc(r['name'])} ({esc(r['label'])}){' [' + esc(r['kind']) + ']' if multi else ''}"
         n_cases, pairs = int(r["cases"]), int(r["pairs"])
+        ref_text = ("the replicas' mean volume" if r["sig_reference"] == "replica mean"
+                    else f"the volume of <code>{esc(str(r['sig_reference']))}</code> (the IEEE reference)")
         sub = [f"<b>pairwise Dice {r['pairwise_dice_mean']:.4f}</b>: mean over {pairs} pairs ({n_cases} cases × "
                f"{k * (k - 1) // 2} replica pairs), two empty masks counted as 1 — the headline uses all pairs; "
                f"{int(r['both_empty_pairs'])} such pair(s); without them {r['pairwise_dice_mean_nonempty']:.4f}",
                f"<b>volume {format_volume(r['volume_mean_mm3'])}, CV {100 * r['volume_cv']:.2f} %</b>: per case "
                f"over the {k} replicas (std with ddof = 1 / mean), then the mean over {n_cases} cases",
                f"<b>{r['sig_bits_median']:.1f} significant bits ({r['sig_digits_median']:.2f} digits)</b>: median "
-               f"over {n_cases} cases, relative error to the {esc(str(r['sig_reference']))}, each case capped at "
+               f"over {n_cases} cases, relative error to {ref_text}, each case capped at "
                f"floor(log2 voxels) + 1 bits, the {int(r['unanimous_cases'])} unanimous case(s) counted at their "
                f"cap; mean over the non-unanimous cases {r['sig_bits_mean']:.1f} bits"]
         if not math.isnan(r["dice_to_gt_mean"]):
