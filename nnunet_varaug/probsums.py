@@ -2,8 +2,8 @@
 
 Why a running sum: the vote needs, at tied voxels, each label's probability averaged over the K replicas. Keeping
 K probability maps per case would cost K times the memory (and disk); ``analyze`` adds each replica's softmax,
-in the input image's grid, to one ``(C, *spatial)`` float32 sum while it predicts the case, and stores the mean
-once: ``OUT/predictions/_probabilities/<kind>/<case>.npz`` (array ``mean``), with ``record.json`` naming the
+in the input image's grid, to one ``(C, *spatial)`` float32 sum while it predicts the case (two such arrays in
+memory at a time: the sum and the replica being added), and stores the mean once: ``OUT/predictions/_probabilities/<kind>/<case>.npz`` (array ``mean``), with ``record.json`` naming the
 replicas and checkpoint sha256 it averages. A case whose record does not match the replicas' current
 checkpoints has all K replicas predicted again (the sum needs every one of them).
 
