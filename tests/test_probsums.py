@@ -38,5 +38,6 @@ def test_analyze_uses_the_ieee_model_when_its_checkpoint_exists(tmp_path, monkey
     assert reference_model(exp, ["seed"]) is None and capsys.readouterr().err == ""
     path = exp.final_checkpoint("nnUNetTrainerTiny_ieee")
     os.makedirs(os.path.dirname(path))
+    assert reference_model(exp, ["seed"]) is None  # folder without a final checkpoint: training unfinished
     open(path, "wb").close()
     assert reference_model(exp, ["seed"]) == "nnUNetTrainerTiny_ieee"
