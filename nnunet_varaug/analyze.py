@@ -4,7 +4,9 @@ Flow: build one :class:`~nnunet_varaug.experiment.Experiment` per ``--kind`` (al
 list the cases (the fold's validation cases from ``$nnUNet_raw``, or ``-i`` raw images with optional ``-l``
 labels) and check them before anything is written; predict the missing ones with nnU-Net's own
 ``nnUNetPredictor`` (each case preprocessed once, then every replica's weights in turn; predictions cached in
-``OUT/predictions/<replica>/`` with the checkpoint's sha256, so a retrained replica is predicted again); then,
+``OUT/predictions/<replica>/`` with the checkpoint's sha256, so a retrained replica is predicted again; each
+kind's mean predicted probabilities per case are kept for majority-vote ties, :mod:`probsums`; the unperturbed
+``<Base>_ieee`` model, when trained, is predicted too and is the reference); then,
 per case, one pass of :func:`nnunet_varaug.variability.analyze_case` per kind; finally tables, voxel maps,
 figures and ``report.html`` (:mod:`nnunet_varaug.report`), each written atomically. A failure leaves the
 previous report as it was (only finished predictions are kept, for the next run).
