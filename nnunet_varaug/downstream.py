@@ -31,7 +31,7 @@ from nnunet_varaug.downstream_protocol import (ARM_LABELS, ARMS, KNN_NEIGHBOURS,
                                                make_model, metrics, noise_covariance, noise_scale,
                                                replica_combinations, run_protocol, summarize, describe_test_subjects,
                                                training_rows)
-from nnunet_varaug.experiment import VarAugError
+from nnunet_varaug.errors import VarAugError
 from nnunet_varaug.fileio import temporary_name, write_text
 
 # A relative MAE change smaller than this (in either direction) is reported as "no clear effect".

@@ -14,7 +14,7 @@ from typing import Any, List, Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 
-from nnunet_varaug.experiment import VarAugError
+from nnunet_varaug.errors import VarAugError
 
 CASES_COLUMNS = ("case", "label", "replica", "volume_mm3")
 

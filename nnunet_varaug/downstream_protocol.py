@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from nnunet_varaug.downstream_data import Design
-from nnunet_varaug.experiment import VarAugError
+from nnunet_varaug.errors import VarAugError
 
 ARMS: Tuple[str, ...] = ("ieee", "replicas", "gaussian", "gaussian_corr", "combined")
 ARM_LABELS = {"ieee": "reference model alone", "replicas": "replica rows",

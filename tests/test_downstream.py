@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 
 from nnunet_varaug import downstream, downstream_protocol
-from nnunet_varaug.experiment import VarAugError
+from nnunet_varaug.errors import VarAugError
 
 from conftest import run_cli
 

@@ -16,8 +16,9 @@ uniformly, cropped and augmented exactly like the image. Two equivalent data flo
   (benchmarks/bench_augmentation.py).
 
 Validation (the pseudo-Dice during training and the final validation) uses the ground truth only. K comes from
-the sample set's manifest, which must match the trainer's plans, configuration, fold and training cases; p and the
-set's fingerprint (sha256 of the manifest) are recorded in debug.json and every checkpoint.
+the sample set's manifest, which must match the trainer's plans, configuration, fold, training cases and the
+preprocessed segmentations the maps were made from (their sha256s); p and the set's fingerprint (sha256 of the
+manifest) are recorded in debug.json and every checkpoint, and a resumed run whose set changed says so in its log.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from typing import Any, Dict, Optional
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_varaug.experiment import VarAugError
+from nnunet_varaug import paths
+from nnunet_varaug.errors import VarAugError, require_single_stage
 from nnunet_varaug.trainers.common import RecordSettingsMixin
 
 
@@ -77,10 +79,8 @@ class VarAugMixin(RecordSettingsMixin):
 
     # ---- where the samples are and how to make them ----------------------------------------------------------
     def varaug_folder(self) -> str:
-        from nnunet_varaug.experiment import samples_folder_for
-
-        return samples_folder_for(self.preprocessed_dataset_folder_base, self.plans_manager.plans_name,
-                                  self.configuration_name, self.fold)
+        return paths.samples_folder_for(self.preprocessed_dataset_folder_base, self.plans_manager.plans_name,
+                                        self.configuration_name, self.fold)
 
     def varaug_fix_command(self, manifest: Optional[dict] = None) -> str:
         """The exact ``nnunet_varaug samples`` command that builds this trainer's sample set.
@@ -88,35 +88,38 @@ class VarAugMixin(RecordSettingsMixin):
         Taken from the manifest if there is one; otherwise for the seed replicas of this trainer's base that are
         already trained (or, with none trained, the replicas command followed by samples for ten of them).
         """
-        from nnunet_varaug.experiment import Experiment, dataset_id_of
-        from nnunet_varaug.samples import samples_command
+        from nnunet_varaug.registry import replica_name
 
-        dataset_id = dataset_id_of(self.plans_manager.dataset_name)
+        dataset = self.plans_manager.dataset_name
+        dataset_id = paths.dataset_id_of(dataset)
         plans, config = self.plans_manager.plans_name, self.configuration_name
         if manifest is not None and manifest.get("num_replicas"):
-            return samples_command(dataset_id, config, self.fold, manifest["num_replicas"],
-                                   manifest.get("base", "nnUNetTrainer"), manifest.get("kind", "seed"), plans,
-                                   manifest.get("start", 0))
+            return paths.samples_command(dataset_id, config, self.fold, manifest["num_replicas"],
+                                         manifest.get("base", "nnUNetTrainer"), manifest.get("kind", "seed"), plans,
+                                         manifest.get("start", 0))
         base = getattr(type(self), "varaug_base_name", None) or "nnUNetTrainer"
-        exp = Experiment(self.plans_manager.dataset_name, config, self.fold, 10, base, "seed", plans)
+        results = os.environ.get("nnUNet_results")
+
+        def finished(k: int) -> bool:
+            model = paths.model_folder_for(results, dataset, replica_name(base, "seed", k), plans, config)
+            return os.path.isfile(paths.final_checkpoint_in(paths.fold_folder_for(model, self.fold)))
+
         k = 0
-        while os.environ.get("nnUNet_results") and exp.replica_state(f"{base}_seed{k}") == "finished":
+        while results and finished(k):
             k += 1
-        command = samples_command(dataset_id, config, self.fold, k or 10, base, "seed", plans)
+        command = paths.samples_command(dataset_id, config, self.fold, k or 10, base, "seed", plans)
         if k == 0:
-            flags = exp.flags
+            flags = paths.experiment_flags(dataset_id, config, self.fold, 10, base, "seed", plans)
             return f"nnunet_varaug replicas {flags}` and then `{command}"
         return command
 
     # ---- checks before training ---------------------------------------------------------------------------------
     def varaug_prepare(self) -> dict:
         """Refuse cascades and sample sets that do not fit; set K and the fingerprint. Returns the manifest."""
-        from nnunet_varaug.samples import manifest_fingerprint, read_manifest, validate_sample_set
+        from nnunet_varaug.sampleset import manifest_fingerprint, read_manifest, validate_sample_set
 
-        if self.is_cascaded:
-            raise VarAugError(f"{type(self).__name__}: '{self.configuration_name}' is a cascade configuration; "
-                              f"variability-sample training supports single-stage configurations (2d, 3d_lowres, "
-                              f"3d_fullres)")
+        require_single_stage(self.configuration_name, self.configuration_manager.previous_stage_name,
+                             type(self).__name__)
         if not 0.0 <= float(self.varaug_p) <= 1.0:
             raise VarAugError(f"{type(self).__name__}: p = {self.varaug_p} is outside [0, 1]")
         folder = self.varaug_folder()
@@ -137,7 +140,7 @@ class VarAugMixin(RecordSettingsMixin):
                 shapes[case] = tuple(int(s) for s in dataset.load_case(case)[1].shape[1:])
         manifest = validate_sample_set(folder, plans=self.plans_manager.plans_name,
                                        configuration=self.configuration_name, fold=self.fold, cases=list(tr_keys),
-                                       shapes=shapes, fix=fix)
+                                       shapes=shapes, fix=fix, preprocessed_folder=self.preprocessed_dataset_folder)
         self.varaug_samples_folder = folder
         self.varaug_num_samples = int(manifest["num_replicas"])
         self.varaug_fingerprint = manifest_fingerprint(folder)
@@ -173,7 +176,7 @@ class VarAugMixin(RecordSettingsMixin):
                                                                                 self.varaug_num_samples))
 
     def get_tr_and_val_datasets(self):
-        from nnunet_varaug.samples import VariabilitySampleDataset
+        from nnunet_varaug.sampleset import VariabilitySampleDataset
 
         from nnunet_varaug.transforms import VariabilitySampleTransform
 
@@ -186,14 +189,16 @@ class VarAugMixin(RecordSettingsMixin):
                                          self.varaug_command, chooser), dataset_val)
 
     def load_checkpoint(self, filename_or_checkpoint):
-        checkpoint = filename_or_checkpoint
-        if isinstance(checkpoint, str):
-            checkpoint = torch.load(checkpoint, map_location=self.device, weights_only=False)
+        """nnU-Net's ``load_checkpoint``, remembering which sample set the checkpoint was trained with."""
         from nnunet_varaug.trainers.common import SETTINGS_KEY
 
+        checkpoint = filename_or_checkpoint
+        if isinstance(checkpoint, str):
+            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
         record = (checkpoint.get(SETTINGS_KEY) or {}).get("sample_set") or {}
         self._varaug_checkpoint_fingerprint = record.get("fingerprint")
-        return super().load_checkpoint(checkpoint)
+        # passed on as given: nnU-Net 2.8's load_checkpoint reads a file name, and fails on a loaded dict
+        return super().load_checkpoint(filename_or_checkpoint)
 
     def varaug_record(self) -> Dict[str, Any]:
         record = super().varaug_record()
