@@ -114,7 +114,7 @@ def add_report_section(report_dir: str, cases, reader, limit: int = 12) -> List[
         majority = reader.read_seg(maps + "_majority.nii.gz")[0][0]
         entropy = reader.read_images([maps + "_entropy.nii.gz"])[0][0]
         disagreement = reader.read_images([maps + "_disagreement.nii.gz"])[0][0]
-        png = os.path.join(report_dir, "figures", f"case_{case.name}.png")
+        png = os.path.join(report_dir, "figures", f"{case.name}_overlay.png")
         labels = sorted(int(v) for v in np.unique(majority) if v != 0)
         render_case(png, image[0], majority, entropy, disagreement, props["spacing"], case.name,
                     [(str(v), (v,)) for v in labels])

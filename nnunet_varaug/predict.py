@@ -207,7 +207,7 @@ def predict_case(predictor, weights: Weights, case: Case, out: str, structures, 
             os.remove(tmp)
     summary = uncertainty.summarize_case(maps, consensus, props["spacing"], structures)
     image = rw.read_images(case.images[:1])[0][0]
-    png = overlays.render_case(os.path.join(out, "figures", f"case_{case.name}.png"), image, consensus, entropy, dis,
+    png = overlays.render_case(os.path.join(out, "figures", f"{case.name}_overlay.png"), image, consensus, entropy, dis,
                                props["spacing"], case.name, [(s.name, s.labels) for s in structures],
                                max_entropy=float(np.log2(len(lm.all_labels))))
     return {"summary": summary.to_json(), "calibration": None if cal is None else cal.to_json(),
