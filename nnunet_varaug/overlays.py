@@ -110,10 +110,14 @@ def add_report_section(report_dir: str, cases, reader, limit: int = 12) -> List[
         maps = os.path.join(report_dir, "maps", case.name)
         if not os.path.isfile(maps + "_entropy.nii.gz"):
             continue
-        image, props = reader.read_images(case.images[:1])
-        majority = reader.read_seg(maps + "_majority.nii.gz")[0][0]
-        entropy = reader.read_images([maps + "_entropy.nii.gz"])[0][0]
-        disagreement = reader.read_images([maps + "_disagreement.nii.gz"])[0][0]
+        try:  # the maps are NIfTI; a reader of other formats (PNG, TIFF) cannot read them: no picture then
+            image, props = reader.read_images(case.images[:1])
+            majority = reader.read_seg(maps + "_majority.nii.gz")[0][0]
+            entropy = reader.read_images([maps + "_entropy.nii.gz"])[0][0]
+            disagreement = reader.read_images([maps + "_disagreement.nii.gz"])[0][0]
+        except Exception as e:  # noqa: BLE001  (a picture is never worth failing the report)
+            print(f"no picture of {case.name}: {e}")
+            continue
         png = os.path.join(report_dir, "figures", f"{case.name}_overlay.png")
         labels = sorted(int(v) for v in np.unique(majority) if v != 0)
         render_case(png, image[0], majority, entropy, disagreement, props["spacing"], case.name,

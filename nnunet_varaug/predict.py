@@ -156,9 +156,10 @@ class Weights:
 
 
 # ---- one case -----------------------------------------------------------------------------------------------------
-def predict_case(predictor, weights: Weights, case: Case, out: str, structures, names: List[str],
-                 gt_reader=None, ignore: Optional[int] = None) -> dict:
-    """Predict, accumulate and export one case; returns its record for the state file."""
+def ensemble_case(predictor, weights: Weights, case: Case, names: List[str], gt: Optional[np.ndarray] = None,
+                  ignore: Optional[int] = None):
+    """Preprocess once, predict with each replica, accumulate. Returns (ensemble, mean probability, consensus,
+    properties, calibration counts or None)."""
     import torch
     from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 
@@ -167,7 +168,6 @@ def predict_case(predictor, weights: Weights, case: Case, out: str, structures, 
     with contextlib.redirect_stdout(io.StringIO()):
         data, _, props = cm.preprocessor_class(verbose=False).run_case(case.images, None, pm, cm, dj)
     data = torch.from_numpy(data)
-    gt = None if case.label is None else gt_reader.read_seg(case.label)[0][0]
     cal = None if gt is None else calibration.CalibrationCounts(lm.all_labels)
     ens = uncertainty.RunningEnsemble()
     for k, name in enumerate(names):
@@ -187,12 +187,21 @@ def predict_case(predictor, weights: Weights, case: Case, out: str, structures, 
     consensus = np.asarray(consensus.cpu().numpy() if hasattr(consensus, "cpu") else consensus)
     if cal is not None:
         cal.add(ENSEMBLE, mean, gt, ignore)
+    return ens, mean, consensus, props, cal
+
+
+def predict_case(predictor, weights: Weights, case: Case, out: str, structures, names: List[str],
+                 gt_reader=None, ignore: Optional[int] = None) -> dict:
+    """Predict, accumulate and export one case; returns its record for the state file."""
+    pm, lm = predictor.plans_manager, predictor.label_manager
+    gt = None if case.label is None else gt_reader.read_seg(case.label)[0][0]
+    ens, mean, consensus, props, cal = ensemble_case(predictor, weights, case, names, gt, ignore)
     entropy = ens.entropy(mean)
     del mean
     mi, dis = ens.mutual_information(entropy), ens.disagreement(consensus)
     maps = np.stack(ens.maps)
     del ens
-    ending = dj["file_ending"]
+    ending = predictor.dataset_json["file_ending"]
     os.makedirs(os.path.join(out, UNCERTAINTY), exist_ok=True)
     for what, array in (("entropy", entropy), ("mutual_information", mi), ("disagreement", dis)):
         report.write_map(array, os.path.join(out, UNCERTAINTY, f"{case.name}_{what}.nii.gz"), props)
@@ -266,6 +275,49 @@ def format_volume(mm3: float) -> str:
     return f"{mm3 / 1000:.1f} mL" if abs(mm3) >= 1000 else f"{mm3:.0f} mm³"
 
 
+CALIBRATION_TITLE = "Calibration against the labels: single replicas and their ensemble"
+
+
+def calibration_html(counts: calibration.CalibrationCounts, out: str, names: List[str], structures) -> str:
+    """Write ``calibration.csv`` and ``figures/reliability.png`` into ``out``; return the report section's body."""
+    import pandas as pd
+
+    label_names = {0: "background", **{int(st.labels[0]): st.name for st in structures}}
+    cal = pd.DataFrame(counts.rows(label_names))
+    write_text(os.path.join(out, "calibration.csv"), cal.to_csv(index=False, float_format="%.10g"))
+    png = calibration.reliability_diagram(counts, os.path.join(out, "figures", "reliability.png"), ENSEMBLE,
+                                          label_names)
+    wide = cal[cal["label"] != "all"].pivot(index="model", columns="name", values="ece").reindex(names + [ENSEMBLE])
+    brier = cal[cal["label"] == "all"].set_index("model")["brier"].reindex(names + [ENSEMBLE])
+    table = wide.add_prefix("ECE ").assign(**{"Brier (all labels)": brier}).reset_index()
+    return (f"<p class=\"note\">Voxel-wise, every voxel of the image grid except the ignore label. ECE: "
+            f"{counts.bins} equal-width bins, one-vs-rest per label (Guo et al. 2017); Brier: multi-class, the sum "
+            f"over labels of the one-vs-rest mean squared error. See docs/inference.md.</p>"
+            + table.to_html(index=False, float_format=lambda v: f"{v:.4f}", border=0)
+            + overlays.embed_png(png, "reliability diagram"))
+
+
+def add_calibration_section(exp: Experiment, cases: List[Case], report_dir: str, device: str = "cuda") -> bool:
+    """``analyze --calibration``: calibration of the replicas and their ensemble on the labelled ``cases`` (one more
+    prediction pass with probabilities), into report_dir's calibration.csv and report.html. False: no labels."""
+    labelled = [c for c in cases if c.label]
+    if not labelled:
+        return False
+    names = exp.replica_names
+    predictor = load_predictor(exp, names[0], "checkpoint_final.pth", device, True, 0.5)
+    weights, reader = Weights(check_replicas(exp, "checkpoint_final.pth")), \
+        predictor.plans_manager.image_reader_writer_class()
+    counts = None
+    for case in labelled:
+        gt = reader.read_seg(case.label)[0][0]
+        cal = ensemble_case(predictor, weights, case, names, gt, variability.ignore_label(exp.dataset_json))[-1]
+        counts = cal if counts is None else (counts.merge(cal) or counts)
+    structures = variability.structures_from_dataset_json(exp.dataset_json)
+    report.add_html_section(report_dir, "calibration", CALIBRATION_TITLE,
+                            calibration_html(counts, report_dir, names, structures))
+    return True
+
+
 def write_outputs(exp: Experiment, out: str, records: Dict[str, dict], structures, names: List[str],
                   flag_above: Optional[float], pictures: int) -> None:
     """volumes.csv, review.csv, calibration.csv (with labels) and report.html from the per-case records."""
@@ -278,27 +330,13 @@ def write_outputs(exp: Experiment, out: str, records: Dict[str, dict], structure
                      "uncertain_volume_mm3"]]
     write_text(os.path.join(out, "volumes.csv"), volumes.to_csv(index=False, float_format="%.10g"))
     write_text(os.path.join(out, "review.csv"), review.to_csv(index=False, float_format="%.10g"))
-    label_names = {int(st.labels[0]): st.name for st in structures}
-    label_names.setdefault(0, "background")
     cal_html = ""
     if records and all(r.get("calibration") for r in records.values()):
         counts = None
         for r in records.values():
             c = calibration.CalibrationCounts.from_json(r["calibration"])
             counts = c if counts is None else (counts.merge(c) or counts)
-        cal = pd.DataFrame(counts.rows(label_names))
-        write_text(os.path.join(out, "calibration.csv"), cal.to_csv(index=False, float_format="%.10g"))
-        png = calibration.reliability_diagram(counts, os.path.join(out, "figures", "reliability.png"), ENSEMBLE,
-                                              label_names)
-        wide = cal[cal["label"] != "all"].pivot(index="model", columns="name", values="ece").reindex(names + [ENSEMBLE])
-        brier = cal[cal["label"] == "all"].set_index("model")["brier"].reindex(names + [ENSEMBLE])
-        table = wide.add_prefix("ECE ").assign(**{"Brier (all labels)": brier}).reset_index()
-        cal_html = report.section("calibration", "Calibration against the labels (-l)",
-                                  f"<p class=\"note\">{calibration.__doc__.split('Definitions')[0].strip()} ECE with "
-                                  f"{counts.bins} equal-width bins, one-vs-rest per label; Brier: multi-class "
-                                  f"(sum over labels). Single replicas and their ensemble side by side.</p>"
-                                  + table.to_html(index=False, float_format=lambda v: f"{v:.4f}", border=0)
-                                  + overlays.embed_png(png, "reliability diagram"))
+        cal_html = report.section("calibration", CALIBRATION_TITLE, calibration_html(counts, out, names, structures))
     shown = review.assign(score=review["score"].map("{:.4f}".format),
                           min_mean_pairwise_dice=review["min_mean_pairwise_dice"].map("{:.4f}".format),
                           uncertain_volume=review["uncertain_volume_mm3"].map(format_volume)).drop(
