@@ -267,7 +267,6 @@ def test_bad_input_is_refused_and_nothing_written(problem, predicted, seed_repli
     elif problem == "label_of_other_grid":
         labels = tmp_path / "labels"
         shutil.copytree(predicted["labels"], labels)
-        shutil.copy(labels / "aniso.nii.gz", labels / "case_ts001.nii.gz")
         sitk.WriteImage(sitk.Image(8, 8, 8, sitk.sitkUInt8), str(labels / "case_ts001.nii.gz"))
     listing = sorted(os.listdir(images))
     rc = main(predict_args(images, out, n=n, labels=labels))
