@@ -165,3 +165,12 @@ def test_predictions_of_different_shapes(analyzed, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "different shapes" in err and case in err and analyzed["names"][2] in err
     assert {f: open(os.path.join(out, f)).read() for f in before} == before
+
+
+def test_report_has_a_picture_per_case(analyzed):
+    out = analyzed["out"]
+    html = open(os.path.join(out, "report.html")).read()
+    assert "<!-- section:pictures -->" in html
+    for case in _val_cases(analyzed)[:12]:
+        assert os.path.isfile(os.path.join(out, "figures", f"{case}_overlay.png")), case
+        assert f'alt="{case}"' in html

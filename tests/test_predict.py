@@ -276,3 +276,28 @@ def test_bad_input_is_refused_and_nothing_written(problem, predicted, seed_repli
     assert sorted(os.listdir(images)) == listing
     if out != images:
         assert not out.exists()
+
+
+def test_analyze_calibration_section_matches_predict(predicted, tmp_path):
+    """``analyze --calibration`` runs the same ensemble engine: on the same cases it reports the same figures."""
+    import pandas as pd
+
+    from nnunet_varaug import report
+    from nnunet_varaug.analyze import list_cases
+    from nnunet_varaug.experiment import Experiment
+    from nnunet_varaug.predict import add_calibration_section
+
+    exp = Experiment.from_args(101, "3d_fullres", 0, 3, TINY)
+    import torch
+
+    (tmp_path / "report.html").write_text(report.page("t", [report.section("overview", "o", "<p>x</p>")]))
+    threads = torch.get_num_threads()
+    try:
+        assert add_calibration_section(exp, list_cases(exp, str(predicted["images"]), str(predicted["labels"])),
+                                       str(tmp_path), "cpu")
+    finally:
+        torch.set_num_threads(threads)
+    ours = pd.read_csv(tmp_path / "calibration.csv", dtype={"label": str})
+    theirs = pd.read_csv(predicted["out"] / "calibration.csv", dtype={"label": str})
+    pd.testing.assert_frame_equal(ours, theirs, atol=1e-9)
+    assert "<!-- section:calibration -->" in (tmp_path / "report.html").read_text()

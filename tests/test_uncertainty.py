@@ -109,3 +109,22 @@ def test_review_ranks_planted_doubtful_case_first():
     assert [r["flagged"] for r in rows] == [True] + [False] * 5
     assert [r["rank"] for r in rows] == list(range(1, 7))
     assert all(rows[i]["score"] >= rows[i + 1]["score"] for i in range(5))
+
+
+def test_worst_slice_and_picture(tmp_path):
+    from nnunet_varaug import overlays
+
+    shape = (6, 10, 10)
+    disagreement = np.zeros(shape, np.float32)
+    disagreement[4, 2:5, 2:5] = 1 / 3
+    disagreement[1, 0, 0] = 2 / 3
+    entropy = disagreement * 1.5
+    consensus = np.zeros(shape, np.uint8)
+    consensus[:, 3:7, 3:7] = 1
+    assert overlays.worst_slice(disagreement, entropy, consensus) == 4
+    assert overlays.worst_slice(np.zeros(shape), entropy, consensus) == 4  # falls back to entropy
+    assert overlays.worst_slice(np.zeros(shape), np.zeros(shape), consensus * (np.arange(6) == 2)[:, None, None]) == 2
+    png = overlays.render_case(str(tmp_path / "c.png"), np.random.default_rng(0).random(shape), consensus, entropy,
+                               disagreement, (2.0, 1.0, 1.0), "c", [("organ", (1,))])
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert 'src="data:image/png;base64,' in overlays.section_html([("c", png)], "note")
