@@ -241,8 +241,11 @@ def predict_folder(exp: Experiment, images: str, output: str, labels: Optional[s
     state_path = os.path.join(output, STATE)
     state = {"identity": identity, "cases": {}}
     if os.path.isfile(state_path):
-        with open(state_path) as f:
-            old = json.load(f)
+        try:
+            with open(state_path) as f:
+                old = json.load(f)
+        except ValueError:  # unreadable: predict everything again
+            old = {}
         if old.get("identity") == identity:
             state["cases"] = old.get("cases", {})
     dj = exp.dataset_json
