@@ -280,7 +280,7 @@ def check_ground_truth(rw, cases: Sequence[Case], allowed: Sequence[int]) -> Non
 
 def analyze_experiment(experiments: Union[Experiment, Sequence[Experiment]], output: Optional[str] = None,
                        images: Optional[str] = None, labels: Optional[str] = None, device: str = "cuda",
-                       progress: bool = True):
+                       progress: bool = True, calibrate: bool = False):
     """The whole ``analyze`` command for one experiment, or for several kinds of one configuration side by side.
 
     Args:
@@ -290,6 +290,8 @@ def analyze_experiment(experiments: Union[Experiment, Sequence[Experiment]], out
             fold's validation cases.
         device: ``cuda``, ``cpu`` or ``mps``, for nnU-Net's predictor.
         progress: show tqdm progress bars.
+        calibrate: also measure the calibration of each replica and of their ensemble on the labelled cases
+            (one more prediction pass, with probabilities; :mod:`nnunet_varaug.predict`).
 
     Returns:
         The summary table (a pandas DataFrame, as in ``summary.csv``); ``summary.attrs["report_dir"]`` and
@@ -361,6 +363,13 @@ def analyze_experiment(experiments: Union[Experiment, Sequence[Experiment]], out
     except BaseException:
         stage.abort()
         raise
+    from nnunet_varaug import overlays  # pictures and calibration (issue 13): sections added to report.html
+    overlays.add_report_section(output, cases, rw)
+    if calibrate:
+        from nnunet_varaug.predict import add_calibration_section
+        add_calibration_section(first, cases, output, device)
+    elif os.path.exists(os.path.join(output, "calibration.csv")):  # from an earlier --calibration run
+        os.remove(os.path.join(output, "calibration.csv"))
     summary.attrs["report_dir"] = output
     summary.attrs["report_html"] = os.path.join(output, "report.html")
     return summary
@@ -378,6 +387,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="as nnUNetv2_predict's -device")
     p.add_argument("-o", dest="output", default=None,
                    help="report folder (default $nnUNet_results/<Dataset>/varaug_reports/<name>/)")
+    p.add_argument("--calibration", action="store_true",
+                   help="also report ECE, Brier score and reliability of each replica and their ensemble (labelled cases)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -385,7 +396,7 @@ def run(args: argparse.Namespace) -> int:
     experiments = [Experiment.from_args(args.dataset, args.configuration, args.fold, args.num_replicas, args.base,
                                         kind, args.plans, args.start) for kind in dict.fromkeys(args.kind)]
     summary = analyze_experiment(experiments, args.output, args.images, args.labels, args.device,
-                                 progress=not args.quiet)
+                                 progress=not args.quiet, calibrate=args.calibration)
     print(format_summary(summary))
     print(f"report: {summary.attrs['report_html']}")
     return 0

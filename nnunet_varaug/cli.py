@@ -15,6 +15,7 @@ COMMANDS = {
     "replicas": ("nnunet_varaug.replicas", "train K replicas of one configuration and fold (resumable)"),
     "samples": ("nnunet_varaug.samples", "write the replicas' label maps of the training cases (variability samples)"),
     "analyze": ("nnunet_varaug.analyze", "predict with each replica and write the variability report"),
+    "predict": ("nnunet_varaug.predict", "segment new images with the replicas: consensus, uncertainty maps, review list"),
     "downstream": ("nnunet_varaug.downstream", "the paper's augmentation experiment on per-replica features"),
     "benchmark": ("nnunet_varaug.benchmark", "the Medical Segmentation Decathlon benchmark, stage by stage"),
     "demo": ("nnunet_varaug.demo", "the whole pipeline on a built-in synthetic dataset, on the CPU"),

@@ -2,7 +2,8 @@
 
 Every stage is the same command a user runs (printed before it runs), in nnU-Net folders under OUT:
 synthetic dataset -> plan and preprocess -> K tiny seed replicas -> variability samples -> a ``_varaug`` model ->
-variability report -> downstream experiment on the replicas' volumes. Rerunning reuses what is done.
+variability report -> predict on held-out images -> downstream experiment on the replicas' volumes. Rerunning
+reuses what is done.
 """
 from __future__ import annotations
 
@@ -104,6 +105,14 @@ def run(args: argparse.Namespace) -> int:
     print(step("replica volumes of a held-out cohort (features for the downstream experiment)",
                ["nnunet_varaug", "analyze", *flags, "-device", "cpu", "--quiet", "-i", os.path.join(raw, "imagesTs"),
                 "-l", os.path.join(raw, "labelsTs"), "-o", cohort], env).strip().splitlines()[-1])
+    new = os.path.join(out, "new_images")  # predict (docs/inference.md) on 5 held-out images
+    os.makedirs(new, exist_ok=True)
+    for name in sorted(os.listdir(os.path.join(raw, "imagesTs")))[:5]:
+        if not os.path.lexists(os.path.join(new, name)):
+            os.symlink(os.path.join(raw, "imagesTs", name), os.path.join(new, name))
+    print(step("consensus, uncertainty maps and review list of 5 held-out images",
+               ["nnunet_varaug", "predict", *flags, "-device", "cpu", "--quiet", "-i", new, "-l",
+                os.path.join(raw, "labelsTs"), "-o", os.path.join(out, "predict")], env).strip())
     targets = write_synthetic_targets(raw, os.path.join(out, "targets.csv"))
     print("\nThe downstream target is SYNTHETIC (lesion volume of the ground truth plus noise): this stage shows the "
           "mechanics of the paper's experiment, not a clinical result.")

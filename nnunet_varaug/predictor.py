@@ -34,7 +34,8 @@ def torch_device(name: str) -> "torch.device":
 
 
 def make_predictor(exp: "Experiment", trainer: str, device: "torch.device", tta: bool = True,
-                   who: str = "prediction") -> "nnUNetPredictor":
+                   who: str = "prediction", checkpoint: str = "checkpoint_final.pth",
+                   step_size: float = 0.5) -> "nnUNetPredictor":
     """An ``nnUNetPredictor`` with ``trainer``'s final checkpoint of ``exp``'s fold loaded.
 
     Args:
@@ -43,6 +44,8 @@ def make_predictor(exp: "Experiment", trainer: str, device: "torch.device", tta:
         device: a ``torch.device``.
         tta: mirroring test-time augmentation, as ``nnUNetv2_predict`` does by default.
         who: what asks, named in the cascade refusal.
+        checkpoint: the checkpoint file name (``nnUNetv2_predict -chk``).
+        step_size: the sliding window's step, as a fraction of the patch (``nnUNetv2_predict -step_size``).
 
     Raises:
         VarAugError: the configuration is a cascade stage.
@@ -51,10 +54,10 @@ def make_predictor(exp: "Experiment", trainer: str, device: "torch.device", tta:
 
     os.environ["nnUNet_extTrainer"] = registry.ext_trainer_value()
     with contextlib.redirect_stdout(io.StringIO()):
-        predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=tta,
+        predictor = nnUNetPredictor(tile_step_size=step_size, use_gaussian=True, use_mirroring=tta,
                                     perform_everything_on_device=device.type == "cuda", device=device,
                                     verbose=False, verbose_preprocessing=False, allow_tqdm=False)
         predictor.initialize_from_trained_model_folder(exp.model_folder(trainer), use_folds=(exp.fold,),
-                                                       checkpoint_name="checkpoint_final.pth")
+                                                       checkpoint_name=checkpoint)
     require_single_stage(exp.configuration, predictor.configuration_manager.previous_stage_name, who)
     return predictor

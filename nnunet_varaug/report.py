@@ -28,7 +28,9 @@ from nnunet_varaug.report_figures import make_figures  # noqa: F401
 from nnunet_varaug.report_tables import build_tables, compare_kinds, format_summary, format_volume  # noqa: F401
 
 REPORT = "report.html"
-OWN_SECTIONS = ("overview", "summary", "comparison", "figures", "cases", "files")
+OWN_SECTIONS = ("overview", "summary", "comparison", "figures", "cases", "files", "pictures", "calibration")
+"""Sections that ``analyze`` writes on every run (pictures and calibration are added after the page is built, the
+latter only with ``--calibration``), so an earlier run's copy never survives a rerun."""
 _SECTION = re.compile(r"<!-- section:(?P<id>[A-Za-z0-9_.-]+) -->.*?<!-- /section:(?P=id) -->\n?", re.S)
 _END = "<!-- end of sections -->"
 

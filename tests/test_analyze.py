@@ -241,3 +241,12 @@ def test_retrained_replica_is_predicted_again(analyzed, tmp_path, capsys):
     for case in cases:
         np.testing.assert_array_equal(prediction(names[0], case), prediction(names[2], case))
     assert {n: stamps(n) for n in names[1:]} == others
+
+
+def test_report_has_a_picture_per_case(analyzed):
+    out = analyzed["out"]
+    html = open(os.path.join(out, "report.html")).read()
+    assert "<!-- section:pictures -->" in html
+    for case in _val_cases(analyzed)[:12]:
+        assert os.path.isfile(os.path.join(out, "figures", f"{case}_overlay.png")), case
+        assert f'alt="{case}"' in html

@@ -20,7 +20,9 @@ pytestmark = pytest.mark.unit
 COMMAND_LAYER = ("nnunet_varaug.analyze", "nnunet_varaug.benchmark", "nnunet_varaug.cli", "nnunet_varaug.demo",
                  "nnunet_varaug.downstream", "nnunet_varaug.experiment", "nnunet_varaug.launch",
                  "nnunet_varaug.predictor", "nnunet_varaug.replicas", "nnunet_varaug.report",
-                 "nnunet_varaug.runner", "nnunet_varaug.samples", "nnunet_varaug.slurm", "submitit")
+                 "nnunet_varaug.runner", "nnunet_varaug.samples", "nnunet_varaug.slurm", "nnunet_varaug.predict",
+                 "nnunet_varaug.calibration", "nnunet_varaug.overlays", "nnunet_varaug.downstream_protocol",
+                 "nnunet_varaug.downstream_data", "submitit")
 
 # What a _varaug training touches of the plugin outside nnU-Net's own calls: the trainer module, the registry's
 # classes for a varaug and a seed name, the fix command of an error message, the sample-set checks and dataset.
