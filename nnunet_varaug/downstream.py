@@ -32,7 +32,7 @@ from nnunet_varaug.downstream_protocol import (ARM_LABELS, ARMS, KNN_NEIGHBOURS,
                                                replica_combinations, run_protocol, summarize, describe_test_subjects,
                                                training_rows)
 from nnunet_varaug.errors import VarAugError
-from nnunet_varaug.fileio import temporary_name, write_text
+from nnunet_varaug.fileio import replacing, write_text
 
 # A relative MAE change smaller than this (in either direction) is reported as "no clear effect".
 VERDICT_TOLERANCE = 0.02
@@ -133,14 +133,11 @@ def plot_mae(summary: pd.DataFrame, path: str) -> None:
     ax.set_xticks(xs_all if n_top <= 20 else np.linspace(1, n_top, 10).round().astype(int))
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = temporary_name(path, ".tmp.png")
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
+        with replacing(path, ".png") as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def section_html(summary: pd.DataFrame, verdict: str, design: Design, options: Options, figure: str) -> str:

@@ -27,7 +27,7 @@ from nnunet_varaug import calibration, overlays, report, uncertainty, variabilit
 from nnunet_varaug.analyze import Case, list_cases
 from nnunet_varaug.errors import VarAugError
 from nnunet_varaug.experiment import Experiment, add_experiment_arguments
-from nnunet_varaug.fileio import file_sha256, temporary_name, write_json, write_text
+from nnunet_varaug.fileio import file_sha256, replacing, write_json, write_text
 from nnunet_varaug.predictor import make_predictor, torch_device
 
 STATE = "varaug_predict.json"
@@ -199,13 +199,8 @@ def predict_case(predictor, weights: Weights, case: Case, out: str, structures, 
         report.write_map(array, os.path.join(out, UNCERTAINTY, f"{case.name}_{what}.nii.gz"), props)
     rw = pm.image_reader_writer_class()
     target = os.path.join(out, case.name + ending)
-    tmp = temporary_name(target, suffix=ending)
-    try:
+    with replacing(target, ending) as tmp:
         rw.write_seg(consensus.astype(np.uint8 if consensus.max(initial=0) < 256 else np.uint16), tmp, props)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     summary = uncertainty.summarize_case(maps, consensus, props["spacing"], structures)
     image = rw.read_images(case.images[:1])[0][0]
     png = overlays.render_case(os.path.join(out, "figures", f"{case.name}_overlay.png"), image, consensus, entropy, dis,

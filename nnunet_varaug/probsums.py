@@ -18,7 +18,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from nnunet_varaug.fileio import temporary_name, write_json
+from nnunet_varaug.fileio import replacing, write_json
 
 FOLDER = "_probabilities"
 
@@ -46,13 +46,8 @@ def save(output: str, kind: str, case: str, total: np.ndarray, shas: Dict[str, s
     where = folder(output, kind)
     os.makedirs(where, exist_ok=True)
     path = os.path.join(where, case + ".npz")
-    tmp = temporary_name(path, ".npz")
-    try:
+    with replacing(path, ".npz") as tmp:
         np.savez_compressed(tmp, mean=(total / len(shas)).astype(np.float32))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     record = _record(output, kind)
     record[case] = dict(shas)
     write_json(os.path.join(where, "record.json"), record)

@@ -17,13 +17,12 @@ import os
 import re
 import shutil
 import tempfile
-import uuid
 from typing import List, Optional, Sequence
 
 import numpy as np
 
 from nnunet_varaug import variability, volume_stats
-from nnunet_varaug.fileio import write_text
+from nnunet_varaug.fileio import replacing, write_text
 from nnunet_varaug.report_figures import make_figures  # noqa: F401
 from nnunet_varaug.report_tables import build_tables, compare_kinds, format_summary, format_volume  # noqa: F401
 
@@ -45,35 +44,35 @@ def write_map(array: np.ndarray, path: str, properties: dict) -> None:
     """
     import SimpleITK as sitk
 
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".tmp{uuid.uuid4().hex[:8]}_{name}")
-    if "sitk_stuff" in properties:
-        st = properties["sitk_stuff"]
-        image = sitk.GetImageFromArray(array if len(st["spacing"]) == 3 else array[0])
-        image.SetSpacing(st["spacing"])
-        image.SetOrigin(st["origin"])
-        image.SetDirection(st["direction"])
-        if "original_orientation" in st:
-            image = sitk.DICOMOrient(image, st["original_orientation"])
-        sitk.WriteImage(image, tmp, True)
-    elif "nibabel_stuff" in properties:
-        import nibabel
-        from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
+    suffix = ".nii.gz" if path.endswith(".nii.gz") else os.path.splitext(path)[1]
+    with replacing(path, suffix) as tmp:
+        if "sitk_stuff" in properties:
+            st = properties["sitk_stuff"]
+            image = sitk.GetImageFromArray(array if len(st["spacing"]) == 3 else array[0])
+            image.SetSpacing(st["spacing"])
+            image.SetOrigin(st["origin"])
+            image.SetDirection(st["direction"])
+            if "original_orientation" in st:
+                image = sitk.DICOMOrient(image, st["original_orientation"])
+            sitk.WriteImage(image, tmp, True)
+        elif "nibabel_stuff" in properties:
+            import nibabel
+            from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 
-        st = properties["nibabel_stuff"]
-        data = np.ascontiguousarray(array.transpose((2, 1, 0)))
-        if "reoriented_affine" in st:
-            image = nibabel.Nifti1Image(data, affine=st["reoriented_affine"])
-            image = image.as_reoriented(ornt_transform(axcodes2ornt("RAS"), io_orientation(st["original_affine"])))
-        else:
-            image = nibabel.Nifti1Image(data, affine=st["original_affine"])
-        nibabel.save(image, tmp)
-    else:  # e.g. 2D natural images: no geometry beyond the spacing
-        image = sitk.GetImageFromArray(array[0] if array.shape[0] == 1 else array)
-        spacing = [float(s) for s in properties.get("spacing", [1.0] * array.ndim)][::-1][: image.GetDimension()]
-        image.SetSpacing(spacing)
-        sitk.WriteImage(image, tmp, True)
-    os.replace(tmp, path)
+            st = properties["nibabel_stuff"]
+            data = np.ascontiguousarray(array.transpose((2, 1, 0)))
+            if "reoriented_affine" in st:
+                image = nibabel.Nifti1Image(data, affine=st["reoriented_affine"])
+                to_original = ornt_transform(axcodes2ornt("RAS"), io_orientation(st["original_affine"]))
+                image = image.as_reoriented(to_original)
+            else:
+                image = nibabel.Nifti1Image(data, affine=st["original_affine"])
+            nibabel.save(image, tmp)
+        else:  # e.g. 2D natural images: no geometry beyond the spacing
+            image = sitk.GetImageFromArray(array[0] if array.shape[0] == 1 else array)
+            spacing = [float(s) for s in properties.get("spacing", [1.0] * array.ndim)][::-1][: image.GetDimension()]
+            image.SetSpacing(spacing)
+            sitk.WriteImage(image, tmp, True)
 
 
 class ReportStage:
