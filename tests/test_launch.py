@@ -22,6 +22,7 @@ HEADER = re.compile(r"^# nnunet_varaug: (\S+ \S+) start CUDA_VISIBLE_DEVICES=([^
 
 
 # ---- flag parsing ---------------------------------------------------------------------------------------------------
+@pytest.mark.unit
 def test_parse_devices():
     assert parse_devices("0,1, 3") == ["0", "1", "3"]
     assert parse_devices(None) == []
@@ -30,6 +31,7 @@ def test_parse_devices():
             parse_devices(bad)
 
 
+@pytest.mark.unit
 def test_parse_slurm_time_reads_slurms_formats():
     assert parse_slurm_time("90") == 90
     assert parse_slurm_time("1:30") == 2  # minutes:seconds, rounded up to whole minutes
@@ -43,6 +45,7 @@ def test_parse_slurm_time_reads_slurms_formats():
             parse_slurm_time(bad)
 
 
+@pytest.mark.unit
 def test_parse_mem_gb():
     assert parse_mem_gb("64G") == 64 and parse_mem_gb("64GB") == 64 and parse_mem_gb("32") == 32
     assert parse_mem_gb("16384M") == 16 and parse_mem_gb("1T") == 1024 and parse_mem_gb(None) is None
@@ -50,6 +53,7 @@ def test_parse_mem_gb():
         parse_mem_gb("lots")
 
 
+@pytest.mark.unit
 def test_jobs_carry_only_nnunet_and_thread_variables_to_a_cluster_node():
     env = {"nnUNet_results": "/r", "nnUNet_extTrainer": "/x", "VARAUG_TINY_EPOCHS": "1", "OMP_NUM_THREADS": "4",
            "PATH": "/login/bin", "CUDA_VISIBLE_DEVICES": "3", "HOME": "/home/me"}
@@ -67,6 +71,7 @@ json.dump({"device": os.environ.get("CUDA_VISIBLE_DEVICES"), "start": start, "en
 """
 
 
+@pytest.mark.unit
 def test_run_devices_gives_each_process_one_device_and_keeps_all_devices_busy(tmp_path):
     jobs = [TrainJob(f"job{i}", [sys.executable, "-c", RECORDER, str(tmp_path / f"job{i}.json")], dict(os.environ),
                      str(tmp_path / f"job{i}.log")) for i in range(5)]
@@ -87,6 +92,7 @@ def test_run_devices_gives_each_process_one_device_and_keeps_all_devices_busy(tm
     assert first[0]["device"] != first[1]["device"] and first[1]["start"] < first[0]["end"]
 
 
+@pytest.mark.unit
 def test_a_requeued_task_continues_from_its_latest_checkpoint(tmp_path):
     """What submitit calls on timeout or preemption: the task resumes with --c once a checkpoint exists."""
     job = TrainJob("x_seed0", ["nnUNetv2_train", "1", "3d_fullres", "0", "-tr", "x_seed0"], {},
@@ -171,6 +177,7 @@ def test_slurm_launcher_leaves_a_queued_or_running_job_alone(synthetic_3d):
         alive.wait()
 
 
+@pytest.mark.nnunet
 @pytest.mark.parametrize("extra, message", [
     (("--devices", "0,0"), "lists a GPU twice"),
     (("--devices", "gpu0"), "--devices takes GPU indices"),

@@ -210,7 +210,7 @@ def check_alignment(dataset: str, configuration: str, fold: int, trainer_name: s
 
 
 # ---- tests ----------------------------------------------------------------------------------------------------------
-@pytest.mark.e2e
+@pytest.mark.nnunet
 @pytest.mark.parametrize("select_at_load", [True, False], ids=["select_at_load", "all_channels"])
 def test_alignment_3d_fullres(synthetic_3d, select_at_load):
     trainer, batches, channels = check_alignment(synthetic_3d["name"], "3d_fullres", 1, "nnUNetTrainer_varaug",
@@ -230,7 +230,7 @@ def region_ignore_dataset(nnunet_env):
     return os.path.basename(folder)
 
 
-@pytest.mark.e2e
+@pytest.mark.nnunet
 def test_alignment_2d_regions_ignore_label(region_ignore_dataset):
     trainer, batches, _ = check_alignment(region_ignore_dataset, "2d", 0, "nnUNetTrainer_varaug_p70", 0.7,
                                           num_batches=8)
@@ -238,12 +238,13 @@ def test_alignment_2d_regions_ignore_label(region_ignore_dataset):
     assert as_list(batches[0]["target"])[0].ndim == 4  # (b, regions + ignore, x, y)
 
 
-@pytest.mark.e2e
+@pytest.mark.nnunet
 def test_alignment_3d_regions_ignore_label(region_ignore_dataset):
     check_alignment(region_ignore_dataset, "3d_fullres", 0, "nnUNetTrainer_varaug_p30", 0.3, num_batches=10,
                     select_at_load=False)
 
 
+@pytest.mark.nnunet
 def test_named_class_equals_default_varaug(synthetic_3d):
     """nnUNetTrainerVarAug (entry point) behaves as nnUNetTrainer_varaug: same mixin, p, hooks and pipeline."""
     from nnunet_varaug.registry import resolve
