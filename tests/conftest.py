@@ -163,6 +163,7 @@ class _TierGuardedPopen(subprocess.Popen):
         tier = _current["tier"]
         words = _command_words(args)
         if tier == "unit" and words and words[0].startswith("nnUNetv2_"):
+            self._child_created, self.returncode = False, None  # what Popen.__del__ reads
             raise AssertionError(f"{_current['nodeid']}: a unit test runs {words[0]}; mark it nnunet or e2e")
         self._varaug_training = tier in ("unit", "nnunet") and _is_training(words)
         self._varaug_words = " ".join(words)
