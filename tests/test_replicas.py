@@ -59,8 +59,14 @@ def test_seed_is_recorded_in_debug_json_and_checkpoint(seed_replicas):
         debug = json.load(f)
     ckpt = torch.load(os.path.join(folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
     expected = {"trainer": f"{TINY}_seed1", "base": TINY, "seed": {"seed": 1}}
-    assert debug["nnunet_varaug"] == expected
-    assert ckpt["nnunet_varaug"] == expected
+    for record in (debug["nnunet_varaug"], ckpt["nnunet_varaug"]):
+        determinism = record.pop("determinism")
+        assert record == expected
+        # what a GPU run relies on, arranged (and recorded) on the CPU too; nnunet_env sets nnUNet_compile=f
+        assert determinism["deterministic_algorithms"] and determinism["warn_only"]
+        assert determinism["cudnn_deterministic"] and not determinism["cudnn_benchmark"]
+        assert determinism["CUBLAS_WORKSPACE_CONFIG"] in (":4096:8", ":16:8") and determinism["compile"] is False
+        assert determinism["device"] == "cpu" and determinism["nondeterministic_ops"] == []
     assert ckpt["trainer_name"] == f"{TINY}_seed1"
 
 
@@ -118,7 +124,7 @@ INTERRUPTING_TRAINER = textwrap.dedent("""
 """)
 
 
-def test_replicas_keep_going_resume_interrupted_and_skip_finished(seed_replicas, tmp_path):
+def test_replicas_keep_going_resume_interrupted_and_skip_finished(synthetic_3d, tmp_path):
     user = tmp_path / "user_trainers"
     user.mkdir()
     (user / "interrupted_tiny.py").write_text(INTERRUPTING_TRAINER)
@@ -130,7 +136,7 @@ def test_replicas_keep_going_resume_interrupted_and_skip_finished(seed_replicas,
     lines = {line.split()[0]: line for line in first.stdout.splitlines() if line.startswith("InterruptedTiny_")}
     assert "FAILED" in lines["InterruptedTiny_seed0"] and lines["InterruptedTiny_seed0"].split()[-2] == "1"
     assert " trained " in lines["InterruptedTiny_seed1"], "one failing replica must not stop the others"
-    folder = fold0(os.environ["nnUNet_results"], seed_replicas["name"], "InterruptedTiny_seed0")
+    folder = fold0(os.environ["nnUNet_results"], synthetic_3d["name"], "InterruptedTiny_seed0")
     assert os.path.isfile(os.path.join(folder, "checkpoint_latest.pth"))
     assert not os.path.isfile(os.path.join(folder, "checkpoint_final.pth"))
 
@@ -143,3 +149,27 @@ def test_replicas_keep_going_resume_interrupted_and_skip_finished(seed_replicas,
     logs = sorted(f for f in os.listdir(folder) if f.startswith("training_log_"))
     newest = open(os.path.join(folder, logs[-1])).read()
     assert "Epoch 1" in newest and "Epoch 0\n" not in newest
+
+
+def test_an_interrupted_then_resumed_replica_is_reproducible(synthetic_3d, tmp_path):
+    """The same replica interrupted after epoch 0 and resumed with --c, twice (each in its own nnUNet_results):
+    bitwise the same final weights. (Not the weights of an uninterrupted run: a resumed run reseeds at its start
+    epoch, see SeedReplicaMixin.on_train_start.)"""
+    user = tmp_path / "user_trainers"
+    user.mkdir()
+    (user / "interrupted_tiny.py").write_text(INTERRUPTING_TRAINER)
+    weights = []
+    for run in ("a", "b"):
+        env = dict(os.environ, nnUNet_extTrainer=ext_trainer_value(str(user)), INTERRUPT_SEED="1",
+                   nnUNet_results=str(tmp_path / f"results_{run}"), nnUNet_n_proc_DA="1")  # a worker process
+        train = ("nnUNetv2_train", str(SYNTHETIC_3D_ID), "3d_fullres", "0", "-tr", "InterruptedTiny_seed1",
+                 "-device", "cpu")
+        killed = run_cli(*train, env=env, check=False)
+        assert killed.returncode == 3, killed.stdout[-2000:] + killed.stderr[-2000:]
+        del env["INTERRUPT_SEED"]
+        run_cli(*train, "--c", env=env)
+        folder = fold0(env["nnUNet_results"], synthetic_3d["name"], "InterruptedTiny_seed1")
+        assert torch.load(os.path.join(folder, "checkpoint_final.pth"), map_location="cpu",
+                          weights_only=False)["current_epoch"] == 2  # epochs done
+        weights.append(final_weights(folder))
+    assert same_weights(*weights), "an interrupted then resumed replica must be reproducible"
