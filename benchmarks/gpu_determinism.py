@@ -100,11 +100,13 @@ def main(argv=None) -> int:
     differing = [k for k in a if k not in b or not torch.equal(a[k], b[k])]
     equal = a.keys() == b.keys() and not differing
     print(json.dumps({"trainer": trainer, "dataset": dataset, "configuration": args.configuration,
-                      "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", "torch": torch.__version__,
+                      "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
+                      "torch": torch.__version__,
                       "cudnn": torch.backends.cudnn.version(), "seconds_per_run": [round(s) for s in seconds],
                       "tensors": len(a), "tensors_differing": len(differing),
                       "determinism_recorded": records[0]}, indent=2))
-    print(f"RESULT: {'bitwise EQUAL' if equal else 'DIFFERENT'} final weights of {trainer} trained twice on {args.device}"
+    verdict = "bitwise EQUAL" if equal else "DIFFERENT"
+    print(f"RESULT: {verdict} final weights of {trainer} trained twice on {args.device}"
           + ("" if equal else f" ({len(differing)} of {len(a)} tensors differ, e.g. {differing[:3]})"))
     return 0 if equal else 1
 

@@ -73,7 +73,8 @@ def compile_decision(environ: Optional[MutableMapping[str, str]] = None) -> Tupl
     environ = os.environ if environ is None else environ
     if "nnUNet_compile" in environ:
         return None, f"nnUNet_compile={environ['nnUNet_compile']} set by the user (nnU-Net decides)"
-    return False, "off for seed replicas (inductor's autotuning can pick kernels by timing); nnUNet_compile=t turns it on"
+    return False, ("off for seed replicas (inductor's autotuning can pick kernels by timing); "
+                   "nnUNet_compile=t turns it on")
 
 
 def make_deterministic() -> Dict[str, object]:

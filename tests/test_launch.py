@@ -65,8 +65,8 @@ def test_jobs_carry_only_nnunet_and_thread_variables_to_a_cluster_node():
 # Each job announces itself in a shared folder (a file named after its device), then looks at who else is running:
 # another job on its own device means a device ran two replicas at once. The first two jobs then wait until a job
 # on the other device is running too (or the other has seen it), which can only happen if run_devices runs them
-# side by side: a serial launcher makes the first one wait for its timeout, and neither records an overlap. Ordering, not sleeps: a loaded
-# machine makes it slower, never wrong.
+# side by side: a serial launcher makes the first one wait for its timeout, and neither records an overlap.
+# Ordering, not sleeps: a loaded machine makes it slower, never wrong.
 RECORDER = """
 import json, os, sys, time
 out, folder, index = sys.argv[1], sys.argv[2], int(sys.argv[3])

@@ -121,6 +121,7 @@ def test_nnunet_finds_replicas_of_a_base_from_a_user_folder(tmp_path):
     ext = registry.ext_trainer_value(str(user))
     found = _lookup_in_fresh_process(["MyTrainer_seed3", "MyTrainer_seedx", "CompletelyUnknownTrainer"], ext)
     assert found["MyTrainer_seed3"] == "FOUND MyTrainer_seed3 ['SeedReplicaMixin', 'MyTrainer'] {'seed': {'seed': 3}}"
-    assert found["MyTrainer_seedx"].startswith("ERROR TrainerNameError") and "<Base>_seed<K>" in found["MyTrainer_seedx"]
+    bad = found["MyTrainer_seedx"]
+    assert bad.startswith("ERROR TrainerNameError") and "<Base>_seed<K>" in bad
     assert found["CompletelyUnknownTrainer"].startswith("ERROR") and \
         "Could not find requested nnunet trainer" in found["CompletelyUnknownTrainer"]

@@ -32,7 +32,8 @@ class SeedReplicaMixin(RecordSettingsMixin):
         compile_on, reason = compile_decision()
         self.varaug_determinism: Dict[str, Any] = {
             "device": self.device.type, "CUBLAS_WORKSPACE_CONFIG": cublas["CUBLAS_WORKSPACE_CONFIG"],
-            "cublas_config_set_by": cublas["set_by"], "cuda_initialized_before_cublas_config": cublas["cuda_initialized"],
+            "cublas_config_set_by": cublas["set_by"],
+            "cuda_initialized_before_cublas_config": cublas["cuda_initialized"],
             "compile_requested": compile_on, "compile_reason": reason, "compile": None,
             "nondeterministic_ops": []}
         self.varaug_nondeterminism = NondeterminismRecorder()
