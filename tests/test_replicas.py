@@ -130,11 +130,12 @@ RESUMED = "InterruptedTiny_seed0"  # interrupted after epoch 0, then resumed
 @pytest.fixture(scope="module")
 def interrupted_replicas(synthetic_3d, tmp_path_factory):
     """``replicas -n 2 -tr InterruptedTiny``: seed0 dies after epoch 0, seed1 finishes; then the same command
-    again, which resumes seed0. One augmentation worker (nnUNet_n_proc_DA=1), so that a resumed run's worker
-    seeding is exercised too."""
+    again, which resumes seed0. nnU-Net's single-process augmenter (nnunet_env's nnUNet_n_proc_DA=0): worker
+    processes beside the trainer make a 2-core machine many times slower (docs/performance.md); the seeded
+    workers are tested on fresh runs (test_seed_replicas_are_bitwise_reproducible_and_differ_across_seeds)."""
     user = tmp_path_factory.mktemp("user_trainers")
     (user / "interrupted_tiny.py").write_text(INTERRUPTING_TRAINER)
-    env = dict(os.environ, nnUNet_extTrainer=ext_trainer_value(str(user)), nnUNet_n_proc_DA="1")
+    env = dict(os.environ, nnUNet_extTrainer=ext_trainer_value(str(user)))
     args = ("nnunet_varaug", "replicas", "-d", str(SYNTHETIC_3D_ID), "-c", "3d_fullres", "-f", "0", "-n", "2",
             "-tr", "InterruptedTiny", "-device", "cpu")
     folder = fold0(os.environ["nnUNet_results"], synthetic_3d["name"], RESUMED)
