@@ -49,20 +49,29 @@ def demo_env(out: str, epochs: int, iterations: int) -> dict:
     return env
 
 
+def children_cpu_seconds() -> float:
+    """CPU time (user + system) of every finished child process of this one, their children included."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def step(title: str, command: List[str], env: dict, extra_env: dict = None) -> str:
-    """Run one stage's command, echoing it the way a user would type it; return its stdout."""
+    """Run one stage's command, echoing it the way a user would type it; return its stdout. Prints the stage's
+    wall time and CPU time (the CPU time does not depend on what else the machine runs)."""
     from nnunet_varaug.runner import nnunet_command
 
     shown = " ".join(shlex.quote(c) for c in command)
     print(f"\n== {title}\n$ {shown}", flush=True)
     exe = nnunet_command(command[0])
-    t0 = time.time()
+    t0, cpu0 = time.time(), children_cpu_seconds()
     proc = subprocess.run(exe + command[1:], env={**env, **(extra_env or {})}, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stdout.write(proc.stdout[-3000:])
         sys.stderr.write(proc.stderr[-3000:])
         raise VarAugError(f"demo stage '{title}' failed (exit {proc.returncode}); its output is above")
-    print(f"   done in {time.time() - t0:.0f} s", flush=True)
+    print(f"   done in {time.time() - t0:.0f} s (CPU {children_cpu_seconds() - cpu0:.0f} s)", flush=True)
     return proc.stdout
 
 
@@ -121,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
                     targets, "--test-size", "0.2", "--splits", "5", "--reference", f"{BASE}_seed0", "-o", report],
                    env)  # no <Base>_ieee model in the demo: seed 0 is the reference, outside the replica pool
     print("\n".join(line for line in verdict.splitlines() if not line.startswith("  split")))
-    print(f"\nDemo finished in {time.time() - t_start:.0f} s. Open the report: {os.path.join(report, 'report.html')}")
+    print(f"\nDemo finished in {time.time() - t_start:.0f} s (CPU {children_cpu_seconds():.0f} s). "
+          f"Open the report: {os.path.join(report, 'report.html')}")
     return 0
 
 

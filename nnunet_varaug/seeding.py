@@ -2,16 +2,24 @@
 
 nnU-Net seeds nothing and uses ``NonDetMultiThreadedAugmenter``, which hands out batches in whatever order its
 workers finish them. A seed replica needs the opposite: the same name trained twice gives the same weights.
-We therefore (1) seed python, numpy and torch (CPU and CUDA) from the replica index, and (2) swap nnU-Net's
+We therefore (1) seed python, numpy and torch (CPU and CUDA) from the replica index, (2) swap nnU-Net's
 augmenters, only while ``get_dataloaders`` builds them, for batchgenerators' order-deterministic
-``MultiThreadedAugmenter`` whose workers seed all three generators from ``derive_seed(K, ...)``.
+``MultiThreadedAugmenter`` whose workers seed all three generators from ``derive_seed(K, ...)``, and (3) arrange
+deterministic kernels on the GPU: ``torch.use_deterministic_algorithms(True, warn_only=True)`` (an op without a
+deterministic kernel warns instead of stopping training; :class:`NondeterminismRecorder` keeps those warnings for
+the record), cuDNN deterministic with benchmark mode off, ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (cuBLAS reads it when
+it creates its first handle, see PyTorch's "Reproducibility" notes) and no ``torch.compile`` unless the user asks
+for it through nnU-Net's ``nnUNet_compile`` (inductor's autotuning may pick kernels by timing).
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import random
+import re
+import warnings
 import zlib
-from typing import Iterator
+from typing import Dict, Iterator, List, MutableMapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -32,10 +40,88 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def make_deterministic() -> None:
-    """Ask cuDNN for deterministic kernels (nnU-Net turns on benchmark mode, which picks kernels by timing)."""
+CUBLAS_CONFIG = ":4096:8"
+DETERMINISTIC_CUBLAS_CONFIGS = (":4096:8", ":16:8")  # the two values cuBLAS is deterministic with
+NONDETERMINISTIC_ALERT = re.compile(r"does not have a deterministic implementation")
+
+
+def configure_cublas(environ: Optional[MutableMapping[str, str]] = None) -> Dict[str, object]:
+    """Set ``CUBLAS_WORKSPACE_CONFIG`` to ``:4096:8`` unless it already holds a deterministic value.
+
+    cuBLAS reads the variable when a process creates its first cuBLAS handle (its first matrix product on a GPU),
+    so this must run before that: ``nnUNetv2_train`` builds the trainer (whose ``__init__`` calls this) before it
+    initialises CUDA or builds the network. Returns what was done, for debug.json; ``cuda_initialized`` True means
+    CUDA was already in use in this process, so the value may have come too late.
+    """
+    environ = os.environ if environ is None else environ
+    before = environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if before in DETERMINISTIC_CUBLAS_CONFIGS:
+        set_by = "user"
+    else:
+        environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_CONFIG
+        set_by = "nnunet_varaug" if before is None else f"nnunet_varaug (replaced the user's '{before}')"
+    return {"CUBLAS_WORKSPACE_CONFIG": environ["CUBLAS_WORKSPACE_CONFIG"], "set_by": set_by,
+            "cuda_initialized": bool(torch.cuda.is_initialized())}
+
+
+def compile_decision(environ: Optional[MutableMapping[str, str]] = None) -> Tuple[Optional[bool], str]:
+    """Whether a seed replica uses ``torch.compile``: off unless the user set ``nnUNet_compile``.
+
+    Returns ``(False, reason)`` when the plugin turns it off, ``(None, reason)`` when the user's explicit
+    ``nnUNet_compile`` decides (nnU-Net's own ``_do_i_compile`` then applies it, device rules included).
+    """
+    environ = os.environ if environ is None else environ
+    if "nnUNet_compile" in environ:
+        return None, f"nnUNet_compile={environ['nnUNet_compile']} set by the user (nnU-Net decides)"
+    return False, ("off for seed replicas (inductor's autotuning can pick kernels by timing); "
+                   "nnUNet_compile=t turns it on")
+
+
+def make_deterministic() -> Dict[str, object]:
+    """Deterministic kernels: ``torch.use_deterministic_algorithms(True, warn_only=True)``, cuDNN deterministic
+    and benchmark mode off (nnU-Net's ``run_training`` turns benchmark mode on, which picks kernels by timing).
+    Returns the settings as torch reports them afterwards."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
+    return {"deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
+            "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+            "cudnn_benchmark": bool(torch.backends.cudnn.benchmark)}
+
+
+class NondeterminismRecorder:
+    """While installed, keeps each distinct warning that torch raises for an op without a deterministic kernel
+    (``warn_only=True``), and still shows it once. Other warnings pass through untouched."""
+
+    def __init__(self) -> None:
+        self.messages: List[str] = []
+        self._show = None
+        self._filters = None
+
+    def install(self) -> "NondeterminismRecorder":
+        if self._show is not None:
+            return self
+        self._filters = warnings.filters[:]
+        warnings.filterwarnings("always", message=f".*{NONDETERMINISTIC_ALERT.pattern}")
+        self._show = warnings.showwarning
+
+        def showwarning(message, category, filename, lineno, file=None, line=None):
+            text = str(message)
+            if NONDETERMINISTIC_ALERT.search(text):
+                if text in self.messages:
+                    return
+                self.messages.append(text)
+            self._show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = showwarning
+        return self
+
+    def uninstall(self) -> None:
+        if self._show is not None:
+            warnings.showwarning = self._show
+            warnings.filters[:] = self._filters
+            self._show = None
 
 
 class SeededWorkerLoader:

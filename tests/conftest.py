@@ -2,6 +2,7 @@
 
 Everything is session-scoped and built through the real nnU-Net commands once per test run. Tests that need
 trained replicas take ``seed_replicas`` (three ``nnUNetTrainerTiny_seed<K>`` on fold 0 of a 3D dataset).
+This file also enforces the test tiers (``unit``, ``nnunet``, ``e2e``): see "test tiers" below.
 """
 from __future__ import annotations
 
@@ -99,3 +100,136 @@ def weights_of(checkpoint: str, donor: str):
             yield
         finally:
             shutil.copy2(original, checkpoint)
+
+
+# ---- test tiers ------------------------------------------------------------------------------------------------------
+# Every test belongs to one tier (pytest markers registered in pyproject.toml):
+#   unit   needs no nnU-Net data: no nnU-Net fixture, no nnUNetv2_* command, no training; must be fast;
+#   nnunet needs a planned and preprocessed dataset (or nnU-Net's folders), trains nothing;
+#   e2e    trains models.
+# The tiers are enforced, not trusted:
+# * at collection, a test's tier is at least the tier of the fixtures it uses, directly or through other fixtures
+#   (NNUNET_FIXTURES, TRAINING_FIXTURES). A test marked with a lower tier, or with two tiers, stops the run with a
+#   usage error naming it. An UNMARKED test gets the tier of its fixtures (unit when it uses none of them), and the
+#   marker is added so that `-m unit` / `-m "not e2e"` select it as what it is;
+# * at run time, a test (with its fixtures' setup) below e2e that trains, through nnU-Net's trainer in this process
+#   or a training command that succeeds in a child process (nnUNetv2_train, `nnunet_varaug replicas|benchmark|demo`),
+#   fails; a unit test that starts any nnUNetv2_* command fails. A training command below e2e that exits non-zero
+#   (bad input refused before anything ran) is allowed: it trained nothing.
+TIERS = ("unit", "nnunet", "e2e")
+NNUNET_FIXTURES = {"nnunet_env", "synthetic_3d", "region_ignore_dataset"}
+TRAINING_FIXTURES = {"seed_replicas", "hippocampus"}  # fixtures that train (hippocampus: test_benchmark.py)
+TRAINING_COMMANDS = {"nnUNetv2_train"}
+TRAINING_SUBCOMMANDS = {"replicas", "benchmark", "demo"}  # of nnunet_varaug
+
+
+def fixture_tier(fixturenames) -> str:
+    names = set(fixturenames)
+    if names & TRAINING_FIXTURES:
+        return "e2e"
+    if names & NNUNET_FIXTURES:
+        return "nnunet"
+    return "unit"
+
+
+def item_tier(item) -> str:
+    return next((t for t in TIERS if item.get_closest_marker(t) is not None), "unit")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's -m selection, which must see the added markers
+def pytest_collection_modifyitems(config, items):
+    wrong = []
+    for item in items:
+        marked = [t for t in TIERS if item.get_closest_marker(t) is not None]
+        needed = fixture_tier(getattr(item, "fixturenames", ()))
+        if len(marked) > 1:
+            wrong.append(f"{item.nodeid}: marked {' and '.join(marked)}; a test has one tier")
+        elif not marked:
+            item.add_marker(getattr(pytest.mark, needed))
+        elif TIERS.index(marked[0]) < TIERS.index(needed):
+            fixtures = sorted(set(item.fixturenames) & (NNUNET_FIXTURES | TRAINING_FIXTURES))
+            wrong.append(f"{item.nodeid}: marked {marked[0]} but uses {', '.join(fixtures)} (tier {needed})")
+    if wrong:
+        raise pytest.UsageError("test tiers (tests/conftest.py):\n  " + "\n  ".join(wrong))
+
+
+_current = {"tier": None, "nodeid": None, "violations": []}
+
+
+def _command_words(args) -> list:
+    if isinstance(args, (str, bytes, os.PathLike)):
+        args = str(args).split()
+    words = [os.path.basename(str(a)) for a in list(args)[:3]]
+    if words and words[0].startswith("python"):  # python -m nnunet_varaug.cli ...
+        words = words[1:]
+    return words
+
+
+def _is_training(words: list) -> bool:
+    if not words:
+        return False
+    if words[0] in TRAINING_COMMANDS:
+        return True
+    return words[0] in ("nnunet_varaug",) and len(words) > 1 and words[1] in TRAINING_SUBCOMMANDS
+
+
+def _violation(message: str) -> None:
+    _current["violations"].append(message)
+
+
+class _TierGuardedPopen(subprocess.Popen):
+    """subprocess.Popen that refuses, below the e2e tier, what the tier promises not to do (see above)."""
+
+    def __init__(self, args, *a, **kw):
+        tier = _current["tier"]
+        words = _command_words(args)
+        if tier == "unit" and words and words[0].startswith("nnUNetv2_"):
+            self._child_created, self.returncode = False, None  # what Popen.__del__ reads
+            raise AssertionError(f"{_current['nodeid']}: a unit test runs {words[0]}; mark it nnunet or e2e")
+        self._varaug_training = tier in ("unit", "nnunet") and _is_training(words)
+        self._varaug_words = " ".join(words)
+        super().__init__(args, *a, **kw)
+
+    def wait(self, timeout=None):
+        code = super().wait(timeout)
+        if getattr(self, "_varaug_training", False) and code == 0:
+            self._varaug_training = False
+            _violation(f"`{self._varaug_words} ...` trained (exit 0) in a {_current['tier']} test; mark it e2e")
+        return code
+
+
+def _guard_in_process_training() -> None:
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    original = nnUNetTrainer.run_training
+
+    def run_training(self, *a, **kw):
+        if _current["tier"] in ("unit", "nnunet"):
+            raise AssertionError(f"{_current['nodeid']}: a {_current['tier']} test trains "
+                                 f"({type(self).__name__}.run_training); mark it e2e")
+        return original(self, *a, **kw)
+
+    nnUNetTrainer.run_training = run_training
+
+
+def pytest_configure(config):
+    subprocess.Popen = _TierGuardedPopen
+    _guard_in_process_training()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """The tier of the test being set up, run and torn down (fixtures set up for it included)."""
+    _current.update(tier=item_tier(item), nodeid=item.nodeid, violations=[])
+    yield
+    _current.update(tier=None, nodeid=None)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if _current["violations"] and report.passed and call.when in ("setup", "call"):
+        report.outcome = "failed"
+        report.longrepr = f"test tier {_current['tier']} broken:\n  " + "\n  ".join(_current["violations"])
+        _current["violations"] = []

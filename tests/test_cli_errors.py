@@ -26,6 +26,7 @@ def run_replicas(capsys, *flags: str):
     return code, err
 
 
+@pytest.mark.nnunet
 @pytest.mark.parametrize("flags, message", [
     (("-d", "977", "-c", "3d_fullres", "-f", "0", "-n", "2"), "unknown dataset '977'"),
     (("-d", str(SYNTHETIC_3D_ID), "-c", "3d_fullres", "-f", "0", "-n", "0"), "-n must be at least 1"),
@@ -41,6 +42,7 @@ def test_bad_replicas_input(synthetic_3d, capsys, flags, message):
     assert code == 2 and message in err, err
 
 
+@pytest.mark.nnunet
 def test_dataset_without_plans_names_the_planning_command(nnunet_env, capsys):
     from nnunet_varaug.datasets import make_synthetic_dataset
 
@@ -49,12 +51,14 @@ def test_dataset_without_plans_names_the_planning_command(nnunet_env, capsys):
     assert code == 2 and "run `nnUNetv2_plan_and_preprocess -d 102`" in err, err
 
 
+@pytest.mark.nnunet
 def test_results_folder_unset(synthetic_3d, capsys, monkeypatch):
     monkeypatch.delenv("nnUNet_results")
     code = cli.main(["replicas", "-d", str(SYNTHETIC_3D_ID), "-c", "3d_fullres", "-f", "0", "-n", "2"])
     assert code == 2 and "nnUNet_results is not set" in capsys.readouterr().err
 
 
+@pytest.mark.nnunet
 def test_the_console_script_exits_2_with_the_message(synthetic_3d):
     cmd = [os.path.join(os.path.dirname(sys.executable), "nnunet_varaug"), "replicas", "-d", str(SYNTHETIC_3D_ID),
            "-c", "3d_fullres", "-f", "0", "-n", "0"]
@@ -63,6 +67,7 @@ def test_the_console_script_exits_2_with_the_message(synthetic_3d):
     assert proc.stderr.strip() == "nnunet_varaug replicas: error: -n must be at least 1 (the number of replicas), got 0"
 
 
+@pytest.mark.unit
 def test_env_prints_an_export_line_keeping_user_folders(monkeypatch, capsys):
     monkeypatch.setenv("nnUNet_extTrainer", "/my/trainers")
     assert cli.main(["env"]) == 0

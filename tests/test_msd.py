@@ -29,6 +29,7 @@ def prostate(tmp_path_factory):
                          macos_junk=True)
 
 
+@pytest.mark.unit
 def test_layout_and_dataset_json_are_the_decathlons(prostate):
     assert sorted(os.listdir(prostate)) == ["dataset.json", "imagesTr", "imagesTs", "labelsTr"]
     with open(os.path.join(prostate, "dataset.json")) as f:
@@ -46,6 +47,7 @@ def test_layout_and_dataset_json_are_the_decathlons(prostate):
     assert not os.path.exists(os.path.join(prostate, "labelsTs"))  # the Decathlon keeps test labels hidden
 
 
+@pytest.mark.unit
 def test_images_are_4d_with_the_synthetic_content(prostate):
     img = sitk.ReadImage(os.path.join(prostate, "imagesTr", "prostate_001.nii.gz"))
     assert img.GetDimension() == 4 and img.GetSize() == (20, 16, 12, 2)
@@ -59,6 +61,7 @@ def test_images_are_4d_with_the_synthetic_content(prostate):
     assert set(np.unique(labels)) == {0, 1, 2}
 
 
+@pytest.mark.unit
 def test_one_label_task_merges_the_structures(tmp_path):
     heart = make_msd_task(str(tmp_path), "Task02_Heart", num_cases=2, num_test=0, label_names=("left atrium",),
                           shape=(8, 8, 8), seed=3)
@@ -72,7 +75,7 @@ def test_one_label_task_merges_the_structures(tmp_path):
     assert array(os.path.join(heart, "imagesTr", "heart_000.nii.gz")).ndim == 3
 
 
-@pytest.mark.e2e
+@pytest.mark.nnunet
 def test_nnunet_converts_the_fixture(prostate, nnunet_env):
     """``nnUNetv2_convert_MSD_dataset`` splits each 4D image into one file per modality, copies the labels,
     skips the AppleDouble files and writes an nnU-Net v2 dataset.json."""
@@ -110,6 +113,7 @@ def edit_json(folder: str, change) -> None:
         json.dump(ds, f)
 
 
+@pytest.mark.unit
 def test_read_msd_task_accepts_the_fixture(prostate):
     task = read_msd_task(prostate + "/")
     assert (task.task_id, task.name, task.folder_name) == (5, "Prostate", "Task05_Prostate")
@@ -117,6 +121,7 @@ def test_read_msd_task_accepts_the_fixture(prostate):
     assert task.label_names == {0: "background", 1: "PZ", 2: "TZ"}
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("breakage, message", [
     ("name", "not named like a Decathlon task"),
     ("nested", "pass --msd"),

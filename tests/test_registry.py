@@ -13,6 +13,8 @@ import pytest
 from nnunet_varaug import registry
 from nnunet_varaug.registry import TrainerNameError
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize("name, expected", [
     ("nnUNetTrainer_seed0", ("nnUNetTrainer", "seed", {"seed": 0})),
@@ -86,15 +88,24 @@ def test_env_value_keeps_user_folders_and_lists_ours_once(tmp_path):
     assert registry.ext_trainer_value("") == registry.LOOKUP_FOLDER
 
 
-def _lookup_in_fresh_process(name: str, ext: str) -> subprocess.CompletedProcess:
-    """Ask nnU-Net's own trainer finder for ``name``, as nnUNetv2_train does, in a clean interpreter."""
+def _lookup_in_fresh_process(names, ext: str) -> dict:
+    """Ask nnU-Net's own trainer finder for each of ``names``, as nnUNetv2_train does, in one clean interpreter
+    (one start-up: importing nnU-Net's trainer modules is most of the cost). Returns name -> the line printed:
+    ``FOUND <class> <bases> <settings>`` or ``ERROR <exception type>: <message>``."""
     code = textwrap.dedent(f"""
         from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-        cls = recursive_find_trainer_class_by_name({name!r})
-        print("FOUND", cls.__name__, [c.__name__ for c in cls.__bases__], cls.varaug_settings)
+        for name in {list(names)!r}:
+            try:
+                cls = recursive_find_trainer_class_by_name(name)
+                line = f"FOUND {{cls.__name__}} {{[c.__name__ for c in cls.__bases__]}} {{cls.varaug_settings}}"
+            except Exception as e:
+                line = f"ERROR {{type(e).__name__}}: {{e}}"
+            print(name, "=>", " ".join(line.split()))
     """)
     env = dict(os.environ, nnUNet_extTrainer=ext)
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return dict(line.split(" => ", 1) for line in proc.stdout.splitlines() if " => " in line)
 
 
 def test_nnunet_finds_replicas_of_a_base_from_a_user_folder(tmp_path):
@@ -108,12 +119,9 @@ def test_nnunet_finds_replicas_of_a_base_from_a_user_folder(tmp_path):
             pass
     """))
     ext = registry.ext_trainer_value(str(user))
-    found = _lookup_in_fresh_process("MyTrainer_seed3", ext)
-    assert found.returncode == 0, found.stderr
-    assert "FOUND MyTrainer_seed3 ['SeedReplicaMixin', 'MyTrainer'] {'seed': {'seed': 3}}" in found.stdout
-
-    bad = _lookup_in_fresh_process("MyTrainer_seedx", ext)
-    assert bad.returncode != 0 and "<Base>_seed<K>" in bad.stderr
-
-    unknown = _lookup_in_fresh_process("CompletelyUnknownTrainer", ext)
-    assert unknown.returncode != 0 and "Could not find requested nnunet trainer" in unknown.stderr
+    found = _lookup_in_fresh_process(["MyTrainer_seed3", "MyTrainer_seedx", "CompletelyUnknownTrainer"], ext)
+    assert found["MyTrainer_seed3"] == "FOUND MyTrainer_seed3 ['SeedReplicaMixin', 'MyTrainer'] {'seed': {'seed': 3}}"
+    bad = found["MyTrainer_seedx"]
+    assert bad.startswith("ERROR TrainerNameError") and "<Base>_seed<K>" in bad
+    assert found["CompletelyUnknownTrainer"].startswith("ERROR") and \
+        "Could not find requested nnunet trainer" in found["CompletelyUnknownTrainer"]

@@ -59,8 +59,14 @@ def test_seed_is_recorded_in_debug_json_and_checkpoint(seed_replicas):
         debug = json.load(f)
     ckpt = torch.load(os.path.join(folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
     expected = {"trainer": f"{TINY}_seed1", "base": TINY, "seed": {"seed": 1}}
-    assert debug["nnunet_varaug"] == expected
-    assert ckpt["nnunet_varaug"] == expected
+    for record in (debug["nnunet_varaug"], ckpt["nnunet_varaug"]):
+        determinism = record.pop("determinism")
+        assert record == expected
+        # what a GPU run relies on, arranged (and recorded) on the CPU too; nnunet_env sets nnUNet_compile=f
+        assert determinism["deterministic_algorithms"] and determinism["warn_only"]
+        assert determinism["cudnn_deterministic"] and not determinism["cudnn_benchmark"]
+        assert determinism["CUBLAS_WORKSPACE_CONFIG"] in (":4096:8", ":16:8") and determinism["compile"] is False
+        assert determinism["device"] == "cpu" and determinism["nondeterministic_ops"] == []
     assert ckpt["trainer_name"] == f"{TINY}_seed1"
 
 
@@ -118,28 +124,67 @@ INTERRUPTING_TRAINER = textwrap.dedent("""
 """)
 
 
-def test_replicas_keep_going_resume_interrupted_and_skip_finished(seed_replicas, tmp_path):
-    user = tmp_path / "user_trainers"
-    user.mkdir()
+RESUMED = "InterruptedTiny_seed0"  # interrupted after epoch 0, then resumed
+
+
+@pytest.fixture(scope="module")
+def interrupted_replicas(synthetic_3d, tmp_path_factory):
+    """``replicas -n 2 -tr InterruptedTiny``: seed0 dies after epoch 0, seed1 finishes; then the same command
+    again, which resumes seed0. nnU-Net's single-process augmenter (nnunet_env's nnUNet_n_proc_DA=0): worker
+    processes beside the trainer make a 2-core machine many times slower (docs/performance.md); the seeded
+    workers are tested on fresh runs (test_seed_replicas_are_bitwise_reproducible_and_differ_across_seeds)."""
+    user = tmp_path_factory.mktemp("user_trainers")
     (user / "interrupted_tiny.py").write_text(INTERRUPTING_TRAINER)
-    env = dict(os.environ, nnUNet_extTrainer=ext_trainer_value(str(user)), INTERRUPT_SEED="0")
+    env = dict(os.environ, nnUNet_extTrainer=ext_trainer_value(str(user)))
     args = ("nnunet_varaug", "replicas", "-d", str(SYNTHETIC_3D_ID), "-c", "3d_fullres", "-f", "0", "-n", "2",
             "-tr", "InterruptedTiny", "-device", "cpu")
-    first = run_cli(*args, env=env, check=False)
-    assert first.returncode == 1, first.stdout + first.stderr
-    lines = {line.split()[0]: line for line in first.stdout.splitlines() if line.startswith("InterruptedTiny_")}
-    assert "FAILED" in lines["InterruptedTiny_seed0"] and lines["InterruptedTiny_seed0"].split()[-2] == "1"
-    assert " trained " in lines["InterruptedTiny_seed1"], "one failing replica must not stop the others"
-    folder = fold0(os.environ["nnUNet_results"], seed_replicas["name"], "InterruptedTiny_seed0")
-    assert os.path.isfile(os.path.join(folder, "checkpoint_latest.pth"))
-    assert not os.path.isfile(os.path.join(folder, "checkpoint_final.pth"))
+    folder = fold0(os.environ["nnUNet_results"], synthetic_3d["name"], RESUMED)
+    first = run_cli(*args, env=dict(env, INTERRUPT_SEED="0"), check=False)
+    after_first = {f for f in ("checkpoint_latest.pth", "checkpoint_final.pth")
+                   if os.path.isfile(os.path.join(folder, f))}
+    second = run_cli(*args, env=env, check=False)
+    return {"first": first, "second": second, "after_first": after_first, "folder": folder, "env": env,
+            "dataset": synthetic_3d["name"]}
 
-    del env["INTERRUPT_SEED"]
-    second = run_cli(*args, env=env)
-    lines = {line.split()[0]: line for line in second.stdout.splitlines() if line.startswith("InterruptedTiny_")}
-    assert "resumed, finished" in lines["InterruptedTiny_seed0"] and lines["InterruptedTiny_seed0"].split()[-2] == "2"
+
+def status_lines(stdout: str) -> dict:
+    return {line.split()[0]: line for line in stdout.splitlines() if line.startswith("InterruptedTiny_")}
+
+
+def test_replicas_keep_going_resume_interrupted_and_skip_finished(interrupted_replicas):
+    first, second = interrupted_replicas["first"], interrupted_replicas["second"]
+    assert first.returncode == 1, first.stdout + first.stderr
+    lines = status_lines(first.stdout)
+    assert "FAILED" in lines[RESUMED] and lines[RESUMED].split()[-2] == "1"
+    assert " trained " in lines["InterruptedTiny_seed1"], "one failing replica must not stop the others"
+    assert interrupted_replicas["after_first"] == {"checkpoint_latest.pth"}
+
+    assert second.returncode == 0, second.stdout + second.stderr
+    lines = status_lines(second.stdout)
+    assert "resumed, finished" in lines[RESUMED] and lines[RESUMED].split()[-2] == "2"
     assert "finished (skipped)" in lines["InterruptedTiny_seed1"]
     # the resumed run continued at epoch 1 instead of starting over
+    folder = interrupted_replicas["folder"]
     logs = sorted(f for f in os.listdir(folder) if f.startswith("training_log_"))
     newest = open(os.path.join(folder, logs[-1])).read()
     assert "Epoch 1" in newest and "Epoch 0\n" not in newest
+
+
+@pytest.mark.xfail(reason="found by this test (issue 10): two identical interrupted-then-resumed runs gave the same "
+                          "losses but weights differing in the last bit (140 of 188 tensors, max 6e-8); cause not "
+                          "yet known", strict=False)
+def test_an_interrupted_then_resumed_replica_is_reproducible(interrupted_replicas, tmp_path):
+    """The same replica interrupted after epoch 0 and resumed with --c, once more in another nnUNet_results:
+    bitwise the same final weights as the fixture's. (Not the weights of an uninterrupted run: a resumed run
+    reseeds at its start epoch, see SeedReplicaMixin.on_train_start.)"""
+    assert interrupted_replicas["second"].returncode == 0, interrupted_replicas["second"].stdout
+    env = dict(interrupted_replicas["env"], nnUNet_results=str(tmp_path / "results"), INTERRUPT_SEED="0")
+    train = ("nnUNetv2_train", str(SYNTHETIC_3D_ID), "3d_fullres", "0", "-tr", RESUMED, "-p", "nnUNetPlans",
+             "-device", "cpu")
+    killed = run_cli(*train, env=env, check=False)
+    assert killed.returncode == 3, killed.stdout[-2000:] + killed.stderr[-2000:]
+    del env["INTERRUPT_SEED"]
+    run_cli(*train, "--c", env=env)
+    again = fold0(env["nnUNet_results"], interrupted_replicas["dataset"], RESUMED)
+    assert same_weights(final_weights(interrupted_replicas["folder"]), final_weights(again)), \
+        "an interrupted then resumed replica must be reproducible"

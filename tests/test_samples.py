@@ -184,7 +184,7 @@ def refused(fold: int, match: str, trainer: str = f"{TINY}_varaug"):
     return str(info.value)
 
 
-@pytest.mark.e2e
+@pytest.mark.nnunet
 def test_bad_sample_sets_refused_with_the_fix(synthetic_3d):
     from nnunet_varaug.sampleset import MANIFEST, save_manifest
 
@@ -246,6 +246,7 @@ def test_missing_samples_refused_by_nnunet_train(seed_replicas):
     assert f"run `{COMMAND}`" in proc.stdout + proc.stderr
 
 
+@pytest.mark.nnunet
 def test_cascade_refused(synthetic_3d):
     from nnunet_varaug.experiment import VarAugError
 
@@ -256,6 +257,7 @@ def test_cascade_refused(synthetic_3d):
         build_trainer(f"{TINY}_varaug", 0, add_cascade).initialize()
 
 
+@pytest.mark.unit
 def test_p_outside_unit_interval_refused_by_name():
     from nnunet_varaug.registry import TrainerNameError, resolve
 

@@ -9,6 +9,8 @@ import torch
 
 from nnunet_varaug.transforms import VariabilitySampleTransform
 
+pytestmark = pytest.mark.unit
+
 
 def stacked(k: int, spatial=(4, 5, 6)) -> torch.Tensor:
     """Channel c is filled with the value c, so the output tells which channel was kept."""

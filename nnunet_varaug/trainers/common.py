@@ -24,6 +24,11 @@ class RecordSettingsMixin:
 
     def _save_debug_information(self):
         super()._save_debug_information()
+        self.varaug_update_debug_record()
+
+    def varaug_update_debug_record(self) -> None:
+        """Rewrite ``nnunet_varaug`` in debug.json with :meth:`varaug_record` as it is now (e.g. at the end of
+        training, with facts learnt while training)."""
         path = join(self.output_folder, "debug.json")
         if self.local_rank == 0 and isfile(path):
             debug = load_json(path)

@@ -2,7 +2,9 @@
 
 For tests and the CPU demo only: same plans, data pipeline, loss and validation as ``nnUNetTrainer``, but the
 network's feature widths are divided by 4 (minimum 4) and training is short. ``VARAUG_TINY_EPOCHS`` and
-``VARAUG_TINY_ITERATIONS`` change the length (recorded in debug.json like every trainer attribute).
+``VARAUG_TINY_ITERATIONS`` change the length (recorded in debug.json like every trainer attribute). It checkpoints
+every epoch (the resume tests interrupt after one) but draws nnU-Net's progress.png only after the last epoch:
+with epochs of a few seconds, redrawing the plot each epoch is a large share of the run.
 """
 from __future__ import annotations
 
@@ -26,6 +28,15 @@ class nnUNetTrainerTiny(nnUNetTrainer):
         self.num_iterations_per_epoch = int(os.environ.get("VARAUG_TINY_ITERATIONS", 4))
         self.num_val_iterations_per_epoch = 2
         self.save_every = 1
+
+    def on_epoch_end(self):
+        plot = self.logger.plot_progress_png
+        if self.current_epoch != self.num_epochs - 1:
+            self.logger.plot_progress_png = lambda *args, **kwargs: None
+        try:
+            super().on_epoch_end()
+        finally:
+            self.logger.plot_progress_png = plot
 
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels, num_output_channels,

@@ -1,0 +1,132 @@
+"""What a seed replica arranges for deterministic GPU training, checked on the CPU: CUBLAS_WORKSPACE_CONFIG set
+before nnU-Net's trainer is built, deterministic algorithms (warn-only) and cuDNN flags, torch.compile off unless
+the user asks through nnUNet_compile, the warnings of ops without a deterministic kernel recorded. The GPU run
+itself (same replica twice -> same weights) is benchmarks/gpu_determinism.py."""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import pytest
+import torch
+
+from nnunet_varaug.seeding import (CUBLAS_CONFIG, NondeterminismRecorder, compile_decision, configure_cublas,
+                                   make_deterministic)
+from nnunet_varaug.trainers.replica import SeedReplicaMixin
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+def torch_flags():
+    """torch's global determinism flags, restored after the test."""
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    yield
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
+
+
+def nondeterministic_op() -> None:
+    """An op that has no deterministic kernel on the CPU (torch alerts for put_ with accumulate=False)."""
+    torch.zeros(4).put_(torch.tensor([0, 1]), torch.tensor([1.0, 2.0]), accumulate=False)
+
+
+def test_cublas_config_set_unless_the_user_set_a_deterministic_one():
+    env = {}
+    assert configure_cublas(env)["set_by"] == "nnunet_varaug" and env["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    env = {"CUBLAS_WORKSPACE_CONFIG": ":16:8"}
+    assert configure_cublas(env)["set_by"] == "user" and env["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    env = {"CUBLAS_WORKSPACE_CONFIG": ":0:0"}  # not one of cuBLAS's deterministic settings
+    record = configure_cublas(env)
+    assert env["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_CONFIG and "replaced the user's ':0:0'" in record["set_by"]
+
+
+def test_compile_off_unless_the_user_sets_nnunet_compile():
+    assert compile_decision({})[0] is False
+    for value in ("t", "f", "1"):
+        decided, reason = compile_decision({"nnUNet_compile": value})
+        assert decided is None and f"nnUNet_compile={value}" in reason
+
+
+def test_deterministic_algorithms_warn_only_and_cudnn(torch_flags):
+    torch.use_deterministic_algorithms(False)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, True  # as nnU-Net leaves them
+    assert make_deterministic() == {"deterministic_algorithms": True, "warn_only": True,
+                                    "cudnn_deterministic": True, "cudnn_benchmark": False}
+    assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warn-only: an op without a deterministic kernel must not stop training
+        with pytest.raises(UserWarning, match="does not have a deterministic implementation"):
+            nondeterministic_op()
+
+
+def test_recorder_keeps_each_alert_once_and_lets_other_warnings_through(torch_flags, recwarn):
+    make_deterministic()
+    recorder = NondeterminismRecorder().install()
+    try:
+        nondeterministic_op()
+        nondeterministic_op()
+        warnings.warn("something else", UserWarning)
+    finally:
+        recorder.uninstall()
+    assert len(recorder.messages) == 1 and recorder.messages[0].startswith("put_ does not have a deterministic")
+    nondeterministic_op()  # after uninstall: no longer recorded
+    assert len(recorder.messages) == 1
+
+
+class FakeTrainer:
+    """Stands for nnUNetTrainer: records what it sees when built, and what it would compile."""
+
+    compile_default = True
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        self.seen_cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+        self.device = device
+        self.current_epoch, self.local_rank = 0, 0
+        self.output_folder = self.folder
+
+    def _do_i_compile(self):
+        return self.compile_default
+
+    def on_train_start(self):
+        pass
+
+    def on_train_end(self):
+        pass
+
+
+
+def seed_trainer(folder):
+    cls = type("FakeTrainer_seed1", (SeedReplicaMixin, FakeTrainer), {"replica_seed": 1, "folder": str(folder)})
+    return cls({}, "3d_fullres", 0, {}, torch.device("cpu"))
+
+
+def test_seed_replica_arranges_and_records_determinism(torch_flags, monkeypatch, tmp_path):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.delenv("nnUNet_compile", raising=False)
+    (tmp_path / "debug.json").write_text("{}")  # as nnU-Net's on_train_start leaves it
+    trainer = seed_trainer(tmp_path)
+    assert trainer.seen_cublas == CUBLAS_CONFIG, "CUBLAS_WORKSPACE_CONFIG must be set before nnU-Net's __init__"
+    assert trainer._do_i_compile() is False  # nnU-Net's default would compile
+    torch.use_deterministic_algorithms(False)
+    trainer.on_train_start()
+    try:
+        nondeterministic_op()
+        record = trainer.varaug_record()["determinism"]
+    finally:
+        trainer.on_train_end()
+    assert record["deterministic_algorithms"] and record["warn_only"] and record["cudnn_deterministic"]
+    assert not record["cudnn_benchmark"] and record["compile"] is False and record["compile_requested"] is False
+    assert record["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_CONFIG and record["cublas_config_set_by"] == "nnunet_varaug"
+    assert record["device"] == "cpu" and len(record["nondeterministic_ops"]) == 1
+    with open(tmp_path / "debug.json") as f:  # rewritten at the end of training, with the warnings
+        assert json.load(f)["nnunet_varaug"]["determinism"] == record
+
+
+def test_an_explicit_nnunet_compile_is_respected(monkeypatch, tmp_path):
+    monkeypatch.setenv("nnUNet_compile", "t")
+    trainer = seed_trainer(tmp_path)
+    assert trainer._do_i_compile() is True  # nnU-Net's own decision, here FakeTrainer's
+    assert trainer.varaug_record()["determinism"]["compile"] is True
