@@ -30,7 +30,7 @@ import torch.nn.functional as F
 Rounder = Callable[[torch.Tensor], torch.Tensor]  # float64 result -> float32, stochastically rounded
 
 #: Elements of float64 scratch per lane step (chunks over the output so memory stays bounded).
-_CHUNK = 1 << 23
+_CHUNK = 1 << 16
 
 
 def lanes_for(k: int) -> int:
