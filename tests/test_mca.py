@@ -112,16 +112,14 @@ def _weights(folder: str) -> torch.Tensor:
                       if torch.is_floating_point(v)]), ckpt
 
 
-def _two_steps(name: str, dataset: str, monkeypatch):
+def _two_steps(name: str, dataset: str):
     """Build trainer ``name`` on fold 1 (no other test trains fold 1), run nnU-Net's on_train_start and two of
     its training steps on its own loader's batches; return (initial weights, batches, weights after, trainer)."""
     from batchgenerators.utilities.file_and_folder_operations import load_json
-    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
 
-    monkeypatch.setattr(trainer_module, "nnUNet_preprocessed", os.environ["nnUNet_preprocessed"])
-    monkeypatch.setattr(trainer_module, "nnUNet_results", os.environ["nnUNet_results"])
     folder = os.path.join(os.environ["nnUNet_preprocessed"], dataset)
-    trainer = registry.resolve(name)(load_json(os.path.join(folder, "nnUNetPlans.json")), "3d_fullres", 1,
+    plans = {**load_json(os.path.join(folder, "nnUNetPlans.json")), "continue_training": False}
+    trainer = registry.resolve(name)(plans, "3d_fullres", 1,
                                      load_json(os.path.join(folder, "dataset.json")), torch.device("cpu"))
     trainer.initialize()
     flat = lambda: torch.cat([p.detach().flatten().clone() for p in trainer.network.parameters()])  # noqa: E731
@@ -138,15 +136,15 @@ def _two_steps(name: str, dataset: str, monkeypatch):
 
 
 @pytest.mark.e2e
-def test_mca0_and_ieee_are_reproducible_twins(synthetic_3d, monkeypatch):
+def test_mca0_and_ieee_are_reproducible_twins(synthetic_3d):
     """Two training steps in process: _mca0 twice is bitwise identical and so is _ieee; _mca0 and _ieee start
     from identical weights and see identical batches, and end different (by rounding-sized amounts); the
     validation step runs unperturbed: the _mca0 trainer's validation equals the _ieee trainer's on the same
     weights, and the noise counter does not move."""
-    mca_a = _two_steps(f"{TINY}_mca0", synthetic_3d["name"], monkeypatch)
-    mca_b = _two_steps(f"{TINY}_mca0", synthetic_3d["name"], monkeypatch)
-    ieee_a = _two_steps(f"{TINY}_ieee", synthetic_3d["name"], monkeypatch)
-    ieee_b = _two_steps(f"{TINY}_ieee", synthetic_3d["name"], monkeypatch)
+    mca_a = _two_steps(f"{TINY}_mca0", synthetic_3d["name"])
+    mca_b = _two_steps(f"{TINY}_mca0", synthetic_3d["name"])
+    ieee_a = _two_steps(f"{TINY}_ieee", synthetic_3d["name"])
+    ieee_b = _two_steps(f"{TINY}_ieee", synthetic_3d["name"])
     assert torch.equal(mca_a[2], mca_b[2]) and torch.equal(ieee_a[2], ieee_b[2])
     assert torch.equal(mca_a[0], ieee_a[0])
     assert all(torch.equal(x, y) for x, y in zip(mca_a[1], ieee_a[1]))
