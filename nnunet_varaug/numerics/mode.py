@@ -139,6 +139,8 @@ class MonteCarloArithmetic(TorchDispatchMode):
                 return v
             if isinstance(v, float):
                 return _float32_scalar(v)
+            if isinstance(v, torch.dtype) and v in HIGH:  # e.g. input_dtype of _log_softmax_backward_data
+                return HIGH[v]
             return v
 
         hargs = tuple(tree_map(up, a) if isinstance(a, (list, tuple)) else up(a) for a in args)
@@ -155,6 +157,8 @@ class MonteCarloArithmetic(TorchDispatchMode):
             for h in (value if isinstance(value, (list, tuple)) else (value,)):
                 original = originals.get(id(h)) if isinstance(h, torch.Tensor) else None
                 if original is not None:
+                    if original.shape != h.shape:  # an out= tensor the op resized
+                        original.resize_(h.shape)
                     original.copy_(self.round(h, original.dtype) if h.dtype == HIGH[original.dtype] else h)
 
         def down(r: Any) -> Any:
