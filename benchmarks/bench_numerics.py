@@ -107,7 +107,8 @@ def main(argv=None) -> int:
             os.makedirs(data_folder)
             open(os.path.join(data_folder, "placeholder.b2nd"), "w").close()
         t = f"_t{args.virtual_bits}" if args.virtual_bits else ""
-        names = {"ieee": f"{args.trainer}_ieee", "op": f"{args.trainer}_mca0{t}", "instr": f"{args.trainer}_mca0{t}_instr"}
+        names = {"ieee": f"{args.trainer}_ieee", "op": f"{args.trainer}_mca0{t}",
+                 "instr": f"{args.trainer}_mca0{t}_instr"}
         trainers = {}
         with contextlib.redirect_stdout(sys.stderr):
             for label in args.sides:
