@@ -39,6 +39,8 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--iterations", type=int, default=3)
     p.add_argument("--groups", nargs="+", default=list(GROUPS), choices=list(GROUPS))
+    p.add_argument("--no-train", action="store_true",
+                   help="train nothing: compare the replicas already trained (at least 2 per group)")
     args = p.parse_args(argv)
     out = os.path.abspath(args.output)
     from nnunet_varaug import registry
@@ -65,6 +67,8 @@ def main(argv=None) -> int:
     for group in args.groups:
         for trainer in GROUPS[group]:
             folder = os.path.join(env["nnUNet_results"], name, f"{trainer}__nnUNetPlans__3d_fullres", "fold_0")
+            if args.no_train and not os.path.isfile(os.path.join(folder, "checkpoint_final.pth")):
+                continue
             folders[trainer] = folder
             if not os.path.isfile(os.path.join(folder, "checkpoint_final.pth")):
                 t0 = time.time()
@@ -81,7 +85,10 @@ def main(argv=None) -> int:
     rows = []
     gt_folder = os.path.join(env["nnUNet_preprocessed"], name, "gt_segmentations")
     for group in args.groups:
-        trainers = GROUPS[group]
+        trainers = [t for t in GROUPS[group] if t in folders]
+        if len(trainers) < 2:
+            print(f"{group}: fewer than 2 trained replicas, skipped", flush=True)
+            continue
         cases = sorted(f for f in os.listdir(os.path.join(folders[trainers[0]], "validation")) if f.endswith(".nii.gz"))
         for label, structure in LABELS.items():
             pair, truth = [], []
@@ -90,7 +97,8 @@ def main(argv=None) -> int:
                 gt = load(os.path.join(gt_folder, case)) == label
                 pair += [dice(a, b) for a, b in itertools.combinations(maps, 2)]
                 truth += [dice(m, gt) for m in maps]
-            rows.append({"group": group, "label": structure, "cases": len(cases), "pairs": len(pair),
+            rows.append({"group": group, "label": structure, "replicas": len(trainers), "cases": len(cases),
+                         "pairs": len(pair),
                          "pairwise_dice_mean": float(np.mean(pair)), "pairwise_dice_min": float(np.min(pair)),
                          "dice_to_truth_mean": float(np.mean(truth))})
     import pandas as pd
@@ -98,11 +106,11 @@ def main(argv=None) -> int:
     table = pd.DataFrame(rows)
     table.to_csv(os.path.join(out, "fidelity.csv"), index=False)
     print(f"training: {args.epochs} epoch(s) x {args.iterations} iterations (batch 2, patch 32^3), fold 0")
-    print("| group | label | pairwise Dice mean | pairwise Dice min | Dice to truth (mean) |")
-    print("|---|---|---|---|---|")
+    print("| group | replicas | label | pairwise Dice mean | pairwise Dice min | Dice to truth (mean) |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['group']} | {r['label']} | {r['pairwise_dice_mean']:.3f} | {r['pairwise_dice_min']:.3f} | "
-              f"{r['dice_to_truth_mean']:.3f} |")
+        print(f"| {r['group']} | {r['replicas']} | {r['label']} | {r['pairwise_dice_mean']:.3f} | "
+              f"{r['pairwise_dice_min']:.3f} | {r['dice_to_truth_mean']:.3f} |")
     return 0
 
 
