@@ -363,7 +363,9 @@ def test_half_dtypes_round_their_float32_result(dtype):
     with MonteCarloArithmetic(stream=0):
         s = a + b
         d = torch.ones(5, dtype=torch.float64) / 3
+        mixed = torch.ones(5) + torch.ones(5, dtype=torch.float64) / 3  # promotes to float64 work
     up = (s.double() == 1 + ulp)
+    assert mixed.dtype == torch.float64 and torch.equal(mixed, 1 + torch.ones(5, dtype=torch.float64) / 3)
     assert torch.all(up | (s == 1)) and abs(up.double().mean().item() - 0.25) <= 3.29 * math.sqrt(0.1875 / n)
     assert torch.equal(d, torch.ones(5, dtype=torch.float64) / 3)
 
