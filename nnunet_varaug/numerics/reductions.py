@@ -5,8 +5,8 @@ in float64 and rounded once (op level) or as a fixed sequence of stochastically 
 **Op level** (``conv_forward_high``, ``conv_backward_high``): a convolution is the sum over kernel offsets of
 one float64 matrix product per offset (``W[:, :, offset] @ x_shifted``), accumulated in float64. Every product
 of two float32 numbers is exact in float64; the sums are float64 additions (error below ``2^-53`` relative per
-addition). It is the cheapest exact-enough route measured on the CPU here (about 4x a float32 oneDNN
-convolution against 7-20x for a float64 convolution; docs/numerics.md).
+addition). It was the cheapest such route measured on the CPU here (3.8-13x a float32 oneDNN convolution,
+depending on load, against 7-20x for PyTorch's float64 convolution; docs/numerics.md).
 
 **Instruction level** (:func:`sr_matmul`, :func:`sr_sum`, ``conv_*_instr``): every product ``a_i * b_i`` and
 every addition is one stochastically rounded float32 instruction. The accumulation order emulated is that of a
