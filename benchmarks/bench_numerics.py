@@ -1,15 +1,18 @@
-"""Cost of MCA random rounding: one nnU-Net training step with vs without the perturbation, side by side.
+"""Cost of stochastic rounding: nnU-Net training steps of ``_ieee``, ``_mca0`` and ``_mca0_instr``, side by side.
 
-Both sides are real nnU-Net: ``nnUNetTrainer`` and ``nnUNetTrainer_mca0`` (the plugin's numerical replica) are
-built from the same plans (by default nnU-Net plans a synthetic dataset of ``--shape`` in a temporary folder;
-``--plans/--dataset-json`` use yours), each initialised (PlainConvUNet, deep-supervision DC+CE loss, SGD), and
-their own ``train_step`` (forward, loss, backward, gradient clipping, optimizer step) is timed on the same batch
-of ``--batch`` patches, alternating plain and MCA steps so that both see the same machine load. The MCA side
-trains in float32 (as every ``_mca`` replica does); with ``--device cuda`` the plain side keeps nnU-Net's
-autocast (what users run) unless ``--plain-float32`` is given.
+All sides are real nnU-Net trainers built from the same plans (by default nnU-Net plans a synthetic dataset of
+``--shape`` in a temporary folder; ``--plans/--dataset-json`` use yours): ``<trainer>_ieee`` (the float32
+training path of the numerical replicas, no noise: the reference of every ratio), ``<trainer>_mca0`` (exact
+stochastic rounding per op) and, with ``--sides ieee op instr``, ``<trainer>_mca0_instr`` (per instruction).
+Each is initialised (PlainConvUNet, deep-supervision DC+CE loss, SGD) and its own ``train_step`` (forward,
+loss, backward, gradient clipping, optimizer step) is timed on the same batch of ``--batch`` patches, the
+sides alternating so that they see the same machine load. ``--device cuda`` times the same on a GPU (TF32 off
+on every side, as the replicas train).
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_numerics.py                 # CPU, 64^3 plan, batch 2
-    python benchmarks/bench_numerics.py --device cuda --shape 128 128 128
+    OMP_NUM_THREADS=1 python benchmarks/bench_numerics.py --shape 32 32 32                 # op level, CPU
+    OMP_NUM_THREADS=1 python benchmarks/bench_numerics.py --shape 32 32 32 -tr nnUNetTrainerTiny \
+        --sides ieee op instr --steps 2                                                     # + instruction level
+    python benchmarks/bench_numerics.py --device cuda --shape 32 32 32                     # GPU
 """
 from __future__ import annotations
 
@@ -31,12 +34,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dataset-json", help="the dataset.json belonging to --plans")
     p.add_argument("-c", "--configuration", default="3d_fullres")
     p.add_argument("-tr", "--trainer", default="nnUNetTrainer",
-                   help="base trainer (default nnUNetTrainer); the MCA side is <trainer>_mca0")
+                   help="base trainer (default nnUNetTrainer); sides are <trainer>_ieee, _mca0, _mca0_instr")
+    p.add_argument("--sides", nargs="+", default=["ieee", "op"], choices=["ieee", "op", "instr"],
+                   help="which sides to time (default: ieee op); ratios are to ieee")
     p.add_argument("--batch", type=int, default=2, help="patches per batch (default 2)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per side (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per side first (default 1)")
     p.add_argument("--virtual-bits", type=int, default=None, help="t for the MCA side (default 24)")
-    p.add_argument("--plain-float32", action="store_true", help="CUDA: plain side without autocast too")
     return p.parse_args(argv)
 
 
@@ -77,6 +81,8 @@ def make_batch(trainer, batch: int, device):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if "ieee" not in args.sides:
+        args.sides = ["ieee", *args.sides]
     with tempfile.TemporaryDirectory() as root:
         for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
             os.environ.setdefault(v, os.path.join(root, v))
@@ -100,19 +106,20 @@ def main(argv=None) -> int:
         if not os.path.isdir(data_folder):
             os.makedirs(data_folder)
             open(os.path.join(data_folder, "placeholder.b2nd"), "w").close()
-        mca_name = f"{args.trainer}_mca0" + (f"_t{args.virtual_bits}" if args.virtual_bits else "")
+        t = f"_t{args.virtual_bits}" if args.virtual_bits else ""
+        names = {"ieee": f"{args.trainer}_ieee", "op": f"{args.trainer}_mca0{t}",
+                 "instr": f"{args.trainer}_mca0{t}_instr"}
         trainers = {}
         with contextlib.redirect_stdout(sys.stderr):
-            for label, cls in (("plain", registry.resolve(args.trainer)), ("mca", registry.resolve(mca_name))):
+            for label in args.sides:
                 torch.manual_seed(0)
+                cls = registry.resolve(names[label])
                 tr = cls({**plans, "continue_training": False}, args.configuration, 0, dataset_json, device)
                 tr.initialize()
                 tr.network.train()
-                if label == "plain" and args.plain_float32:
-                    tr.grad_scaler = None
                 trainers[label] = tr
-        batch = make_batch(trainers["plain"], args.batch, device)
-        times = {"plain": [], "mca": []}
+        batch = make_batch(trainers["ieee"], args.batch, device)
+        times = {label: [] for label in args.sides}
 
         def step(label: str) -> float:
             if device.type == "cuda":
@@ -124,22 +131,27 @@ def main(argv=None) -> int:
             return time.perf_counter() - start
 
         for i in range(args.warmup + args.steps):
-            for label in ("plain", "mca"):
+            for label in args.sides:
                 elapsed = step(label)
                 if i >= args.warmup:
                     times[label].append(elapsed)
-        mca = trainers["mca"].mca
-        cm = trainers["plain"].configuration_manager
-        plain_t, mca_t = statistics.median(times["plain"]), statistics.median(times["mca"])
+        cm = trainers["ieee"].configuration_manager
         print(f"device {device} ({torch.get_num_threads()} CPU threads), torch {torch.__version__}")
-        print(f"trainer {args.trainer}, network {cm.network_arch_class_name.split('.')[-1]}, patch {list(cm.patch_size)}, batch "
-              f"{args.batch}, {sum(p.numel() for p in trainers['plain'].network.parameters()) / 1e6:.2f} M parameters")
-        print(f"MCA: {mca!r}; per step {mca.perturbed_ops // (args.warmup + args.steps)} ops perturbed, "
-              f"{mca.perturbed_elements / (args.warmup + args.steps) / 1e6:.1f} M values")
-        print(f"{'':8}{'median s/step':>15}{'min':>10}")
-        for label in ("plain", "mca"):
-            print(f"{label:8}{statistics.median(times[label]):>15.4f}{min(times[label]):>10.4f}")
-        print(f"ratio mca/plain: {mca_t / plain_t:.3f} (median), {min(times['mca']) / min(times['plain']):.3f} (min)")
+        print(f"trainer {args.trainer}, network {cm.network_arch_class_name.split('.')[-1]}, patch "
+              f"{list(cm.patch_size)}, batch {args.batch}, "
+              f"{sum(p.numel() for p in trainers['ieee'].network.parameters()) / 1e6:.3f} M parameters, "
+              f"{args.steps} timed steps per side after {args.warmup} warm-up")
+        for label in args.sides:
+            if label != "ieee":
+                mca = trainers[label].mca
+                n = args.warmup + args.steps
+                print(f"{names[label]}: {mca!r}; per step {mca.perturbed_ops // n} ops, "
+                      f"{mca.perturbed_elements / n / 1e6:.1f} M values rounded")
+        base = statistics.median(times["ieee"])
+        print(f"{'side':28}{'median s/step':>15}{'min':>10}{'ratio to _ieee':>16}")
+        for label in args.sides:
+            med = statistics.median(times[label])
+            print(f"{names[label]:28}{med:>15.4f}{min(times[label]):>10.4f}{med / base:>16.2f}")
     return 0
 
 

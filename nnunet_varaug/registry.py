@@ -7,9 +7,10 @@ live (for pickle) as attributes of this module, resolved by the module ``__getat
 
 Grammar (suffixes read from the right; the rest is the base, itself any resolvable name)::
 
-    <Base>_seed<K>          seed replica K
-    <Base>_mca<K>[_t<T>]    numerical replica K (noise stream K, T virtual bits)
-    <Base>_varaug[_p<NN>]   trained with variability samples, p = NN/100 (default 0.5)
+    <Base>_seed<K>                  seed replica K
+    <Base>_mca<K>[_t<T>][_instr]    numerical replica K (noise stream K, T virtual bits, _instr: per instruction)
+    <Base>_ieee                     the IEEE twin of the _mca replicas (their training path, no noise)
+    <Base>_varaug[_p<NN>]           trained with variability samples, p = NN/100 (default 0.5)
 """
 from __future__ import annotations
 
@@ -23,19 +24,21 @@ ENTRY_POINT_GROUP = "nnunet_varaug.trainers"
 LOOKUP_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lookup")
 
 GRAMMAR = (
-    "trainer names follow <Base>_seed<K> | <Base>_mca<K>[_t<T>] | <Base>_varaug[_p<NN>], where <Base> is a "
+    "trainer names follow <Base>_seed<K> | <Base>_mca<K>[_t<T>][_instr] | <Base>_ieee | <Base>_varaug[_p<NN>], "
+    "where <Base> is a "
     "trainer nnU-Net can find (built in, in an nnUNet_extTrainer folder, or in the entry-point group "
-    f"'{ENTRY_POINT_GROUP}'), K is a non-negative integer without leading zeros, T is 1..53 virtual bits, "
+    f"'{ENTRY_POINT_GROUP}'), K is a non-negative integer without leading zeros, T is 1..24 virtual bits (float32 training), "
     "NN is 0..100 (p = NN/100), and names never contain '__'"
 )
 
 _SUFFIX_RULES = (
     ("seed", re.compile(r"^(?P<base>.+?)_seed(?P<k>0|[1-9]\d*)$")),
-    ("mca", re.compile(r"^(?P<base>.+?)_mca(?P<k>0|[1-9]\d*)(?:_t(?P<t>[1-9]\d?))?$")),
+    ("mca", re.compile(r"^(?P<base>.+?)_mca(?P<k>0|[1-9]\d*)(?:_t(?P<t>[1-9]\d?))?(?P<instr>_instr)?$")),
+    ("ieee", re.compile(r"^(?P<base>.+?)_ieee$")),
     ("varaug", re.compile(r"^(?P<base>.+?)_varaug(?:_p(?P<p>\d{1,3}))?$")),
 )
 # A name that contains one of these tokens claims to be ours; if no rule parses it, it is malformed.
-_TOKENS = re.compile(r"_(seed|mca|varaug)")
+_TOKENS = re.compile(r"_(seed|mca|varaug|ieee)")
 
 _cache: Dict[str, type] = {}
 _lock = threading.RLock()
@@ -63,9 +66,14 @@ def parse(name: str) -> Optional[Tuple[str, str, dict]]:
             return base, kind, {"seed": int(m.group("k"))}
         if kind == "mca":
             bits = int(m.group("t")) if m.group("t") else None
-            if bits is not None and not 1 <= bits <= 53:
-                raise TrainerNameError(f"'{name}': virtual precision t={bits} is outside 1..53; {GRAMMAR}")
-            return base, kind, {"stream": int(m.group("k")), "virtual_bits": bits}
+            if bits is not None and not 1 <= bits <= 24:
+                raise TrainerNameError(f"'{name}': virtual precision t={bits} is outside 1..24; {GRAMMAR}")
+            settings = {"stream": int(m.group("k")), "virtual_bits": bits}
+            if m.group("instr"):
+                settings["granularity"] = "instruction"
+            return base, kind, settings
+        if kind == "ieee":
+            return base, kind, {}
         p = int(m.group("p")) if m.group("p") is not None else 50
         if p > 100:
             raise TrainerNameError(f"'{name}': p={p}/100 is outside [0, 1]; {GRAMMAR}")
@@ -111,6 +119,9 @@ def _mixin_for(kind: str) -> type:
     if kind == "mca":
         from nnunet_varaug.trainers.mca import MCAReplicaMixin
         return MCAReplicaMixin
+    if kind == "ieee":
+        from nnunet_varaug.trainers.ieee import IEEEReplicaMixin
+        return IEEEReplicaMixin
     from nnunet_varaug.trainers.varaug import VarAugMixin
     return VarAugMixin
 
@@ -168,11 +179,35 @@ def claims(name: str) -> bool:
     return bool(_TOKENS.search(name)) or name in _entry_point_classes()
 
 
-def replica_name(base: str, kind: str, k: int) -> str:
-    """The trainer name of replica ``k`` of ``kind`` ('seed' or 'mca') over ``base``."""
-    if kind not in ("seed", "mca"):
-        raise ValueError(f"unknown replica kind '{kind}': use 'seed' or 'mca'")
-    name = f"{base}_{kind}{int(k)}"
+def replica_name(base: str, kind: str, k: int = 0, virtual_bits: Optional[int] = None,
+                 granularity: str = "op") -> str:
+    """The trainer name of replica ``k`` of ``kind`` over ``base``.
+
+    Args:
+        base: the base trainer name, e.g. ``nnUNetTrainer``.
+        kind: 'seed' (``<base>_seed<k>``), 'mca' (``<base>_mca<k>[_t<T>][_instr]``) or 'ieee' (``<base>_ieee``,
+            the IEEE twin of the mca replicas; ``k`` is ignored).
+        k: the replica index (seed or noise stream).
+        virtual_bits: 'mca' only: T, or None for float32's own 24 bits.
+        granularity: 'mca' only: 'op' or 'instruction' (``_instr``).
+
+    Raises:
+        ValueError: an unknown kind or granularity, or settings the kind does not take.
+        TrainerNameError: the resulting name breaks the grammar (e.g. T outside 1..24).
+    """
+    if kind not in ("seed", "mca", "ieee"):
+        raise ValueError(f"unknown replica kind '{kind}': use 'seed', 'mca' or 'ieee'")
+    if granularity not in ("op", "instruction"):
+        raise ValueError(f"unknown granularity '{granularity}': use 'op' or 'instruction'")
+    if kind != "mca" and (virtual_bits is not None or granularity != "op"):
+        raise ValueError(f"virtual_bits and granularity apply to 'mca' replicas, not '{kind}'")
+    if kind == "ieee":
+        name = f"{base}_ieee"
+    elif kind == "seed":
+        name = f"{base}_seed{int(k)}"
+    else:
+        name = (f"{base}_mca{int(k)}" + (f"_t{int(virtual_bits)}" if virtual_bits is not None else "")
+                + ("_instr" if granularity == "instruction" else ""))
     parse(name)
     return name
 

@@ -26,6 +26,12 @@ pytestmark = pytest.mark.unit
     ("nnUNetTrainer_varaug_p25", ("nnUNetTrainer", "varaug", {"p": 0.25})),
     ("nnUNetTrainer_varaug_p100", ("nnUNetTrainer", "varaug", {"p": 1.0})),
     ("nnUNetTrainer_varaug_seed2", ("nnUNetTrainer_varaug", "seed", {"seed": 2})),
+    ("nnUNetTrainer_mca2_instr", ("nnUNetTrainer", "mca", {"stream": 2, "virtual_bits": None,
+                                                           "granularity": "instruction"})),
+    ("nnUNetTrainer_mca0_t12_instr", ("nnUNetTrainer", "mca", {"stream": 0, "virtual_bits": 12,
+                                                               "granularity": "instruction"})),
+    ("nnUNetTrainer_ieee", ("nnUNetTrainer", "ieee", {})),
+    ("nnUNetTrainer_250epochs_ieee", ("nnUNetTrainer_250epochs", "ieee", {})),
 ])
 def test_grammar_parses(name, expected):
     assert registry.parse(name) == expected
@@ -40,6 +46,8 @@ def test_names_without_suffix_are_not_ours(name):
     "nnUNetTrainer_seedx", "nnUNetTrainer_seed-1", "nnUNetTrainer_seed01", "nnUNetTrainer_seed",
     "nnUNet__Trainer_seed1", "nnUNetTrainer_seed1_extra", "nnUNetTrainer_mca1_t0", "nnUNetTrainer_mca1_t60",
     "nnUNetTrainer_varaug_p101", "nnUNetTrainer_varaug_px", "_seed1",
+    "nnUNetTrainer_mca1_t25", "nnUNetTrainer_mca1_instr_t16", "nnUNetTrainer_mca_instr", "nnUNetTrainer_ieee1",
+    "nnUNetTrainer_ieee_t16", "nnUNetTrainer_mca1_instr2",
 ])
 def test_malformed_names_state_the_grammar(name):
     with pytest.raises(TrainerNameError, match=r"<Base>_seed<K>"):

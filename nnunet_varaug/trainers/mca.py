@@ -1,16 +1,15 @@
-"""``<Base>_mca<K>`` and ``<Base>_mca<K>_t<T>``: numerical replicas, trained under Monte Carlo Arithmetic.
+"""``<Base>_mca<K>[_t<T>][_instr]``: numerical replicas, and what they share with their IEEE twin ``<Base>_ieee``.
 
-Every random number generator of training is seeded exactly as for ``<Base>_seed0`` (``replica_seed = 0``), so
-two ``_mca`` replicas see the same initial weights, batches and augmentations and differ only through the
-floating-point noise of stream K: the paper's "numerical variability". The whole training step
-(``train_step``: forward, loss, backward, gradient clipping, optimizer step) runs under
-:class:`~nnunet_varaug.numerics.MonteCarloArithmetic`; validation, checkpoint export, the final validation and
-inference are plain IEEE arithmetic, so a numerical replica predicts like any nnU-Net model.
+:class:`Float32TrainingMixin` is the training path common to ``_mca`` and ``_ieee``: every random number
+generator seeded as for ``<Base>_seed0`` (``replica_seed = 0``: same initial weights, batches and
+augmentations), the training step (``train_step``: forward, loss, backward, gradient clipping, optimizer step)
+in float32 with autocast and the gradient scaler off, TF32 off (cuDNN and CUDA matmul), ``torch.compile`` off
+(a dispatch mode sees the ops one at a time, which compiled graphs would hide), and every precision setting
+recorded in debug.json and in each checkpoint. Validation, export and inference are nnU-Net's own.
 
-Training runs in float32 on every device: nnU-Net's CUDA autocast would compute convolutions in float16, whose
-11 bits would round away a 24-bit perturbation, so the mixin turns autocast and the gradient scaler off for
-the training step (validation keeps nnU-Net's autocast). ``torch.compile`` is off too: a dispatch mode sees the
-ops one at a time, which compiled graphs would hide.
+:class:`MCAReplicaMixin` adds stochastic rounding of stream K
+(:class:`~nnunet_varaug.numerics.MonteCarloArithmetic`, ``granularity="op"``, or ``"instruction"`` for
+``_instr``) to the training step only, so ``_mca<K>`` and ``_ieee`` differ through that noise alone.
 """
 from __future__ import annotations
 
@@ -20,9 +19,10 @@ from typing import Any, Dict, Iterator, Optional
 import torch
 
 from nnunet_varaug.numerics import MonteCarloArithmetic, PrecisionError, check_virtual_bits
+from nnunet_varaug.numerics.precision import disable_tf32, precision_settings
 from nnunet_varaug.trainers.replica import SeedReplicaMixin
 
-#: The dtype nnU-Net's training step computes in under this mixin (autocast off).
+#: The dtype nnU-Net's training step computes in under these mixins (autocast off).
 TRAINING_DTYPE = torch.float32
 
 
@@ -47,18 +47,56 @@ def _autocast_off() -> Iterator[None]:
         trainer_module.autocast = original
 
 
-class MCAReplicaMixin(SeedReplicaMixin):
-    """Trains with the RNG of ``_seed0`` and MCA random rounding (stream ``mca_stream``, ``mca_virtual_bits``)
-    on every floating-point result of the training step."""
+class Float32TrainingMixin(SeedReplicaMixin):
+    """The float32 training path of ``_mca`` and ``_ieee`` (module docstring); no noise by itself."""
 
     replica_seed: int = 0
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        disable_tf32()
+        self.grad_scaler = None  # float32 training: nothing to scale
+
+    def _do_i_compile(self) -> bool:
+        return False
+
+    def on_train_start(self):
+        disable_tf32()  # again: nothing between __init__ and training may turn it back on
+        super().on_train_start()
+
+    def training_context(self):
+        """The context the training step runs in, inside autocast-off (the MCA mode for ``_mca``)."""
+        return contextlib.nullcontext()
+
+    def train_step(self, batch: dict) -> dict:
+        with _autocast_off(), self.training_context():
+            return super().train_step(batch)
+
+    def precision_record(self) -> Dict[str, Any]:
+        return {"train_step_dtype": str(TRAINING_DTYPE).replace("torch.", ""), "train_step_autocast": False,
+                "grad_scaler": self.grad_scaler is not None, "torch_compile": False,
+                "validation_autocast": "nnU-Net's own (enabled on CUDA)", **precision_settings()}
+
+    def varaug_record(self) -> Dict[str, Any]:
+        record = super().varaug_record()
+        record["precision"] = self.precision_record()
+        return record
+
+
+class MCAReplicaMixin(Float32TrainingMixin):
+    """Trains with the RNG of ``_seed0`` and stochastic rounding (stream ``mca_stream``, ``mca_virtual_bits``,
+    ``mca_granularity``) of every floating-point result of the training step."""
+
     mca_stream: int = 0
-    mca_virtual_bits: Optional[int] = None  # None: float32's own 24 bits
+    mca_virtual_bits: Optional[int] = None  # None: float32's own 24 bits (stochastic rounding)
+    mca_granularity: str = "op"
 
     @staticmethod
     def class_attributes(settings: dict) -> dict:
         return {"replica_seed": 0, "mca_stream": int(settings["stream"]),
-                "mca_virtual_bits": settings.get("virtual_bits")}
+                "mca_virtual_bits": settings.get("virtual_bits"),
+                "mca_granularity": settings.get("granularity", "op")}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -70,25 +108,26 @@ class MCAReplicaMixin(SeedReplicaMixin):
                                  f"_mca{self.mca_stream} for t = 24, or _mca{self.mca_stream}_t16)") from None
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.mca_effective_bits = bits
-        self.mca = MonteCarloArithmetic(bits, stream=self.mca_stream)
-        self.grad_scaler = None  # float32 training: nothing to scale
-
-    def _do_i_compile(self) -> bool:
-        return False
+        self.mca = MonteCarloArithmetic(None if bits == 24 else bits, stream=self.mca_stream,
+                                        granularity=self.mca_granularity)
 
     def on_train_epoch_start(self):
         # Per-epoch noise seeds: a run resumed at epoch e draws the same noise as an uninterrupted one from e on.
         self.mca.reseed("epoch", self.current_epoch)
         super().on_train_epoch_start()
 
-    def train_step(self, batch: dict) -> dict:
-        with _autocast_off(), self.mca:
-            return super().train_step(batch)
+    def training_context(self):
+        return self.mca
 
     def varaug_record(self) -> Dict[str, Any]:
         record = super().varaug_record()
+        sr = self.mca_effective_bits == 24
         record["numerics"] = {
-            "kind": "mca", "method": "MCA random rounding of every floating-point aten result",
+            "kind": "mca", "granularity": self.mca_granularity,
+            "method": ("stochastic rounding" if sr else f"Verificarlo random rounding at t={self.mca_effective_bits}")
+            + (" of every floating-point aten result, computed in float64" if self.mca_granularity == "op" else
+               " of every multiply and addition of convolutions, matrix products and sums, and of every other "
+               "aten result"),
             "stream": self.mca_stream, "virtual_bits": self.mca_effective_bits,
             "dtype": str(TRAINING_DTYPE).replace("torch.", ""), "perturbed": "train_step (forward, loss, "
             "backward, optimizer step)", "unperturbed": "validation, export, inference",
