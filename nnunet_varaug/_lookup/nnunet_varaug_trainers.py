@@ -1,7 +1,7 @@
 """The one module nnU-Net imports from the nnUNet_extTrainer folder of nnunet_varaug.
 
 nnU-Net asks ``hasattr(module, name)`` for the trainer it looks for. We answer for names that are ours
-(entry points, or the ``_seed``/``_mca``/``_varaug`` grammar) and raise AttributeError for any other name, so
+(entry points, or the ``_seed``/``_mca``/``_ieee``/``_varaug`` grammar of :mod:`nnunet_varaug.registry`) and raise AttributeError for any other name, so
 that nnU-Net keeps searching. A malformed name of ours raises an error that states the grammar. nnU-Net
 removes this module from ``sys.modules`` after the lookup, so it stays thin: the classes live in
 ``nnunet_varaug.registry``.
