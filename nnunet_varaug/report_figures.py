@@ -17,6 +17,16 @@ def _figure_to_png(fig, path: str) -> None:
     plt.close(fig)
 
 
+
+def _per_label_axes(fig, ax, ticks, ylabel: str, title: str, path: str) -> str:
+    """Label a per-structure chart (one tick per structure, a legend), write it as PNG, return its path."""
+    ax.set_xticks(np.arange(len(ticks)), ticks)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    _figure_to_png(fig, path)
+    return path
+
 def make_figures(folder: str, pairs, cases, majority, summary, experiments) -> List[str]:
     """Boxplots of pairwise Dice per structure, bars of volume CV, replicas' vs majority's Dice to GT, and
     (two kinds) one kind's pairwise Dice against the other's. Returns the files written."""
@@ -55,12 +65,8 @@ def make_figures(folder: str, pairs, cases, majority, summary, experiments) -> L
         rows = summary[summary["kind"] == kind].set_index("label").loc[labels]
         ax.bar(np.arange(len(labels)) + (i - (len(kinds) - 1) / 2) * width, 100 * rows["volume_cv"], width,
                color=f"C{i}", alpha=0.8, label=f"{kind} replicas")
-    ax.set_xticks(np.arange(len(labels)), ticks)
-    ax.set_ylabel("volume CV over replicas (%)")
-    ax.set_title("Volume spread (mean over cases)")
-    ax.legend(fontsize=8)
-    written.append(os.path.join(folder, "volume_cv.png"))
-    _figure_to_png(fig, written[-1])
+    written.append(_per_label_axes(fig, ax, ticks, "volume CV over replicas (%)", "Volume spread (mean over cases)",
+                                   os.path.join(folder, "volume_cv.png")))
 
     if cases["dice_to_gt"].notna().any():
         fig, ax = plt.subplots(figsize=(max(5.0, 1.6 + 1.4 * len(labels)), 3.6))
@@ -78,12 +84,8 @@ def make_figures(folder: str, pairs, cases, majority, summary, experiments) -> L
             ax.scatter(pos, maj, marker="D", color="k", zorder=5, s=22,
                        label="majority vote (mean)" if i == 0 else None)
             ax.plot([], [], color=f"C{i}", lw=6, alpha=0.5, label=f"{kind} replicas")
-        ax.set_xticks(np.arange(len(labels)), ticks)
-        ax.set_ylabel("Dice to ground truth")
-        ax.set_title("Single replicas vs their majority vote")
-        ax.legend(fontsize=8)
-        written.append(os.path.join(folder, "dice_to_gt.png"))
-        _figure_to_png(fig, written[-1])
+        written.append(_per_label_axes(fig, ax, ticks, "Dice to ground truth",
+                                       "Single replicas vs their majority vote", os.path.join(folder, "dice_to_gt.png")))
 
     comparison = compare_kinds(summary)
     if comparison is not None:
