@@ -27,6 +27,7 @@ def _per_label_axes(fig, ax, ticks, ylabel: str, title: str, path: str) -> str:
     _figure_to_png(fig, path)
     return path
 
+
 def make_figures(folder: str, pairs, cases, majority, summary, experiments) -> List[str]:
     """Boxplots of pairwise Dice per structure, bars of volume CV, replicas' vs majority's Dice to GT, and
     (two kinds) one kind's pairwise Dice against the other's. Returns the files written."""
