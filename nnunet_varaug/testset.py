@@ -91,3 +91,43 @@ def evaluate_folder(labels: str, predictions: str, output_file: str, reader_writ
         raise RuntimeError(f"{output_file} covers {evaluated}, expected {sorted(cases)}")
     return {"dice": {label_or_region_to_key(k): float(result["mean"][k]["Dice"]) for k in keys},
             "foreground_mean": float(result["foreground_mean"]["Dice"]), "num_cases": len(evaluated)}
+
+
+def group_variability(folders: Sequence[str], cases: Sequence[str], reader_writer, ending: str,
+                      dataset_json: dict) -> Dict[str, Dict[str, float]]:
+    """How much K models (one prediction folder each) disagree on the same cases, per structure.
+
+    Per case: the mean Dice over the K(K-1)/2 pairs of models, and the coefficient of variation (sd with ddof=1
+    over mean) and sd of the structure's volume in mm³ across the K models; then the mean over cases. The same
+    metrics as ``analyze`` (``variability.pairwise_dice``, ``variability.volume_spread``). Returns
+    ``{structure key: {"name", "pairwise_dice", "min_pairwise_dice", "volume_cv", "volume_sd_mm3"}}``.
+    """
+    from nnunet_varaug.variability import pair_indices, pairwise_dice, structures_from_dataset_json, volume_spread
+
+    structures = structures_from_dataset_json(dataset_json)
+    dice, low, cv, sd = [], [], [], []
+    for case in cases:
+        maps, spacing = [], None
+        for folder in folders:
+            seg, props = reader_writer.read_seg(os.path.join(folder, case + ending))
+            maps.append(seg[0])
+            spacing = props["spacing"]
+        maps = np.stack(maps)
+        matrix = pairwise_dice(maps, structures)
+        pairs = pair_indices(len(folders))
+        per_pair = np.array([[matrix[s, a, b] for a, b in pairs] for s in range(len(structures))])
+        dice.append(per_pair.mean(axis=1))
+        low.append(per_pair.min(axis=1))
+        voxel = float(np.prod(spacing))
+        volumes = np.array([[np.isin(m, s.labels).sum() * voxel for s in structures] for m in maps])
+        spread = volume_spread(volumes)
+        cv.append(spread["cv"])
+        sd.append(spread["std"])
+    out = {}
+    for j, s in enumerate(structures):
+        out[s.key] = {"name": s.name, "pairwise_dice": float(np.mean([d[j] for d in dice])),
+                      "min_pairwise_dice": float(np.min([d[j] for d in low])),
+                      "volume_cv": float(np.nanmean([c[j] for c in cv])) if any(np.isfinite(c[j]) for c in cv)
+                      else float("nan"),
+                      "volume_sd_mm3": float(np.mean([v[j] for v in sd]))}
+    return out

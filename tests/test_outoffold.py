@@ -78,7 +78,6 @@ def test_out_of_fold_map_is_nnunet_predict_of_the_validating_replica(varaug_benc
     stored = read_sample_array(os.path.join(oof_folder(), f"{case}.b2nd"))
     assert stored.shape[1:] == seg.shape[1:]
     assert np.array_equal(stored[1], seg[0].astype(np.int8))
-    assert not np.array_equal(stored[0], stored[1]) or True  # replicas may agree on a tiny case; not the point
 
 
 def test_missing_replicas_of_a_fold_are_refused_with_the_commands(varaug_benchmark, tmp_path):
