@@ -13,7 +13,7 @@ pytestmark = pytest.mark.unit
 DATASET_JSON = {"labels": {"background": 0, "organ": 1, "lesion": 2}, "file_ending": ".nii.gz"}
 
 
-def write(array, path, spacing=(0.5, 1.0, 2.0)):
+def write(array, path, spacing=(0.5, 1.0, 3.0)):
     img = sitk.GetImageFromArray(array.astype(np.uint8))
     img.SetSpacing(spacing)
     sitk.WriteImage(img, path)
@@ -50,7 +50,7 @@ def test_group_variability_is_pairwise_dice_and_volume_cv(groups):
                 pair.append(1.0 if denom == 0 else 2 * (masks[i] & masks[j]).sum() / denom)
             dice.append(np.mean(pair))
             low.append(np.min(pair))
-            volumes = masks.reshape(3, -1).sum(1) * 0.5 * 1.0 * 2.0
+            volumes = masks.reshape(3, -1).sum(1) * 0.5 * 1.0 * 3.0
             cv.append(volumes.std(ddof=1) / volumes.mean())
             sd.append(volumes.std(ddof=1))
         row = got[str(label)]
