@@ -95,7 +95,7 @@ def write_dataset(folder: str, cases: int, shape, patch, k: int):
     """A blosc2 preprocessed folder (nnU-Net's own writer and chunking) and a sample set for it."""
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2, comp_blosc2_params
 
-    from nnunet_varaug.samples import save_sample_array, sample_file
+    from nnunet_varaug.sampleset import save_sample_array, sample_file
 
     data_folder, sample_folder = os.path.join(folder, "data"), os.path.join(folder, "samples")
     os.makedirs(data_folder)
@@ -117,7 +117,7 @@ def bench_loading(folder: str, patch, k: int, batches: int, batch_size: int = 2,
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
     from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
-    from nnunet_varaug.samples import VariabilitySampleDataset, sample_file
+    from nnunet_varaug.sampleset import VariabilitySampleDataset, sample_file
 
     data_folder, sample_folder = write_dataset(folder, cases, shape, patch, k)
     lm = LabelManager({"background": 0, "organ": 1, "lesion": 2}, None)

@@ -23,9 +23,10 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from nnunet_varaug import report, variability
-from nnunet_varaug.fileio import file_sha256, write_json
-from nnunet_varaug.experiment import Experiment, VarAugError, require_env
-from nnunet_varaug.launch import add_experiment_arguments, plugin_env
+from nnunet_varaug.errors import VarAugError
+from nnunet_varaug.experiment import Experiment, add_experiment_arguments, require_env
+from nnunet_varaug.fileio import file_sha256, replacing, write_json
+from nnunet_varaug.predictor import make_predictor, torch_device
 from nnunet_varaug.report import format_summary  # noqa: F401  (the demo imports both from here)
 
 PREDICTIONS = "predictions"
@@ -134,16 +135,6 @@ def _prediction_state(exp: Experiment, name: str, folder: str, cases: Sequence[C
     return sha, record, todo
 
 
-def _device(name: str):
-    import torch
-
-    if name == "cuda" and not torch.cuda.is_available():
-        raise VarAugError("-device cuda: no CUDA device is available here; use -device cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise VarAugError("-device mps: MPS is not available here; use -device cpu")
-    return torch.device(name)
-
-
 def predict(experiments: Sequence[Experiment], cases: Sequence[Case], output: str, device: str = "cuda",
             progress: bool = True) -> Dict[str, str]:
     """Predict every replica on every case with nnU-Net's ``nnUNetPredictor``, reusing valid cached predictions.
@@ -154,7 +145,6 @@ def predict(experiments: Sequence[Experiment], cases: Sequence[Case], output: st
     import torch
     from tqdm import tqdm
 
-    os.environ["nnUNet_extTrainer"] = plugin_env()["nnUNet_extTrainer"]  # the predictor resolves replica names
     ending = experiments[0].dataset_json["file_ending"]
     folders, plans = {}, []
     for exp in experiments:
@@ -169,9 +159,9 @@ def predict(experiments: Sequence[Experiment], cases: Sequence[Case], output: st
             plans.append((exp, jobs))
     total = sum(len(t) for _, jobs in plans for _, _, t in jobs.values())
     bar = tqdm(total=total, desc="predicting", unit="prediction", disable=not progress or total == 0)
-    dev = _device(device) if total else None
+    dev = torch_device(device) if total else None
     for exp, jobs in plans:
-        predictor = _predictor(exp, next(iter(jobs)), dev)
+        predictor = make_predictor(exp, next(iter(jobs)), dev, tta=True, who="analyze")
         weights = {n: torch.load(exp.final_checkpoint(n), map_location="cpu",
                                  weights_only=False)["network_weights"] for n in jobs}
         for folder, record, _ in jobs.values():
@@ -196,22 +186,6 @@ def predict(experiments: Sequence[Experiment], cases: Sequence[Case], output: st
     return folders
 
 
-def _predictor(exp: Experiment, first: str, device):
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
-                                    perform_everything_on_device=device.type == "cuda", device=device,
-                                    verbose=False, verbose_preprocessing=False, allow_tqdm=False)
-        predictor.initialize_from_trained_model_folder(exp.model_folder(first), use_folds=(exp.fold,),
-                                                       checkpoint_name="checkpoint_final.pth")
-    if predictor.configuration_manager.previous_stage_name is not None:
-        raise VarAugError(f"{exp.configuration} is a cascade stage: its predictions need the previous stage's; "
-                          f"analyze the previous stage ({predictor.configuration_manager.previous_stage_name}) or "
-                          f"a non-cascaded configuration")
-    return predictor
-
-
 def _predict_one(predictor, weights: dict, data, props: dict, folder: str, case: str, ending: str) -> None:
     from nnunetv2.inference.export_prediction import export_prediction_from_logits
 
@@ -220,14 +194,9 @@ def _predict_one(predictor, weights: dict, data, props: dict, folder: str, case:
         logits = predictor.predict_logits_from_preprocessed_data(data).cpu()
     except RuntimeError as e:
         raise VarAugError(f"predicting {case} failed: {str(e).splitlines()[0]}") from None
-    tmp = os.path.join(folder, f".tmp_{case}")
-    try:
+    with replacing(os.path.join(folder, case + ending), ending) as tmp:  # the exporter appends the ending
         export_prediction_from_logits(logits, props, predictor.configuration_manager, predictor.plans_manager,
-                                      predictor.dataset_json, tmp, False)
-        os.replace(tmp + ending, os.path.join(folder, case + ending))
-    finally:
-        if os.path.exists(tmp + ending):
-            os.remove(tmp + ending)
+                                      predictor.dataset_json, tmp[: -len(ending)], False)
 
 
 # ---- analysis ---------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import sys
 from typing import List, Optional
 
 COMMANDS = {
-    "replicas": ("nnunet_varaug.launch", "train K replicas of one configuration and fold (resumable)"),
+    "replicas": ("nnunet_varaug.replicas", "train K replicas of one configuration and fold (resumable)"),
     "samples": ("nnunet_varaug.samples", "write the replicas' label maps of the training cases (variability samples)"),
     "analyze": ("nnunet_varaug.analyze", "predict with each replica and write the variability report"),
     "downstream": ("nnunet_varaug.downstream", "the paper's augmentation experiment on per-replica features"),
@@ -46,7 +46,7 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from nnunet_varaug.experiment import VarAugError
+    from nnunet_varaug.errors import VarAugError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)

@@ -14,7 +14,7 @@ import sys
 import time
 from typing import List
 
-from nnunet_varaug.experiment import VarAugError
+from nnunet_varaug.errors import VarAugError
 
 DEMO_ID = 990
 BASE = "nnUNetTrainerTiny"
@@ -31,7 +31,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def demo_env(out: str, epochs: int, iterations: int) -> dict:
-    from nnunet_varaug.launch import plugin_env
+    from nnunet_varaug.runner import plugin_env
 
     env = plugin_env()
     env.update({
@@ -50,7 +50,7 @@ def demo_env(out: str, epochs: int, iterations: int) -> dict:
 
 def step(title: str, command: List[str], env: dict, extra_env: dict = None) -> str:
     """Run one stage's command, echoing it the way a user would type it; return its stdout."""
-    from nnunet_varaug.launch import nnunet_command
+    from nnunet_varaug.runner import nnunet_command
 
     shown = " ".join(shlex.quote(c) for c in command)
     print(f"\n== {title}\n$ {shown}", flush=True)

@@ -6,16 +6,15 @@ that fixes it.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple, Union
 
-from nnunet_varaug import registry
-
-
-class VarAugError(RuntimeError):
-    """A problem the user can fix; the message says what is wrong and what to run. The CLI exits with 2."""
+from nnunet_varaug import paths, registry
+from nnunet_varaug.errors import VarAugError
+from nnunet_varaug.paths import dataset_id_of, samples_folder_for  # noqa: F401  (names older code imports from here)
 
 
 def require_env(name: str, what: str) -> str:
@@ -36,16 +35,6 @@ def dataset_name(dataset: Union[int, str]) -> str:
         raise VarAugError(f"unknown dataset '{dataset}': no such dataset in nnUNet_raw, nnUNet_preprocessed or "
                           f"nnUNet_results ({str(e).splitlines()[0]}). Convert it to nnU-Net's format first "
                           f"(e.g. `nnUNetv2_convert_MSD_dataset -i TaskXX_Name`).") from None
-
-
-def dataset_id_of(name: str) -> int:
-    """``"Dataset004_Hippocampus"`` -> ``4``."""
-    return int(name[len("Dataset"):len("Dataset") + 3])
-
-
-def samples_folder_for(preprocessed_base: str, plans: str, configuration: str, fold) -> str:
-    """Where a fold's sample set lives: ``<preprocessed_base>/varaug/<plans>__<configuration>__fold_<fold>``."""
-    return os.path.join(preprocessed_base, "varaug", f"{plans}__{configuration}__fold_{fold}")
 
 
 def parse_fold(fold: Union[int, str]) -> Union[int, str]:
@@ -145,13 +134,17 @@ class Experiment:
         return os.path.join(self.preprocessed_base, self.data_identifier)
 
     def model_folder(self, trainer: str) -> str:
-        return os.path.join(os.environ["nnUNet_results"], self.dataset, f"{trainer}__{self.plans}__{self.configuration}")
+        return paths.model_folder_for(os.environ["nnUNet_results"], self.dataset, trainer, self.plans,
+                                      self.configuration)
 
     def fold_folder(self, trainer: str) -> str:
-        return os.path.join(self.model_folder(trainer), f"fold_{self.fold}")
+        return paths.fold_folder_for(self.model_folder(trainer), self.fold)
 
     def final_checkpoint(self, trainer: str) -> str:
-        return os.path.join(self.fold_folder(trainer), "checkpoint_final.pth")
+        return paths.final_checkpoint_in(self.fold_folder(trainer))
+
+    def latest_checkpoint(self, trainer: str) -> str:
+        return paths.latest_checkpoint_in(self.fold_folder(trainer))
 
     @property
     def samples_folder(self) -> str:
@@ -160,11 +153,8 @@ class Experiment:
     @property
     def flags(self) -> str:
         """The flags that name this experiment on the command line, for messages."""
-        extra = "" if self.plans == "nnUNetPlans" else f" -p {self.plans}"
-        extra += "" if self.base == "nnUNetTrainer" else f" -tr {self.base}"
-        extra += "" if self.kind == "seed" else f" --kind {self.kind}"
-        extra += "" if self.start == 0 else f" --start {self.start}"
-        return f"-d {self.dataset_id} -c {self.configuration} -f {self.fold} -n {self.num_replicas}{extra}"
+        return paths.experiment_flags(self.dataset_id, self.configuration, self.fold, self.num_replicas, self.base,
+                                      self.kind, self.plans, self.start)
 
     # ---- split ------------------------------------------------------------------------------------------------
     def split(self) -> Tuple[List[str], List[str]]:
@@ -200,7 +190,7 @@ class Experiment:
         """'finished' (checkpoint_final.pth), 'interrupted' (checkpoint_latest.pth only) or 'missing'."""
         if os.path.isfile(self.final_checkpoint(trainer)):
             return "finished"
-        if os.path.isfile(os.path.join(self.fold_folder(trainer), "checkpoint_latest.pth")):
+        if os.path.isfile(self.latest_checkpoint(trainer)):
             return "interrupted"
         return "missing"
 
@@ -212,3 +202,16 @@ class Experiment:
                               f"{self.configuration} fold {self.fold}: {', '.join(missing)}. Run "
                               f"`nnunet_varaug replicas {self.flags}`")
         return self.replica_names
+
+
+def add_experiment_arguments(p: argparse.ArgumentParser, kind: bool = True) -> None:
+    """The flags that name an :class:`Experiment` in replicas, samples, analyze: -d -c -f -n [-p] [-tr] [--kind]."""
+    p.add_argument("-d", dest="dataset", required=True, help="dataset name or id")
+    p.add_argument("-c", dest="configuration", required=True, help="nnU-Net configuration, e.g. 3d_fullres")
+    p.add_argument("-f", dest="fold", required=True, help="fold (0..4 or 'all')")
+    p.add_argument("-n", dest="num_replicas", type=int, required=True, help="number of replicas K")
+    p.add_argument("-tr", dest="base", default="nnUNetTrainer", help="base trainer (default nnUNetTrainer)")
+    p.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    if kind:
+        p.add_argument("--kind", default="seed", choices=["seed", "mca"],
+                       help="seed replicas (_seed<K>) or numerical replicas (_mca<K>)")

@@ -1,16 +1,20 @@
 """Files on disk: atomic writes and content fingerprints.
 
 Writes go to a temporary file beside the target, then ``os.replace`` it into place: readers never see half a
-file, and an interrupted write leaves the old file (or none) where it was. The temporary name is unique per
+file, and an interrupted write leaves the old file (or none) where it was. ``replacing`` is that pattern for any
+writer that takes a file name (blosc2, SimpleITK, torch.save, nnU-Net's exporters); ``write_text`` and
+``write_json`` use it for text. The temporary name is unique per
 process and call, and keeps the default permissions (unlike ``tempfile.mkstemp``'s 0600). Fingerprints (sha256)
 tie sample sets and cached predictions to the exact checkpoints they came from.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import uuid
+from typing import Iterator
 
 
 def temporary_name(path: str, suffix: str = ".tmp") -> str:
@@ -19,18 +23,33 @@ def temporary_name(path: str, suffix: str = ".tmp") -> str:
     return os.path.join(folder, f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{suffix}")
 
 
-def write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (flushed to disk before the rename)."""
-    tmp = temporary_name(path)
+@contextlib.contextmanager
+def replacing(path: str, suffix: str = ".tmp") -> Iterator[str]:
+    """Yield a temporary name beside ``path``; rename it to ``path`` when the block ends without an error.
+
+    If the block raises (or writes nothing), ``path`` is left as it was and the temporary file is removed. Give
+    ``suffix`` the ending a writer needs to pick its format (``".nii.gz"``, ``".b2nd"``).
+
+    Example:
+        >>> with replacing("case.nii.gz", ".nii.gz") as tmp:  # doctest: +SKIP
+        ...     sitk.WriteImage(image, tmp)
+    """
+    tmp = temporary_name(path, suffix)
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (flushed to disk before the rename)."""
+    with replacing(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def write_json(path: str, content, indent: int = 2) -> None:

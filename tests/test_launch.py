@@ -12,9 +12,9 @@ import sys
 import pytest
 
 from conftest import SYNTHETIC_3D_ID, TINY, run_cli
-from nnunet_varaug.experiment import VarAugError
-from nnunet_varaug.launch import (SLURM_RECORD, TrainJob, TrainReplicaTask, forwarded_env, parse_devices,
-                                  parse_mem_gb, parse_slurm_time, run_devices)
+from nnunet_varaug.errors import VarAugError
+from nnunet_varaug.runner import TrainJob, parse_devices, run_devices
+from nnunet_varaug.slurm import SLURM_RECORD, TrainReplicaTask, forwarded_env, parse_mem_gb, parse_slurm_time
 
 REPLICAS = ("nnunet_varaug", "replicas", "-d", str(SYNTHETIC_3D_ID), "-c", "3d_fullres", "-f", "0", "-tr", TINY,
             "-device", "cpu")

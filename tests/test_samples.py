@@ -36,7 +36,8 @@ def mtimes(folder):
 @pytest.mark.e2e
 def test_maps_are_the_replicas_predictions(sample_set, tmp_path):
     """Files, manifest and content: replica k's map equals what nnUNetv2_predict writes for that replica."""
-    from nnunet_varaug.samples import MANIFEST, file_sha256, read_sample_array
+    from nnunet_varaug.fileio import file_sha256
+    from nnunet_varaug.sampleset import MANIFEST, read_sample_array
 
     exp, folder = sample_set["exp"], sample_set["folder"]
     cases = sorted(exp.split()[0])
@@ -98,8 +99,8 @@ def test_rerun_skips_force_rebuilds_and_missing_case_is_redone(sample_set, capsy
 def test_interrupted_run_leaves_nothing_trusted(sample_set, monkeypatch, capsys):
     """A run killed after one case (and in the middle of writing the next) has no manifest: trainers refuse the
     set, the half-written file is never read, and the next run keeps the finished case and completes the rest."""
-    from nnunet_varaug import samples
-    from nnunet_varaug.experiment import VarAugError
+    from nnunet_varaug import samples, sampleset
+    from nnunet_varaug.errors import VarAugError
 
     exp, folder = sample_set["exp"], sample_set["folder"]
     real_save = samples.save_sample_array
@@ -116,23 +117,23 @@ def test_interrupted_run_leaves_nothing_trusted(sample_set, monkeypatch, capsys)
     monkeypatch.setattr(samples, "save_sample_array", dies_on_second_case)
     with pytest.raises(KeyboardInterrupt):
         samples.write_samples(exp, device="cpu", tta=False, force=True, progress=False)
-    assert not os.path.exists(os.path.join(folder, samples.MANIFEST))
+    assert not os.path.exists(os.path.join(folder, sampleset.MANIFEST))
     cases = sorted(exp.split()[0])
     with pytest.raises(VarAugError, match="left no manifest\\): run `nnunet_varaug samples"):
-        samples.validate_sample_set(folder, plans="nnUNetPlans", configuration="3d_fullres", fold=0, cases=cases,
-                                    shapes={}, fix=COMMAND)
+        sampleset.validate_sample_set(folder, plans="nnUNetPlans", configuration="3d_fullres", fold=0, cases=cases,
+                                      shapes={}, fix=COMMAND)
     monkeypatch.setattr(samples, "save_sample_array", real_save)
     samples.write_samples(exp, device="cpu", tta=False, progress=False)
     assert "wrote 7 case(s), kept 1" in capsys.readouterr().out
     assert not [f for f in os.listdir(folder) if "partial" in f]
-    manifest = samples.read_manifest(folder)
+    manifest = sampleset.read_manifest(folder)
     assert manifest["case_list"] == cases
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 
     ds = nnUNetDatasetBlosc2(exp.preprocessed_folder, cases)
     shapes = {c: tuple(ds.load_case(c)[1].shape[1:]) for c in cases}
-    samples.validate_sample_set(folder, plans="nnUNetPlans", configuration="3d_fullres", fold=0, cases=cases,
-                                shapes=shapes, fix=COMMAND)
+    sampleset.validate_sample_set(folder, plans="nnUNetPlans", configuration="3d_fullres", fold=0, cases=cases,
+                                  shapes=shapes, fix=COMMAND)
 
 
 @pytest.mark.e2e
@@ -161,7 +162,7 @@ def hand_made_set(fold: int):
     """GT and GT with the lesion merged into the organ, as a two-replica sample set of ``fold``."""
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 
-    from nnunet_varaug.samples import write_sample_set
+    from nnunet_varaug.sampleset import write_sample_set
 
     exp = experiment(fold=fold)
     cases = exp.split()[0]
@@ -185,7 +186,7 @@ def refused(fold: int, match: str, trainer: str = f"{TINY}_varaug"):
 
 @pytest.mark.e2e
 def test_bad_sample_sets_refused_with_the_fix(synthetic_3d):
-    from nnunet_varaug.samples import MANIFEST, save_manifest
+    from nnunet_varaug.sampleset import MANIFEST, save_manifest
 
     fold = 3
     exp, cases = hand_made_set(fold)

@@ -55,7 +55,7 @@ def write_known_sample_set(dataset: str, configuration: str, fold: int, function
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from nnunet_varaug.experiment import Experiment
-    from nnunet_varaug.samples import write_sample_set
+    from nnunet_varaug.sampleset import write_sample_set
 
     exp = Experiment.from_args(dataset, configuration, fold, 1, need_results=False)
     pm = PlansManager(exp.plans_json)
@@ -161,7 +161,7 @@ def check_alignment(dataset: str, configuration: str, fold: int, trainer_name: s
                     select_at_load: bool = True):
     """Every target of the _varaug trainer equals the stock pipeline's target on GT or on the drawn replica map."""
     from nnunet_varaug.registry import resolve
-    from nnunet_varaug.samples import VariabilitySampleDataset
+    from nnunet_varaug.sampleset import VariabilitySampleDataset
 
     manifest = write_known_sample_set(dataset, configuration, fold)
     k = manifest["num_replicas"]
@@ -270,7 +270,7 @@ def test_named_class_equals_default_varaug(synthetic_3d):
 @pytest.mark.e2e
 def test_replicas_samples_train_predict(seed_replicas, tmp_path):
     """replicas -> samples -> nnUNetv2_train -tr nnUNetTrainerTiny_varaug -> nnUNetv2_predict, all stock commands."""
-    from nnunet_varaug.samples import manifest_fingerprint
+    from nnunet_varaug.sampleset import manifest_fingerprint
 
     dataset_id, name = str(seed_replicas["id"]), seed_replicas["name"]
     run_cli("nnunet_varaug", "samples", "-d", dataset_id, "-c", "3d_fullres", "-f", "0", "-n", "3", "-tr", TINY,

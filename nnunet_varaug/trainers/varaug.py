@@ -27,7 +27,8 @@ from typing import Any, Dict, Optional
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_varaug.experiment import VarAugError
+from nnunet_varaug import paths
+from nnunet_varaug.errors import VarAugError, require_single_stage
 from nnunet_varaug.trainers.common import RecordSettingsMixin
 
 
@@ -77,10 +78,8 @@ class VarAugMixin(RecordSettingsMixin):
 
     # ---- where the samples are and how to make them ----------------------------------------------------------
     def varaug_folder(self) -> str:
-        from nnunet_varaug.experiment import samples_folder_for
-
-        return samples_folder_for(self.preprocessed_dataset_folder_base, self.plans_manager.plans_name,
-                                  self.configuration_name, self.fold)
+        return paths.samples_folder_for(self.preprocessed_dataset_folder_base, self.plans_manager.plans_name,
+                                        self.configuration_name, self.fold)
 
     def varaug_fix_command(self, manifest: Optional[dict] = None) -> str:
         """The exact ``nnunet_varaug samples`` command that builds this trainer's sample set.
@@ -88,35 +87,38 @@ class VarAugMixin(RecordSettingsMixin):
         Taken from the manifest if there is one; otherwise for the seed replicas of this trainer's base that are
         already trained (or, with none trained, the replicas command followed by samples for ten of them).
         """
-        from nnunet_varaug.experiment import Experiment, dataset_id_of
-        from nnunet_varaug.samples import samples_command
+        from nnunet_varaug.registry import replica_name
 
-        dataset_id = dataset_id_of(self.plans_manager.dataset_name)
+        dataset = self.plans_manager.dataset_name
+        dataset_id = paths.dataset_id_of(dataset)
         plans, config = self.plans_manager.plans_name, self.configuration_name
         if manifest is not None and manifest.get("num_replicas"):
-            return samples_command(dataset_id, config, self.fold, manifest["num_replicas"],
-                                   manifest.get("base", "nnUNetTrainer"), manifest.get("kind", "seed"), plans,
-                                   manifest.get("start", 0))
+            return paths.samples_command(dataset_id, config, self.fold, manifest["num_replicas"],
+                                         manifest.get("base", "nnUNetTrainer"), manifest.get("kind", "seed"), plans,
+                                         manifest.get("start", 0))
         base = getattr(type(self), "varaug_base_name", None) or "nnUNetTrainer"
-        exp = Experiment(self.plans_manager.dataset_name, config, self.fold, 10, base, "seed", plans)
+        results = os.environ.get("nnUNet_results")
+
+        def finished(k: int) -> bool:
+            model = paths.model_folder_for(results, dataset, replica_name(base, "seed", k), plans, config)
+            return os.path.isfile(paths.final_checkpoint_in(paths.fold_folder_for(model, self.fold)))
+
         k = 0
-        while os.environ.get("nnUNet_results") and exp.replica_state(f"{base}_seed{k}") == "finished":
+        while results and finished(k):
             k += 1
-        command = samples_command(dataset_id, config, self.fold, k or 10, base, "seed", plans)
+        command = paths.samples_command(dataset_id, config, self.fold, k or 10, base, "seed", plans)
         if k == 0:
-            flags = exp.flags
+            flags = paths.experiment_flags(dataset_id, config, self.fold, 10, base, "seed", plans)
             return f"nnunet_varaug replicas {flags}` and then `{command}"
         return command
 
     # ---- checks before training ---------------------------------------------------------------------------------
     def varaug_prepare(self) -> dict:
         """Refuse cascades and sample sets that do not fit; set K and the fingerprint. Returns the manifest."""
-        from nnunet_varaug.samples import manifest_fingerprint, read_manifest, validate_sample_set
+        from nnunet_varaug.sampleset import manifest_fingerprint, read_manifest, validate_sample_set
 
-        if self.is_cascaded:
-            raise VarAugError(f"{type(self).__name__}: '{self.configuration_name}' is a cascade configuration; "
-                              f"variability-sample training supports single-stage configurations (2d, 3d_lowres, "
-                              f"3d_fullres)")
+        require_single_stage(self.configuration_name, self.configuration_manager.previous_stage_name,
+                             type(self).__name__)
         if not 0.0 <= float(self.varaug_p) <= 1.0:
             raise VarAugError(f"{type(self).__name__}: p = {self.varaug_p} is outside [0, 1]")
         folder = self.varaug_folder()
@@ -173,7 +175,7 @@ class VarAugMixin(RecordSettingsMixin):
                                                                                 self.varaug_num_samples))
 
     def get_tr_and_val_datasets(self):
-        from nnunet_varaug.samples import VariabilitySampleDataset
+        from nnunet_varaug.sampleset import VariabilitySampleDataset
 
         from nnunet_varaug.transforms import VariabilitySampleTransform
 
