@@ -15,7 +15,7 @@ import json
 import os
 from typing import Dict, Iterable, List, Optional, Sequence
 
-from nnunet_varaug.experiment import VarAugError
+from nnunet_varaug.errors import VarAugError
 from nnunet_varaug.fileio import write_json
 
 Splits = List[Dict[str, List[str]]]

@@ -17,7 +17,7 @@ import os
 import re
 from typing import Dict, List, Sequence
 
-from nnunet_varaug.experiment import VarAugError
+from nnunet_varaug.errors import VarAugError
 from nnunet_varaug.fileio import write_json
 
 HELD_OUT_IMAGES = "imagesHeldOut"

@@ -26,9 +26,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from nnunet_varaug.experiment import Experiment, VarAugError
+from nnunet_varaug.errors import VarAugError, require_single_stage
+from nnunet_varaug.experiment import Experiment
 from nnunet_varaug.fileio import file_sha256, write_json
 from nnunet_varaug import folds as folds_module
+from nnunet_varaug import paths
 
 IN_FOLD = "in-fold"
 OUT_OF_FOLD = "out-of-fold"
@@ -106,20 +108,19 @@ def write_out_of_fold_samples(exp: Experiment, device: str = "cpu", tta: bool = 
         VarAugError: no splits file, splits that are not a K-fold split, replicas of a fold missing or unfinished,
             a cascade configuration, labels that do not fit int8.
     """
-    import torch
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from tqdm import tqdm
 
-    from nnunet_varaug import samples as S
+    from nnunet_varaug import sampleset as S
+    from nnunet_varaug.predictor import make_predictor, torch_device
+    from nnunet_varaug.samples import _remove_stale, predict_case_maps
 
     splits, owner = read_cross_validation(exp)
     experiments = require_all_folds(exp, splits)
     plans_manager = PlansManager(exp.plans_json)
     config = plans_manager.get_configuration(exp.configuration)
-    if config.previous_stage_name is not None:
-        raise VarAugError(f"'{exp.configuration}' is a cascade configuration; variability samples support "
-                          f"single-stage configurations such as 3d_fullres, 3d_lowres or 2d")
+    require_single_stage(exp.configuration, config.previous_stage_name, "out-of-fold variability samples")
     label_manager = plans_manager.get_label_manager(exp.dataset_json)
     if max(label_manager.all_labels) > np.iinfo(S.SAMPLE_DTYPE).max:
         raise VarAugError(f"{exp.dataset} has labels up to {max(label_manager.all_labels)}; variability samples are "
@@ -130,9 +131,7 @@ def write_out_of_fold_samples(exp: Experiment, device: str = "cpu", tta: bool = 
         raise VarAugError(f"{len(absent)} case(s) of splits_final.json are not preprocessed (e.g. {absent[0]}): run "
                           f"`nnUNetv2_plan_and_preprocess -d {exp.dataset_id} -c {exp.configuration}`")
     fix = samples_command(exp)
-    torch_device = torch.device(device)
-    if torch_device.type == "cuda" and not torch.cuda.is_available():
-        raise VarAugError(f"-device {device}: no CUDA device is available here; use `{fix} -device cpu`")
+    dev = torch_device(device)
 
     by_fold = {str(e.fold): _replica_records(e) for e in experiments}
     identity = {"format": S.FORMAT_VERSION, "source": OUT_OF_FOLD, "dataset": exp.dataset, "plans": exp.plans,
@@ -141,9 +140,9 @@ def write_out_of_fold_samples(exp: Experiment, device: str = "cpu", tta: bool = 
                 "replicas_by_fold": by_fold, "num_folds": len(splits)}
     folder = out_of_fold_folder(exp.preprocessed_base, exp.plans, exp.configuration)
     os.makedirs(folder, exist_ok=True)
-    S._remove_stale(folder)
+    _remove_stale(folder)
     cases = sorted(owner)
-    seg_digests = {c: S._seg_digest(exp.preprocessed_folder, c) for c in cases}
+    seg_digests = {c: S.seg_digest(exp.preprocessed_folder, c) for c in cases}
 
     def current(case: str, entry: dict, old: dict) -> bool:
         fold = str(owner[case])
@@ -184,11 +183,11 @@ def write_out_of_fold_samples(exp: Experiment, device: str = "cpu", tta: bool = 
             mine = [c for c in todo if owner[c] == e.fold]
             if not mine:
                 continue
-            predictors = S._make_predictors(e, e.replica_names, torch_device, tta)
+            predictors = [make_predictor(e, n, dev, tta, "out-of-fold variability samples") for n in e.replica_names]
             for case in mine:
                 data, seg, _, _ = dataset.load_case(case)
                 seg = np.asarray(seg[:])
-                maps = S.predict_case_maps(predictors, np.asarray(data[:]), seg, label_manager.ignore_label, bar)
+                maps = predict_case_maps(predictors, np.asarray(data[:]), seg, label_manager.ignore_label, bar)
                 path = S.sample_file(folder, case)
                 digest = S.save_sample_array(maps, path, config.patch_size)
                 state["cases"][case] = {"shape": [int(s) for s in maps.shape], "sha256": digest,
@@ -210,6 +209,43 @@ def write_out_of_fold_samples(exp: Experiment, device: str = "cpu", tta: bool = 
 
 
 # ---- reading side: what a <Base>_varaug_oof trainer checks ---------------------------------------------------------
+def trainer_fix_command(dataset: str, plans: str, configuration: str, base: str, num_folds: int,
+                        manifest: Optional[dict] = None, bare: bool = False) -> str:
+    """The commands that (re)build the out-of-fold set a ``_oof`` trainer needs, quoted for a message.
+
+    K and the replicas' base come from the manifest when there is one; otherwise K counts the finished seed
+    replicas of fold 0 (10 with none). Folds whose K replicas are not all finished get their ``replicas`` call
+    first. ``bare``: only the samples command, unquoted.
+    """
+    from nnunet_varaug.registry import replica_name
+
+    results = os.environ.get("nnUNet_results")
+    kind = (manifest or {}).get("kind", "seed")
+    start = int((manifest or {}).get("start", 0))
+    k = int((manifest or {}).get("num_replicas") or 0)
+    if manifest is not None:
+        base = manifest.get("base", base)
+
+    def finished(fold: int, j: int) -> bool:
+        if not results:
+            return False
+        model = paths.model_folder_for(results, dataset, replica_name(base, kind, j), plans, configuration)
+        return os.path.isfile(paths.final_checkpoint_in(paths.fold_folder_for(model, fold)))
+
+    if not k:
+        while finished(0, start + k):
+            k += 1
+        k = k or 10
+    exp = Experiment(dataset, configuration, 0, k, base, kind, plans, start)
+    command = samples_command(exp)
+    if bare:
+        return command
+    missing = [f for f in range(num_folds) if not all(finished(f, start + j) for j in range(k))]
+    if missing:
+        return f"{replicas_commands(exp, missing)} (one call per fold), then `{command}`"
+    return f"`{command}`"
+
+
 def validate_out_of_fold_set(folder: str, *, plans: str, configuration: str, fold: int, cases: Sequence[str],
                              splits: folds_module.Splits, shapes: Dict[str, Tuple[int, ...]], fix: str,
                              verify_files: bool = True) -> dict:
@@ -222,7 +258,7 @@ def validate_out_of_fold_set(folder: str, *, plans: str, configuration: str, fol
         VarAugError: no set, a set of the other source, other plans or configuration, cases missing (named with
             the folds whose replicas make them), maps from the wrong fold, wrong shapes, corrupt files.
     """
-    from nnunet_varaug import samples as S
+    from nnunet_varaug import sampleset as S
 
     if not os.path.isfile(os.path.join(folder, S.MANIFEST)):
         raise VarAugError(f"no out-of-fold variability samples for {plans} {configuration} in {folder}: run {fix}")
@@ -272,7 +308,7 @@ def compare_sources(in_fold: str, out_of_fold: str, dataset_json: dict,
     and belong to no label, so they do not count. Returns one row per structure: ``label``, ``name``, ``cases``,
     ``pairwise_dice_in_fold``, ``pairwise_dice_out_of_fold`` and their difference.
     """
-    from nnunet_varaug import samples as S
+    from nnunet_varaug import sampleset as S
     from nnunet_varaug.variability import pair_indices, pairwise_dice, structures_from_dataset_json
 
     a, b = S.read_manifest(in_fold), S.read_manifest(out_of_fold)
@@ -296,11 +332,11 @@ def compare_sources(in_fold: str, out_of_fold: str, dataset_json: dict,
              "difference": float(means[0, j] - means[1, j])} for j, s in enumerate(structures)]
 
 
-def write_source_comparison(in_fold: str, out_of_fold: str, dataset_json: dict, cases: Sequence[str],
+def write_source_comparison(in_fold: str, out_of_fold: str, dataset_json: dict, cases: Optional[Sequence[str]],
                             output: str) -> Optional[str]:
     """``output/sources.csv`` from :func:`compare_sources` when both sets exist; None (nothing written) otherwise.
     Called by ``analyze``."""
-    from nnunet_varaug import samples as S
+    from nnunet_varaug import sampleset as S
     from nnunet_varaug.fileio import write_text
 
     if not (os.path.isfile(os.path.join(in_fold, S.MANIFEST)) and os.path.isfile(os.path.join(out_of_fold, S.MANIFEST))):
@@ -310,4 +346,16 @@ def write_source_comparison(in_fold: str, out_of_fold: str, dataset_json: dict, 
     lines = [",".join(head)] + [",".join(str(r[k]) for k in head) for r in rows]
     path = os.path.join(output, "sources.csv")
     write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def write_source_comparison_for(exp: Experiment, output: str) -> Optional[str]:
+    """:func:`write_source_comparison` of ``exp``'s fold: its in-fold set against the out-of-fold set, on the fold's
+    training cases (the cases both hold). None when the fold is 'all' or a set is missing."""
+    if exp.fold == "all":
+        return None
+    oof = out_of_fold_folder(exp.preprocessed_base, exp.plans, exp.configuration)
+    path = write_source_comparison(exp.samples_folder, oof, exp.dataset_json, None, output)
+    if path is not None:
+        print(f"in-fold versus out-of-fold maps of fold {exp.fold}'s training cases: {path}")
     return path
