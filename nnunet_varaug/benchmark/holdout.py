@@ -92,3 +92,85 @@ def is_held_out(raw_folder: str, test_cases: Sequence[str], all_cases: Sequence[
     if any(image_files(os.path.join(raw_folder, "imagesTr"), c, ending) for c in test_cases):
         return False
     return ds.get("numTraining") == len(want)
+
+
+# ---- the benchmark's two stages before and after planning -----------------------------------------------------------
+def test_split_record(bench) -> dict:
+    """The benchmark's test split, chosen from the task's training cases by ``--test-fraction`` and
+    ``--test-seed`` (deterministic), as recorded in the state: ``{"fraction", "seed", "cases"}``."""
+    from nnunet_varaug import folds
+
+    cases = folds.choose_test_cases(bench.task.training_cases, bench.test_fraction, bench.test_seed,
+                                    min_remaining=bench.num_folds)
+    return {"fraction": bench.test_fraction, "seed": bench.test_seed, "cases": cases}
+
+
+def training_cases(bench) -> List[str]:
+    """The task's cases that nnU-Net may plan, preprocess, train and validate on (all but the test split)."""
+    test = set(bench.test_cases)
+    return [c for c in bench.task.training_cases if c not in test]
+
+
+def run_holdout(bench) -> None:
+    """Move the test split out of imagesTr/labelsTr; refuse when nnU-Net already planned with it inside."""
+    fingerprint = os.path.join(bench.preprocessed_base, "dataset_fingerprint.json")
+    if os.path.isfile(fingerprint):
+        raise VarAugError(f"{bench.preprocessed_base} was planned before the test split was held out (its "
+                          f"fingerprint has seen the test cases): remove {bench.preprocessed_base} and rerun, so that "
+                          f"no plan or preprocessing step sees the test split")
+    hold_out(bench.raw_folder, bench.test_cases)
+
+
+def holdout_done(bench) -> bool:
+    return is_held_out(bench.raw_folder, bench.test_cases, bench.task.training_cases)
+
+
+def check_preprocessed_without_test(bench, cases: Sequence[str]) -> None:
+    """Raise if the preprocessed data or nnU-Net's fingerprint saw a test case."""
+    leaked = sorted(set(cases) & set(bench.test_cases))
+    fingerprint = os.path.join(bench.preprocessed_base, "dataset_fingerprint.json")
+    seen = None
+    if os.path.isfile(fingerprint):
+        with open(fingerprint) as f:
+            seen = len(json.load(f).get("spacings", []))
+    if leaked or (seen is not None and seen != len(training_cases(bench))):
+        raise VarAugError(f"{bench.preprocessed_base} was planned or preprocessed with the held-out test case(s) "
+                          f"{', '.join(leaked[:3]) or f'(the fingerprint counts {seen} cases)'}: remove it and rerun "
+                          f"the benchmark, so that plan_preprocess runs after the test split is held out")
+
+
+def splits_path(bench) -> str:
+    from nnunet_varaug import folds
+
+    return os.path.join(bench.preprocessed_base, folds.SPLITS_FILE)
+
+
+def splits_done(bench) -> bool:
+    """splits_final.json is a ``--folds``-fold split of exactly the training cases."""
+    from nnunet_varaug import folds
+
+    path = splits_path(bench)
+    if not os.path.isfile(path):
+        return False
+    splits = folds.read_splits(path)
+    folds.check_excluded(splits, bench.test_cases)
+    try:
+        folds.check_cross_validation(splits, training_cases(bench))
+    except VarAugError:
+        return False
+    return len(splits) == bench.num_folds
+
+
+def run_splits(bench) -> None:
+    """Write nnU-Net's K-fold split of the training cases (``generate_crossval_split``, seed 12345, as nnU-Net)
+    unless one is there; an existing one with other folds is refused, never overwritten."""
+    from nnunet_varaug import folds
+
+    path = splits_path(bench)
+    if os.path.isfile(path):
+        splits = folds.read_splits(path)
+        folds.check_excluded(splits, bench.test_cases)
+        raise VarAugError(f"{path} exists but is not a {bench.num_folds}-fold split of the {len(training_cases(bench))} "
+                          f"training cases (it has {len(splits)} folds): pass --folds {len(splits)} to use it, or "
+                          f"remove it (and the models trained on it) to let the benchmark write its own")
+    folds.write_splits(path, folds.crossval_splits(training_cases(bench), bench.num_folds), held_out=bench.test_cases)
