@@ -15,6 +15,8 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
+from nnunet_varaug.fileio import replacing
+
 
 def _ellipsoid(shape, center, radii, rotation: np.ndarray) -> np.ndarray:
     grids = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij")
@@ -65,9 +67,8 @@ def write_image(array: np.ndarray, spacing: Sequence[float], path: str) -> None:
     """Write a (z, y, x)-ordered numpy array with spacing given in the same order, atomically."""
     img = sitk.GetImageFromArray(array)
     img.SetSpacing([float(s) for s in spacing[::-1]])
-    tmp = path[: -len(".nii.gz")] + ".tmp.nii.gz"
-    sitk.WriteImage(img, tmp)
-    os.replace(tmp, path)
+    with replacing(path, ".nii.gz") as tmp:
+        sitk.WriteImage(img, tmp)
 
 
 def _partial_folder(folder: str, overwrite: bool) -> Optional[str]:
@@ -149,9 +150,8 @@ def write_4d_image(channels: np.ndarray, spacing: Sequence[float], path: str) ->
         vol.SetSpacing([float(s) for s in spacing[::-1]])
         volumes.append(vol)
     img = sitk.JoinSeries(volumes)  # 4D: x, y, z, modality
-    tmp = path[: -len(".nii.gz")] + ".tmp.nii.gz"
-    sitk.WriteImage(img, tmp)
-    os.replace(tmp, path)
+    with replacing(path, ".nii.gz") as tmp:
+        sitk.WriteImage(img, tmp)
 
 
 def make_msd_task(root: str, task: str = "Task04_Hippocampus", num_cases: int = 10, num_test: int = 2,

@@ -1,8 +1,9 @@
 """One replica experiment: dataset, configuration, fold, plans, base trainer, kind and K — checked once.
 
 Every command (``replicas``, ``samples``, ``analyze``, ``benchmark``) starts by building an ``Experiment`` from
-its ``-d -c -f -p -tr -n`` flags. The checks run before anything is written, and each error names the command
-that fixes it.
+its ``-d -c -f -p -tr -n`` flags (declared once, by ``add_experiment_arguments``). The checks run before anything
+is written, and each error names the command that fixes it. Names and paths come from :mod:`nnunet_varaug.paths`;
+this is command-layer code, never imported by the trainers.
 """
 from __future__ import annotations
 

@@ -10,12 +10,19 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+from typing import TYPE_CHECKING
 
 from nnunet_varaug import registry
 from nnunet_varaug.errors import VarAugError, require_single_stage
 
+if TYPE_CHECKING:
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-def torch_device(name: str):
+    from nnunet_varaug.experiment import Experiment
+
+
+def torch_device(name: str) -> "torch.device":
     """``torch.device(name)``, refused with a clear error when that device is not available here."""
     import torch
 
@@ -26,7 +33,8 @@ def torch_device(name: str):
     return torch.device(name)
 
 
-def make_predictor(exp, trainer: str, device, tta: bool = True, who: str = "prediction"):
+def make_predictor(exp: "Experiment", trainer: str, device: "torch.device", tta: bool = True,
+                   who: str = "prediction") -> "nnUNetPredictor":
     """An ``nnUNetPredictor`` with ``trainer``'s final checkpoint of ``exp``'s fold loaded.
 
     Args:

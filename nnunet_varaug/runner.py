@@ -16,10 +16,13 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
 
 from nnunet_varaug import registry
 from nnunet_varaug.errors import VarAugError
+
+if TYPE_CHECKING:
+    from nnunet_varaug.experiment import Experiment
 
 TRAIN_LOG = "nnunet_varaug_train.log"
 
@@ -89,7 +92,7 @@ def run_logged(command: Sequence[str], log_path: str, env: Dict[str, str], where
     return code
 
 
-def train_job(exp, trainer: str, device: str = "cuda", npz: bool = False, log: Optional[str] = None) -> TrainJob:
+def train_job(exp: "Experiment", trainer: str, device: str = "cuda", npz: bool = False, log: Optional[str] = None) -> TrainJob:
     """The ``nnUNetv2_train`` job that brings ``trainer`` of ``exp``'s fold to a finished state.
 
     A training with only ``checkpoint_latest.pth`` continues (``--c``); a finished one without its validation

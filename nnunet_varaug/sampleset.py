@@ -43,6 +43,15 @@ def sample_file(folder: str, case: str) -> str:
     return os.path.join(folder, f"{case}.b2nd")
 
 
+def seg_digest(preprocessed_folder: str, case: str) -> Optional[str]:
+    """sha256 of the case's preprocessed segmentation: a sample map is stale once the case was preprocessed again."""
+    for name in (f"{case}_seg.b2nd", f"{case}_seg.npy", f"{case}.npz"):
+        path = os.path.join(preprocessed_folder, name)
+        if os.path.isfile(path):
+            return file_sha256(path)
+    return None
+
+
 def read_manifest(folder: str, name: str = MANIFEST) -> Optional[dict]:
     """The manifest in ``folder`` or None if absent. Raises VarAugError if it is not a readable manifest."""
     path = os.path.join(folder, name)
@@ -106,7 +115,8 @@ def read_sample_array(path: str) -> np.ndarray:
 
 # ---- reading side: validation and lazy crops ----------------------------------------------------------------------
 def validate_sample_set(folder: str, *, plans: str, configuration: str, fold, cases: Sequence[str],
-                        shapes: Dict[str, Tuple[int, ...]], fix: str, verify_files: bool = True) -> dict:
+                        shapes: Dict[str, Tuple[int, ...]], fix: str, verify_files: bool = True,
+                        preprocessed_folder: Optional[str] = None) -> dict:
     """Check a sample set against what a trainer will train on; return its manifest.
 
     Args:
@@ -116,6 +126,9 @@ def validate_sample_set(folder: str, *, plans: str, configuration: str, fold, ca
         shapes: spatial shape of each training case in the preprocessed grid.
         fix: the command that (re)builds the set, quoted in every error.
         verify_files: also check each file's sha256 (catches corrupt and half-written files).
+        preprocessed_folder: the preprocessed folder the trainer reads; where the manifest records the sha256 of a
+            case's preprocessed segmentation (``seg_sha256``), the file there must still have it (a dataset
+            preprocessed again, even to the same shapes, makes the maps stale).
 
     Raises:
         VarAugError: naming what does not match and ``fix``.
@@ -155,6 +168,13 @@ def validate_sample_set(folder: str, *, plans: str, configuration: str, fold, ca
         path = sample_file(folder, case)
         if not os.path.isfile(path):
             raise VarAugError(f"variability samples of case {case} are missing ({path}): run `{fix}`")
+        recorded = entry.get("seg_sha256")
+        if preprocessed_folder is not None and recorded is not None and \
+                seg_digest(preprocessed_folder, case) != recorded:
+            raise VarAugError(f"variability samples of case {case} were made from another version of its "
+                              f"preprocessed segmentation (the sha256 of {case}'s segmentation in "
+                              f"{preprocessed_folder} differs from the manifest's: was the dataset preprocessed "
+                              f"again?): rebuild them with `{fix}`")
         if verify_files and file_sha256(path) != entry["sha256"]:
             raise VarAugError(f"variability samples of case {case} are corrupt or not the ones the manifest lists "
                               f"({path}: sha256 differs): run `{fix}` to rewrite them")
@@ -306,12 +326,14 @@ def save_manifest(folder: str, manifest: dict) -> None:
 
 def write_sample_set(folder: str, maps: Dict[str, np.ndarray], *, dataset: str, plans: str, configuration: str,
                      fold, replica_names: Sequence[str], patch_size: Sequence[int], ignore_label: Optional[int] = None,
-                     regions: bool = False, base: str = "nnUNetTrainer", kind: str = "seed", command: str = "") -> dict:
+                     regions: bool = False, base: str = "nnUNetTrainer", kind: str = "seed", command: str = "",
+                     preprocessed_folder: Optional[str] = None) -> dict:
     """Store label maps made elsewhere as a sample set (arrays first, manifest last) and return the manifest.
 
     ``maps[case]`` is int8 ``(K, X, Y, Z)`` in the preprocessed grid of ``case``, channel k from
     ``replica_names[k]``. Used by tests (maps that are known functions of the ground truth) and by anyone whose
-    replicas were not trained by nnunet_varaug.
+    replicas were not trained by nnunet_varaug. With ``preprocessed_folder``, each case also records the sha256
+    of its preprocessed segmentation there, which trainers check (``validate_sample_set``).
     """
     os.makedirs(folder, exist_ok=True)
     manifest_path = os.path.join(folder, MANIFEST)
@@ -325,20 +347,11 @@ def write_sample_set(folder: str, maps: Dict[str, np.ndarray], *, dataset: str, 
         path = sample_file(folder, case)
         digest = save_sample_array(array.astype(SAMPLE_DTYPE, copy=False), path, patch_size)
         entries[case] = {"shape": [int(s) for s in array.shape], "sha256": digest, "bytes": os.path.getsize(path)}
+        if preprocessed_folder is not None:  # ties the maps to the segmentation they were made from
+            entries[case]["seg_sha256"] = seg_digest(preprocessed_folder, case)
     identity = sample_set_identity(dataset, plans, configuration, fold,
                                    [{"name": n, "checkpoint": None, "sha256": None} for n in replica_names], False)
     manifest = build_manifest(identity, entries, base=base, kind=kind, start=0, patch_size=patch_size,
                               ignore_label=ignore_label, regions=regions, command=command)
     save_manifest(folder, manifest)
     return manifest
-
-
-def seg_digest(preprocessed_folder: str, case: str) -> Optional[str]:
-    """sha256 of the case's preprocessed segmentation: a sample map is stale once the case was preprocessed again."""
-    for name in (f"{case}_seg.b2nd", f"{case}_seg.npy", f"{case}.npz"):
-        path = os.path.join(preprocessed_folder, name)
-        if os.path.isfile(path):
-            return file_sha256(path)
-    return None
-
-

@@ -1,7 +1,7 @@
 """``VariabilitySampleTransform``: swap a replica's label map in for the ground truth, per training sample.
 
 The segmentation reaching this transform holds the ground truth in channel 0 and K variability samples (label
-maps of K replicas, see ``nnunet_varaug.samples``) in channels 1..K, all moved together by nnU-Net's spatial
+maps of K replicas, see ``nnunet_varaug.sampleset``) in channels 1..K, all moved together by nnU-Net's spatial
 augmentation and mirroring. The transform keeps the ground truth with probability 1 - p, else one replica chosen
 uniformly, and returns a single channel, so everything after it (region conversion, deep-supervision
 downsampling, the loss) sees an ordinary one-channel target.

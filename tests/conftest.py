@@ -5,9 +5,12 @@ trained replicas take ``seed_replicas`` (three ``nnUNetTrainerTiny_seed<K>`` on 
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -78,6 +81,24 @@ def seed_replicas(synthetic_3d):
     results = os.path.join(os.environ["nnUNet_results"], synthetic_3d["name"])
     return {**synthetic_3d, "fold": 0, "base": TINY, "n": 3, "results": results,
             "names": [f"{TINY}_seed{k}" for k in range(3)], "replicas_stdout": proc.stdout}
+
+
+@contextlib.contextmanager
+def weights_of(checkpoint: str, donor: str):
+    """``checkpoint`` (a replica's checkpoint_final.pth) carries ``donor``'s network weights inside the block, as if
+    the replica had been trained again; its original bytes (and so its sha256) are back afterwards."""
+    import torch
+
+    with tempfile.TemporaryDirectory() as keep:
+        original = os.path.join(keep, "checkpoint.pth")
+        shutil.copy2(checkpoint, original)
+        try:
+            content = torch.load(checkpoint, map_location="cpu", weights_only=False)
+            content["network_weights"] = torch.load(donor, map_location="cpu", weights_only=False)["network_weights"]
+            torch.save(content, checkpoint)
+            yield
+        finally:
+            shutil.copy2(original, checkpoint)
 
 
 # ---- one benchmark for tests/test_benchmark.py and tests/test_outoffold.py (issue 14) ------------------------------

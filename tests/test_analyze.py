@@ -165,3 +165,31 @@ def test_predictions_of_different_shapes(analyzed, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "different shapes" in err and case in err and analyzed["names"][2] in err
     assert {f: open(os.path.join(out, f)).read() for f in before} == before
+
+
+def test_retrained_replica_is_predicted_again(analyzed, tmp_path, capsys):
+    """A replica's checkpoint that changed (seed0 now carrying seed2's weights) makes its cached predictions stale:
+    analyze predicts that replica again, from the new weights, and leaves the others' predictions alone."""
+    from conftest import weights_of
+    from nnunet_varaug.experiment import Experiment
+
+    out = str(tmp_path / "copy")
+    shutil.copytree(analyzed["out"], out)
+    names = analyzed["names"]
+    exp = Experiment.from_args(analyzed["id"], "3d_fullres", 0, 3, "nnUNetTrainerTiny")
+    cases = _val_cases(analyzed)
+
+    def prediction(name: str, case: str) -> np.ndarray:
+        return np.asarray(nibabel.load(os.path.join(out, "predictions", name, case + ".nii.gz")).dataobj)
+
+    def stamps(name: str) -> dict:
+        folder = os.path.join(out, "predictions", name)
+        return {f: os.stat(os.path.join(folder, f)).st_mtime_ns for f in os.listdir(folder) if f.endswith(".nii.gz")}
+
+    assert any(not np.array_equal(prediction(names[0], c), prediction(names[2], c)) for c in cases)
+    others = {n: stamps(n) for n in names[1:]}
+    with weights_of(exp.final_checkpoint(names[0]), exp.final_checkpoint(names[2])):
+        assert _main("-d", str(analyzed["id"]), "-n", "3", *FLAGS, "-o", out) == 0
+    for case in cases:
+        np.testing.assert_array_equal(prediction(names[0], case), prediction(names[2], case))
+    assert {n: stamps(n) for n in names[1:]} == others

@@ -278,3 +278,20 @@ def test_unknown_stage_and_damaged_task_folder(nnunet_env, tmp_path):
     with open(os.path.join(msd, "dataset.json"), "w") as f:
         json.dump(ds, f)
     assert "lacks the Decathlon key(s) labels" in refused(*bench_args(msd, str(tmp_path / "o")))
+
+
+def test_stages_made_from_a_replica_that_changed_are_stale(hippocampus):
+    """Staleness is judged by content (sha256), like samples and analyze: a retrained replica (seed0 carrying
+    seed1's weights) makes the sample set and the evaluation stale; a checkpoint merely touched does not."""
+    from conftest import weights_of
+    from nnunet_varaug.benchmark import Benchmark, read_msd_task
+
+    bench = Benchmark(read_msd_task(hippocampus["msd"]), hippocampus["out"], DATASET_ID, num_replicas=2, base=TINY,
+                      device="cpu", num_processes=1, devices="0,1")
+    checkpoint = os.path.join(fold0(f"{TINY}_seed0"), "checkpoint_final.pth")
+    assert bench.done("samples") and bench.done("evaluate")
+    with weights_of(checkpoint, os.path.join(fold0(f"{TINY}_seed1"), "checkpoint_final.pth")):
+        assert not bench.done("samples") and not bench.done("evaluate")
+        assert bench.done("replicas")  # still trained: only what was made from the old weights is stale
+    os.utime(checkpoint)  # same bytes, new mtime
+    assert bench.done("samples") and bench.done("evaluate")

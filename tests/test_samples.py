@@ -261,3 +261,32 @@ def test_p_outside_unit_interval_refused_by_name():
 
     with pytest.raises(TrainerNameError, match="outside \\[0, 1\\]"):
         resolve(f"{TINY}_varaug_p150")
+
+
+@pytest.mark.e2e
+def test_retrained_replica_rebuilds_every_case_from_its_new_checkpoint(sample_set, capsys):
+    """A replica trained again (here: seed0's checkpoint carrying seed1's weights) makes every map stale: the rerun
+    predicts all cases again, channel 0 then equals channel 1 voxel for voxel, and the manifest lists the new
+    checkpoint's sha256."""
+    from conftest import weights_of
+    from nnunet_varaug.fileio import file_sha256
+    from nnunet_varaug.sampleset import read_manifest, read_sample_array
+    from nnunet_varaug.samples import write_samples
+
+    exp, folder = sample_set["exp"], sample_set["folder"]
+    names = sample_set["names"]
+    write_samples(exp, device="cpu", tta=False, progress=False)  # as the fixture left it, whatever ran before
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".b2nd"))
+    assert any(not np.array_equal(*read_sample_array(os.path.join(folder, f))[:2]) for f in files)
+    capsys.readouterr()
+    checkpoint = exp.final_checkpoint(names[0])
+    try:
+        with weights_of(checkpoint, exp.final_checkpoint(names[1])):
+            write_samples(exp, device="cpu", tta=False, progress=False)
+            assert "wrote 8 case(s), kept 0" in capsys.readouterr().out
+            for f in files:
+                maps = read_sample_array(os.path.join(folder, f))
+                assert np.array_equal(maps[0], maps[1]), f
+            assert read_manifest(folder)["replicas"][0]["sha256"] == file_sha256(checkpoint)
+    finally:
+        write_samples(exp, device="cpu", tta=False, progress=False)  # the set of the original checkpoints again

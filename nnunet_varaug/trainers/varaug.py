@@ -16,8 +16,9 @@ uniformly, cropped and augmented exactly like the image. Two equivalent data flo
   (benchmarks/bench_augmentation.py).
 
 Validation (the pseudo-Dice during training and the final validation) uses the ground truth only. K comes from
-the sample set's manifest, which must match the trainer's plans, configuration, fold and training cases; p and the
-set's fingerprint (sha256 of the manifest) are recorded in debug.json and every checkpoint.
+the sample set's manifest, which must match the trainer's plans, configuration, fold, training cases and the
+preprocessed segmentations the maps were made from (their sha256s); p and the set's fingerprint (sha256 of the
+manifest) are recorded in debug.json and every checkpoint, and a resumed run whose set changed says so in its log.
 """
 from __future__ import annotations
 
@@ -139,7 +140,7 @@ class VarAugMixin(RecordSettingsMixin):
         shapes = self._varaug_training_shapes(tr_keys) if manifest is not None else {}
         manifest = validate_sample_set(folder, plans=self.plans_manager.plans_name,
                                        configuration=self.configuration_name, fold=self.fold, cases=list(tr_keys),
-                                       shapes=shapes, fix=fix)
+                                       shapes=shapes, fix=fix, preprocessed_folder=self.preprocessed_dataset_folder)
         self.varaug_command = fix
         return self._varaug_use(folder, manifest)
 
@@ -228,14 +229,16 @@ class VarAugMixin(RecordSettingsMixin):
                                          self.varaug_command, chooser), dataset_val)
 
     def load_checkpoint(self, filename_or_checkpoint):
-        checkpoint = filename_or_checkpoint
-        if isinstance(checkpoint, str):
-            checkpoint = torch.load(checkpoint, map_location=self.device, weights_only=False)
+        """nnU-Net's ``load_checkpoint``, remembering which sample set the checkpoint was trained with."""
         from nnunet_varaug.trainers.common import SETTINGS_KEY
 
+        checkpoint = filename_or_checkpoint
+        if isinstance(checkpoint, str):
+            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
         record = (checkpoint.get(SETTINGS_KEY) or {}).get("sample_set") or {}
         self._varaug_checkpoint_fingerprint = record.get("fingerprint")
-        return super().load_checkpoint(checkpoint)
+        # passed on as given: nnU-Net 2.8's load_checkpoint reads a file name, and fails on a loaded dict
+        return super().load_checkpoint(filename_or_checkpoint)
 
     def varaug_record(self) -> Dict[str, Any]:
         record = super().varaug_record()
