@@ -248,7 +248,7 @@ def trainer_fix_command(dataset: str, plans: str, configuration: str, base: str,
 
 def validate_out_of_fold_set(folder: str, *, plans: str, configuration: str, fold: int, cases: Sequence[str],
                              splits: folds_module.Splits, shapes: Dict[str, Tuple[int, ...]], fix: str,
-                             verify_files: bool = True) -> dict:
+                             verify_files: bool = True, preprocessed_folder: Optional[str] = None) -> dict:
     """Check an out-of-fold set against what fold ``fold``'s trainer trains on; return its manifest.
 
     Every training case must have maps made by the replicas of the fold that validates it under ``splits`` (never
@@ -296,6 +296,10 @@ def validate_out_of_fold_set(folder: str, *, plans: str, configuration: str, fol
             raise VarAugError(f"variability samples of case {case} are missing ({path}): run {fix}")
         if verify_files and file_sha256(path) != entry["sha256"]:
             raise VarAugError(f"variability samples of case {case} are corrupt ({path}: sha256 differs): run {fix}")
+        if preprocessed_folder is not None and entry.get("seg_sha256") is not None and \
+                S.seg_digest(preprocessed_folder, case) != entry["seg_sha256"]:
+            raise VarAugError(f"variability samples of case {case} were made from another version of its "
+                              f"preprocessed segmentation (preprocessed again?): rebuild them with {fix}")
     return manifest
 
 

@@ -172,7 +172,8 @@ class VarAugMixin(RecordSettingsMixin):
         shapes = self._varaug_training_shapes(tr_keys) if manifest is not None else {}
         manifest = outoffold.validate_out_of_fold_set(folder, plans=self.plans_manager.plans_name,
                                                       configuration=self.configuration_name, fold=int(self.fold),
-                                                      cases=list(tr_keys), splits=splits, shapes=shapes, fix=fix)
+                                                      cases=list(tr_keys), splits=splits, shapes=shapes, fix=fix,
+                                                      preprocessed_folder=self.preprocessed_dataset_folder)
         self.varaug_command = outoffold.trainer_fix_command(
             self.plans_manager.dataset_name, self.plans_manager.plans_name, self.configuration_name,
             manifest.get("base", "nnUNetTrainer"), len(splits), manifest, bare=True)
