@@ -18,6 +18,7 @@ import re
 from typing import Dict, List, Sequence
 
 from nnunet_varaug.errors import VarAugError
+from nnunet_varaug.benchmark.task import nii_files
 from nnunet_varaug.fileio import write_json
 
 HELD_OUT_IMAGES = "imagesHeldOut"
@@ -137,6 +138,28 @@ def check_preprocessed_without_test(bench, cases: Sequence[str]) -> None:
         raise VarAugError(f"{bench.preprocessed_base} was planned or preprocessed with the held-out test case(s) "
                           f"{', '.join(leaked[:3]) or f'(the fingerprint counts {seen} cases)'}: remove it and rerun "
                           f"the benchmark, so that plan_preprocess runs after the test split is held out")
+
+
+def preprocessed_done(bench) -> bool:
+    """Plans with the configuration, and exactly the training cases preprocessed (refused: a test case)."""
+    layout = bench.layout
+    if not os.path.isfile(layout.plans_file):
+        return False
+    configurations = layout.plans_json["configurations"]
+    if bench.configuration not in configurations:
+        raise VarAugError(f"configuration '{bench.configuration}' is not in {layout.plans_file} (nnU-Net planned: "
+                          f"{', '.join(sorted(configurations))}): pass one of them with -c")
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    folder = layout.preprocessed_folder
+    if not os.path.isdir(folder):
+        return False
+    cases = infer_dataset_class(folder).get_identifiers(folder)
+    gt = os.path.join(layout.preprocessed_base, "gt_segmentations")
+    gt_cases = [f[: -len(".nii.gz")] for f in nii_files(gt)] if os.path.isdir(gt) else []
+    check_preprocessed_without_test(bench, list(cases) + gt_cases)
+    want = sorted(training_cases(bench))
+    return sorted(cases) == want and sorted(gt_cases) == want
 
 
 def splits_path(bench) -> str:

@@ -19,7 +19,6 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-from nnunet_varaug import sampleset
 from nnunet_varaug.benchmark.task import MsdTask, check_dataset_id, nii_files
 from nnunet_varaug.errors import VarAugError
 from nnunet_varaug.experiment import Experiment
@@ -250,51 +249,14 @@ class Benchmark:
         raise ValueError(stage)
 
     def _samples_current(self, source: str = "in-fold") -> bool:
-        """A complete sample set of ``source`` made by exactly the current checkpoints of the replicas (sha256)."""
-        from nnunet_varaug.outoffold import out_of_fold_folder
+        from nnunet_varaug.benchmark.variants import samples_current
 
-        oof = source == "out-of-fold"
-        folder = out_of_fold_folder(self.preprocessed_base, self.plans, self.configuration) if oof \
-            else self.layout.samples_folder
-        try:
-            manifest = sampleset.read_manifest(folder)
-        except VarAugError:
-            return False
-        if manifest is None or manifest.get("source", "in-fold") != source:
-            return False
-        by_fold = manifest.get("replicas_by_fold", {}) if oof else {self.fold: manifest.get("replicas") or []}
-        if sorted(by_fold) != sorted(str(f) for f in (self.replica_folds if oof else [self.fold])):
-            return False
-        for fold, listed in by_fold.items():
-            layout = self.fold_layout(fold)
-            if [r.get("name") for r in listed] != self.replica_names:
-                return False
-            if not all(os.path.isfile(layout.final_checkpoint(r["name"]))
-                       and r.get("sha256") == file_sha256(layout.final_checkpoint(r["name"])) for r in listed):
-                return False
-        return True
+        return samples_current(self, source)
 
     def _preprocessed(self) -> bool:
-        layout = self.layout
-        if not os.path.isfile(layout.plans_file):
-            return False
-        configurations = layout.plans_json["configurations"]
-        if self.configuration not in configurations:
-            raise VarAugError(f"configuration '{self.configuration}' is not in {layout.plans_file} (nnU-Net planned: "
-                              f"{', '.join(sorted(configurations))}): pass one of them with -c")
-        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+        from nnunet_varaug.benchmark.holdout import preprocessed_done
 
-        folder = layout.preprocessed_folder
-        if not os.path.isdir(folder):
-            return False
-        from nnunet_varaug.benchmark.holdout import check_preprocessed_without_test, training_cases
-
-        cases = infer_dataset_class(folder).get_identifiers(folder)
-        gt = os.path.join(layout.preprocessed_base, "gt_segmentations")
-        gt_cases = [f[: -len(".nii.gz")] for f in nii_files(gt)] if os.path.isdir(gt) else []
-        check_preprocessed_without_test(self, list(cases) + gt_cases)
-        want = sorted(training_cases(self))
-        return sorted(cases) == want and sorted(gt_cases) == want
+        return preprocessed_done(self)
 
     def evaluation_inputs(self) -> Dict[str, Optional[str]]:
         """What the evaluation was computed from: the sha256 of every model's final checkpoint."""
@@ -398,29 +360,10 @@ class Benchmark:
                        + ([] if self.num_processes is None else ["-npfp", str(self.num_processes)]), env)
         elif stage == "baseline":
             self._train(stage, self.base)
-        elif stage == "replicas":  # `replicas -f` takes one fold: one call per fold
-            for fold in self.replica_folds:
-                if not all(self._trained(n, fold) for n in self.replica_names):
-                    self._call(stage, self._command("replicas", self.fold_layout(fold)) + self._devices())
-        elif stage == "samples":
-            for source in self.sources:
-                if self._samples_current(source):
-                    continue
-                command = self._command("samples")
-                if source == "out-of-fold":
-                    i = command.index("-f")
-                    command = command[:i] + command[i + 2:] + ["--source", "out-of-fold"]
-                self._call(stage, command)
-        elif stage == "varaug":
-            for trainer in self.varaug_trainers:
-                if not self._trained(trainer):
-                    self._train(stage, trainer)
-        elif stage == "stability":  # K seed replicas of each varaug trainer, through `replicas -tr <varaug>`
-            for source in self.sources:
-                if not all(self._trained(n) for n in self.stability_names(source)):
-                    layout = Experiment(self.dataset, self.configuration, self.fold, self.num_replicas,
-                                        self.varaug_for(source), "seed", self.plans)
-                    self._call(stage, self._command("replicas", layout) + self._devices())
+        elif stage in ("replicas", "samples", "varaug", "stability"):
+            from nnunet_varaug.benchmark import variants
+
+            getattr(variants, f"run_{stage}")(self)
         elif stage == "evaluate":
             from nnunet_varaug.benchmark.evaluation import evaluate
 
