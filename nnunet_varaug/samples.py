@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     exp = Experiment.from_args(args.dataset, args.configuration, fold, args.num_replicas, args.base,
                                args.kind, args.plans, getattr(args, "start", 0))
     if source == "out-of-fold":
-        from nnunet_varaug.outoffold import write_out_of_fold_samples
+        from nnunet_varaug.outoffold_samples import write_out_of_fold_samples
 
         write_out_of_fold_samples(exp, device=args.device, tta=args.tta, force=args.force)
     else:
