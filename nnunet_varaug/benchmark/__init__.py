@@ -25,10 +25,11 @@ compute seconds (summed over attempts); ``OUT/results.md`` compares every model 
 the compute time of every stage, and shows nnU-Net's published figures apart, labelled as what they are.
 
 The package: :mod:`~nnunet_varaug.benchmark.task` (the Decathlon folder and the target dataset id),
-:mod:`~nnunet_varaug.benchmark.stages` (the stage machine and its state), :mod:`~nnunet_varaug.benchmark.holdout` (the test split and the
-folds), :mod:`~nnunet_varaug.benchmark.variants` (the compared models), :mod:`~nnunet_varaug.benchmark.evaluation`
-and :mod:`~nnunet_varaug.benchmark.testset` (Dice, stability), :mod:`~nnunet_varaug.benchmark.results` (results.md) and :mod:`~nnunet_varaug.benchmark.cli` (the command
-line); this file only names what they export.
+:mod:`~nnunet_varaug.benchmark.stages` (the stage machine and its state), :mod:`~nnunet_varaug.benchmark.holdout`
+(the test split and the folds), :mod:`~nnunet_varaug.benchmark.variants` (the compared models),
+:mod:`~nnunet_varaug.benchmark.evaluation` and :mod:`~nnunet_varaug.benchmark.testset` (Dice, stability),
+:mod:`~nnunet_varaug.benchmark.results` (results.md) and :mod:`~nnunet_varaug.benchmark.cli` (the command line);
+this file only names what they export.
 """
 from nnunet_varaug.benchmark.cli import configure_parser, parse_stages, run
 from nnunet_varaug.benchmark.results import PUBLISHED_DICE, render_results, write_results
