@@ -192,7 +192,7 @@ def write_source_comparison(in_fold: str, out_of_fold: str, dataset_json: dict, 
     from nnunet_varaug import sampleset as S
     from nnunet_varaug.fileio import write_text
 
-    if not (os.path.isfile(os.path.join(in_fold, S.MANIFEST)) and os.path.isfile(os.path.join(out_of_fold, S.MANIFEST))):
+    if not all(os.path.isfile(os.path.join(f, S.MANIFEST)) for f in (in_fold, out_of_fold)):
         return None
     rows = compare_sources(in_fold, out_of_fold, dataset_json, cases)
     head = list(rows[0])

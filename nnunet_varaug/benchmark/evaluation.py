@@ -119,7 +119,8 @@ def _validation(bench: "Benchmark", c: dict, out: str) -> dict:
                            for e in result["metric_per_case"])
         if evaluated != val_cases:
             raise VarAugError(f"{folder}/summary.json does not cover the {len(val_cases)} validation cases of fold "
-                              f"{bench.fold}: run `nnUNetv2_train {bench.dataset_id} {bench.configuration} {bench.fold} "
+                              f"{bench.fold}: run `nnUNetv2_train {bench.dataset_id} {bench.configuration} "
+                              f"{bench.fold} "
                               f"-tr {trainer} -p {bench.plans} --val` to evaluate it again")
         shutil.copyfile(os.path.join(folder, "summary.json"), os.path.join(out, f"{trainer}.json"))
         return {"trainer": trainer,

@@ -193,7 +193,8 @@ def run_splits(bench) -> None:
     if os.path.isfile(path):
         splits = folds.read_splits(path)
         folds.check_excluded(splits, bench.test_cases)
-        raise VarAugError(f"{path} exists but is not a {bench.num_folds}-fold split of the {len(training_cases(bench))} "
+        raise VarAugError(f"{path} exists but is not a {bench.num_folds}-fold split of the "
+                          f"{len(training_cases(bench))} "
                           f"training cases (it has {len(splits)} folds): pass --folds {len(splits)} to use it, or "
                           f"remove it (and the models trained on it) to let the benchmark write its own")
     folds.write_splits(path, folds.crossval_splits(training_cases(bench), bench.num_folds), held_out=bench.test_cases)

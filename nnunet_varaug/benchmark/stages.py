@@ -372,7 +372,8 @@ class Benchmark:
             from nnunet_varaug.benchmark.holdout import HELD_OUT_IMAGES, HELD_OUT_LABELS
 
             self._call(stage, self._command("analyze") + [
-                "-i", os.path.join(self.raw_folder, HELD_OUT_IMAGES), "-l", os.path.join(self.raw_folder, HELD_OUT_LABELS),
+                "-i", os.path.join(self.raw_folder, HELD_OUT_IMAGES),
+                "-l", os.path.join(self.raw_folder, HELD_OUT_LABELS),
                 "-o", os.path.join(self.out, "analysis"), "--quiet"])
         if not self.done(stage):
             raise StageFailed(f"stage '{stage}' ran but its outputs are not complete; see "

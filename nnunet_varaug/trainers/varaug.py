@@ -187,7 +187,8 @@ class VarAugMixin(RecordSettingsMixin):
         self.varaug_num_samples = int(manifest["num_replicas"])
         self.varaug_fingerprint = manifest_fingerprint(folder)
         self.print_to_log_file(f"variability samples ({self.varaug_source}): p = {self.varaug_p}, "
-                               f"K = {self.varaug_num_samples} replica maps per case from {folder} (sha256 of manifest {self.varaug_fingerprint[:12]}…)")
+                               f"K = {self.varaug_num_samples} replica maps per case from {folder} "
+                               f"(sha256 of manifest {self.varaug_fingerprint[:12]}…)")
         if self._varaug_checkpoint_fingerprint not in (None, self.varaug_fingerprint):
             self.print_to_log_file("WARNING: the sample set changed since the checkpoint this run continues from "
                                    f"(manifest sha256 {self._varaug_checkpoint_fingerprint[:12]}… -> "
