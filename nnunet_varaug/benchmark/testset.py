@@ -48,6 +48,9 @@ def predict_folder(model_folder: str, fold, images: str, output: str, device: st
                 return output
     shutil.rmtree(output, ignore_errors=True)
     os.makedirs(output)
+    from nnunet_varaug.registry import ext_trainer_value
+
+    os.environ["nnUNet_extTrainer"] = ext_trainer_value()  # the predictor finds the plugin's trainers by name
     torch_device = torch.device(device)
     with contextlib.redirect_stdout(io.StringIO()):
         predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
