@@ -14,6 +14,10 @@ case's label. They need K finished replicas of every fold, and one set serves ev
 A ``<Base>_varaug[_p<NN>]_oof`` trainer of fold F reads the maps of F's training cases from it and refuses a set
 whose maps do not come from the folds that validate those cases under the current splits.
 
+This module is the set's reading side, safe inside ``nnUNetv2_train`` (no command-layer imports): its folder, the
+commands its errors name, the trainer's checks, and the in-fold versus out-of-fold comparison that ``analyze``
+writes. The writer behind ``samples --source out-of-fold`` is :mod:`nnunet_varaug.outoffold_samples`.
+
 The leak: the teachers of fold F's training cases (replicas of the other folds) were trained on fold F's
 validation cases, so fold F's validation Dice of an out-of-fold model is optimistic; compare models on a test split
 that no training saw (``benchmark --test-fraction``).
