@@ -287,7 +287,8 @@ def test_stages_made_from_a_replica_that_changed_are_stale(hippocampus):
     from nnunet_varaug.benchmark import Benchmark, read_msd_task
 
     bench = Benchmark(read_msd_task(hippocampus["msd"]), hippocampus["out"], DATASET_ID, num_replicas=2, base=TINY,
-                      device="cpu", num_processes=1, devices="0,1")
+                      device="cpu", num_processes=1, devices="0,1", num_folds=2,
+                      sources=["in-fold", "out-of-fold"], stability=True)
     checkpoint = os.path.join(fold0(f"{TINY}_seed0"), "checkpoint_final.pth")
     assert bench.done("samples") and bench.done("evaluate")
     with weights_of(checkpoint, os.path.join(fold0(f"{TINY}_seed1"), "checkpoint_final.pth")):
