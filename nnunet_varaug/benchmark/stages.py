@@ -318,10 +318,10 @@ class Benchmark:
             raise StageFailed(f"stage '{stage}' failed: `{shlex.join(command)}` exited {code}; see {log_path}. "
                               f"Rerun the same command to retry it (finished stages are skipped)")
 
-    def _train(self, stage: str, trainer: str) -> None:
+    def _train(self, stage: str, trainer: str, fold=None) -> None:
         """``trainer`` brought to a finished, validated state: the same job ``replicas`` runs (``--c`` to
         continue, ``--val`` when only the validation predictions are missing)."""
-        job = train_job(self.layout, trainer, self.device)
+        job = train_job(self.layout if fold is None else self.fold_layout(fold), trainer, self.device)
         self._call(stage, job.command, job.env)
 
     def _command(self, name: str, layout: Optional[Experiment] = None) -> List[str]:

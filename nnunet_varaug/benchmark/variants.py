@@ -48,6 +48,15 @@ def run_replicas(bench: "Benchmark") -> None:
     for fold in bench.replica_folds:
         if not all(bench._trained(n, fold) for n in bench.replica_names):
             bench._call("replicas", bench._command("replicas", bench.fold_layout(fold)) + bench._devices())
+        _validate_finished(bench, "replicas", bench.replica_names, fold)
+
+
+def _validate_finished(bench: "Benchmark", stage: str, names, fold=None) -> None:
+    """``replicas`` skips a replica whose training finished; one interrupted during nnU-Net's final validation has
+    no ``validation/summary.json`` yet: validate it (``nnUNetv2_train … --val``)."""
+    for name in names:
+        if not bench._trained(name, fold):
+            bench._train(stage, name, fold)
 
 
 def run_samples(bench: "Benchmark") -> None:
@@ -75,3 +84,4 @@ def run_stability(bench: "Benchmark") -> None:
             layout = Experiment(bench.dataset, bench.configuration, bench.fold, bench.num_replicas,
                                 bench.varaug_for(source), "seed", bench.plans)
             bench._call("stability", bench._command("replicas", layout) + bench._devices())
+        _validate_finished(bench, "stability", bench.stability_names(source))
