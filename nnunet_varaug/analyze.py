@@ -372,6 +372,9 @@ def analyze_experiment(experiments: Union[Experiment, Sequence[Experiment]], out
         os.remove(os.path.join(output, "calibration.csv"))
     summary.attrs["report_dir"] = output
     summary.attrs["report_html"] = os.path.join(output, "report.html")
+    from nnunet_varaug.outoffold_samples import write_source_comparison_for
+
+    write_source_comparison_for(experiments[0], output)  # sources.csv, when both sample sets of the fold exist
     return summary
 
 

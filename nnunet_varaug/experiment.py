@@ -205,11 +205,17 @@ class Experiment:
         return self.replica_names
 
 
-def add_experiment_arguments(p: argparse.ArgumentParser, kind: bool = True) -> None:
-    """The flags that name an :class:`Experiment` in replicas, samples, analyze: -d -c -f -n [-p] [-tr] [--kind]."""
+def add_experiment_arguments(p: argparse.ArgumentParser, kind: bool = True, fold_help: Optional[str] = None) -> None:
+    """The flags that name an :class:`Experiment` in replicas, samples, analyze: -d -c -f -n [-p] [-tr] [--kind].
+
+    ``fold_help``: -f is optional (default None) with this help text, for a command that checks it itself.
+    """
     p.add_argument("-d", dest="dataset", required=True, help="dataset name or id")
     p.add_argument("-c", dest="configuration", required=True, help="nnU-Net configuration, e.g. 3d_fullres")
-    p.add_argument("-f", dest="fold", required=True, help="fold (0..4 or 'all')")
+    if fold_help is None:
+        p.add_argument("-f", dest="fold", required=True, help="fold (0..4 or 'all')")
+    else:
+        p.add_argument("-f", dest="fold", default=None, help=fold_help)
     p.add_argument("-n", dest="num_replicas", type=int, required=True, help="number of replicas K")
     p.add_argument("-tr", dest="base", default="nnUNetTrainer", help="base trainer (default nnUNetTrainer)")
     p.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")

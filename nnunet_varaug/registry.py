@@ -10,7 +10,8 @@ Grammar (suffixes read from the right; the rest is the base, itself any resolvab
     <Base>_seed<K>                  seed replica K
     <Base>_mca<K>[_t<T>][_instr]    numerical replica K (noise stream K, T virtual bits, _instr: per instruction)
     <Base>_ieee                     the IEEE twin of the _mca replicas (their training path, no noise)
-    <Base>_varaug[_p<NN>]           trained with variability samples, p = NN/100 (default 0.5)
+    <Base>_varaug[_p<NN>][_oof]     trained with variability samples, p = NN/100 (default 0.5); ``_oof``: from
+                                    the out-of-fold sample set instead of the fold's own (in-fold) one
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ ENTRY_POINT_GROUP = "nnunet_varaug.trainers"
 LOOKUP_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lookup")
 
 GRAMMAR = (
-    "trainer names follow <Base>_seed<K> | <Base>_mca<K>[_t<T>][_instr] | <Base>_ieee | <Base>_varaug[_p<NN>], "
-    "where <Base> is a "
+    "trainer names follow <Base>_seed<K> | <Base>_mca<K>[_t<T>][_instr] | <Base>_ieee | "
+    "<Base>_varaug[_p<NN>][_oof], where <Base> is a "
     "trainer nnU-Net can find (built in, in an nnUNet_extTrainer folder, or in the entry-point group "
     f"'{ENTRY_POINT_GROUP}'), K is a non-negative integer without leading zeros, T is 1..24 virtual bits (float32 training), "
     "NN is 0..100 (p = NN/100), and names never contain '__'"
@@ -35,7 +36,7 @@ _SUFFIX_RULES = (
     ("seed", re.compile(r"^(?P<base>.+?)_seed(?P<k>0|[1-9]\d*)$")),
     ("mca", re.compile(r"^(?P<base>.+?)_mca(?P<k>0|[1-9]\d*)(?:_t(?P<t>[1-9]\d?))?(?P<instr>_instr)?$")),
     ("ieee", re.compile(r"^(?P<base>.+?)_ieee$")),
-    ("varaug", re.compile(r"^(?P<base>.+?)_varaug(?:_p(?P<p>\d{1,3}))?$")),
+    ("varaug", re.compile(r"^(?P<base>.+?)_varaug(?:_p(?P<p>\d{1,3}))?(?P<oof>_oof)?$")),
 )
 # A name that contains one of these tokens claims to be ours; if no rule parses it, it is malformed.
 _TOKENS = re.compile(r"_(seed|mca|varaug|ieee)")
@@ -77,7 +78,8 @@ def parse(name: str) -> Optional[Tuple[str, str, dict]]:
         p = int(m.group("p")) if m.group("p") is not None else 50
         if p > 100:
             raise TrainerNameError(f"'{name}': p={p}/100 is outside [0, 1]; {GRAMMAR}")
-        return base, kind, {"p": p / 100}
+        # "source" only for _oof, so that in-fold settings (and what older checkpoints recorded) stay as they were
+        return base, kind, {"p": p / 100, **({"source": "out-of-fold"} if m.group("oof") else {})}
     if _TOKENS.search(name):
         raise TrainerNameError(f"'{name}' is not a valid trainer name: {GRAMMAR}")
     return None

@@ -157,7 +157,13 @@ def write_samples(exp: Experiment, device: str = "cpu", tta: bool = True, force:
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    add_experiment_arguments(p)
+    # -f names the fold of an in-fold set; an out-of-fold set covers every fold
+    add_experiment_arguments(p, fold_help="fold (0..4 or 'all'); required for --source in-fold, left out for "
+                                          "out-of-fold")
+    p.add_argument("--source", default="in-fold", choices=["in-fold", "out-of-fold"],
+                   help="in-fold (default): fold F's replicas predict fold F's training cases; out-of-fold: each case "
+                        "is predicted by the replicas of the fold that validates it (needs K replicas of every fold; "
+                        "writes varaug/<Plans>__<Config>__out-of-fold/)")
     p.add_argument("--start", type=int, default=0, help="index of the first replica (default 0)")
     p.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="as nnUNetv2_predict's -device")
     p.add_argument("--tta", dest="tta", action="store_true", default=True,
@@ -168,7 +174,22 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    exp = Experiment.from_args(args.dataset, args.configuration, args.fold, args.num_replicas, args.base,
+    source = getattr(args, "source", "in-fold")
+    fold = args.fold
+    if source == "out-of-fold":
+        if fold is not None:
+            raise VarAugError(f"-f {fold}: an out-of-fold sample set covers every fold (each case predicted by the "
+                              f"replicas of the fold that validates it); leave out -f")
+        fold = 0  # only to check the experiment's flags; every fold is used
+    elif fold is None:
+        raise VarAugError("-f is required for in-fold samples (the fold whose replicas predict its own training "
+                          "cases); or pass --source out-of-fold")
+    exp = Experiment.from_args(args.dataset, args.configuration, fold, args.num_replicas, args.base,
                                args.kind, args.plans, getattr(args, "start", 0))
-    write_samples(exp, device=args.device, tta=args.tta, force=args.force)
+    if source == "out-of-fold":
+        from nnunet_varaug.outoffold_samples import write_out_of_fold_samples
+
+        write_out_of_fold_samples(exp, device=args.device, tta=args.tta, force=args.force)
+    else:
+        write_samples(exp, device=args.device, tta=args.tta, force=args.force)
     return 0

@@ -310,7 +310,8 @@ def build_manifest(identity: dict, cases: Dict[str, dict], *, base: str, kind: s
     shapes = {tuple(e["shape"])[0] for e in cases.values()}
     if len(shapes) > 1:
         raise ValueError(f"sample arrays disagree on K: {sorted(shapes)}")
-    return {**identity, "num_replicas": len(identity["replicas"]), "base": base, "kind": kind, "start": int(start),
+    return {"source": "in-fold", **identity, "num_replicas": len(identity["replicas"]), "base": base, "kind": kind,
+            "start": int(start),
             "dtype": np.dtype(SAMPLE_DTYPE).name, "patch_size": [int(p) for p in patch_size],
             "case_list": sorted(cases), "cases": {c: cases[c] for c in sorted(cases)},
             "ignore_label": ignore_label, "regions": bool(regions), "command": command,

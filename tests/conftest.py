@@ -118,7 +118,7 @@ def weights_of(checkpoint: str, donor: str):
 #   (bad input refused before anything ran) is allowed: it trained nothing.
 TIERS = ("unit", "nnunet", "e2e")
 NNUNET_FIXTURES = {"nnunet_env", "synthetic_3d", "region_ignore_dataset"}
-TRAINING_FIXTURES = {"seed_replicas", "hippocampus"}  # fixtures that train (hippocampus: test_benchmark.py)
+TRAINING_FIXTURES = {"seed_replicas", "varaug_benchmark", "interrupted_replicas"}  # fixtures that train
 TRAINING_COMMANDS = {"nnUNetv2_train"}
 TRAINING_SUBCOMMANDS = {"replicas", "benchmark", "demo"}  # of nnunet_varaug
 
@@ -233,3 +233,45 @@ def pytest_runtest_makereport(item, call):
         report.outcome = "failed"
         report.longrepr = f"test tier {_current['tier']} broken:\n  " + "\n  ".join(_current["violations"])
         _current["violations"] = []
+
+
+# ---- one benchmark for tests/test_benchmark.py and tests/test_outoffold.py (issue 14) ------------------------------
+# A Task04_Hippocampus-like task (10 training cases) converted to id 904 and benchmarked once with everything on:
+# a held-out test split (0.2: 2 cases), 2 folds (a 2-fold splits_final.json, written by the benchmark before any
+# training; nnU-Net uses an existing splits file), 2 tiny replicas on each fold, in-fold and out-of-fold sample sets
+# and their varaug models, and 2 seed replicas of each varaug model (--stability).
+BENCH_ID = 904
+BENCH_DATASET = f"Dataset{BENCH_ID:03d}_Hippocampus"
+BENCH_FLAGS = ("-n", "2", "-tr", TINY, "-device", "cpu", "-np", "1", "--folds", "2",
+               "--sources", "in-fold", "out-of-fold", "--stability")
+
+
+def bench_args(msd: str, out: str, *extra: str) -> tuple:
+    """The benchmark command of the shared fixture (rerun it with the same flags to continue or check it)."""
+    return ("nnunet_varaug", "benchmark", "--msd", msd, *BENCH_FLAGS, "-o", out, *extra)
+
+
+@pytest.fixture(scope="session")
+def varaug_benchmark(nnunet_env, tmp_path_factory):
+    """The benchmark above, run once through the command line; its state, evaluation and results.md."""
+    import json
+    import time
+
+    from nnunet_varaug.datasets import make_msd_task
+
+    root = tmp_path_factory.mktemp("bench")
+    msd = make_msd_task(str(root / "msd"), "Task04_Hippocampus", num_cases=10, num_test=2, seed=4, macos_junk=True)
+    out = str(root / "out")
+    start = time.monotonic()
+    # --devices: the two replicas of a fold train side by side (one process per "device"; -device cpu ignores it)
+    proc = run_cli(*bench_args(msd, out, "-d", str(BENCH_ID), "--devices", "0,1"), timeout=3600)
+    seconds = time.monotonic() - start
+    print(f"\nvaraug_benchmark fixture: {seconds:.0f} s")
+    with open(os.path.join(out, "benchmark_state.json")) as f:
+        state = json.load(f)
+    with open(os.path.join(out, "evaluation", "dice.json")) as f:
+        dice = json.load(f)
+    with open(os.path.join(out, "results.md")) as f:
+        results = f.read()
+    return {"msd": msd, "out": out, "root": root, "proc": proc, "state": state, "dice": dice, "results": results,
+            "seconds": seconds, "dataset": BENCH_DATASET, "id": BENCH_ID}

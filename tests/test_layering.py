@@ -43,6 +43,15 @@ try:
                                   cases=[], shapes={}, fix=command)
 except VarAugError:
     pass
+registry.resolve("nnUNetTrainer_varaug_oof")  # the out-of-fold reading side, as a _oof trainer uses it
+from nnunet_varaug import outoffold
+try:
+    outoffold.validate_out_of_fold_set("/nonexistent", plans="nnUNetPlans", configuration="3d_fullres", fold=0,
+                                       cases=[], splits=[], shapes={},
+                                       fix=outoffold.trainer_fix_command("Dataset004_Hippocampus", "nnUNetPlans",
+                                                                         "3d_fullres", "nnUNetTrainer", 5))
+except VarAugError:
+    pass
 from nnunet_varaug.sampleset import VariabilitySampleDataset  # noqa: F401
 import nnunet_varaug.transforms  # noqa: F401
 print(json.dumps({"modules": sorted(sys.modules), "command": command}))

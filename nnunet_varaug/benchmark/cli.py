@@ -51,6 +51,19 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="train the replicas one per GPU at a time on these GPUs (replicas --devices)")
     p.add_argument("-np", dest="num_processes", type=int, default=None,
                    help="processes for conversion, preprocessing and evaluation (default: nnU-Net's)")
+    p.add_argument("--test-fraction", type=float, default=0.2, metavar="F",
+                   help="fraction of the labelled cases held out as a test split before anything is planned or "
+                        "trained; every model is compared on it (default 0.2)")
+    p.add_argument("--test-seed", type=int, default=0, help="seed of the test split's draw (default 0)")
+    p.add_argument("--folds", dest="num_folds", type=int, default=5,
+                   help="folds of the splits_final.json the benchmark writes over the remaining cases (nnU-Net's own "
+                        "split, seed 12345; default 5, nnU-Net's default)")
+    p.add_argument("--sources", nargs="+", default=["in-fold"], choices=["in-fold", "out-of-fold"],
+                   help="sample sources to train variability-augmented models with, side by side (default in-fold; "
+                        "out-of-fold trains K replicas on every fold and <BASE>_varaug_oof)")
+    p.add_argument("--stability", action="store_true",
+                   help="also train K seed replicas of each variability-augmented model (<varaug>_seed<k>) and "
+                        "report their pairwise Dice and volume spread beside the plain replicas'")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,5 +75,6 @@ def run(args: argparse.Namespace) -> int:
     task = read_msd_task(args.msd)
     out = args.output or os.path.join(os.getcwd(), f"varaug_benchmark_{task.folder_name}")
     bench = Benchmark(task, out, args.dataset_id, args.configuration, args.fold, args.num_replicas, args.base,
-                      args.plans, args.planner, args.device, args.num_processes, args.p, args.devices)
+                      args.plans, args.planner, args.device, args.num_processes, args.p, args.devices,
+                      args.test_fraction, args.test_seed, args.num_folds, args.sources, args.stability)
     return bench.run(stages)

@@ -19,20 +19,22 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-from nnunet_varaug import sampleset
 from nnunet_varaug.benchmark.task import MsdTask, check_dataset_id, nii_files
 from nnunet_varaug.errors import VarAugError
 from nnunet_varaug.experiment import Experiment
 from nnunet_varaug.fileio import file_sha256, write_json
 from nnunet_varaug.runner import nnunet_command, plugin_env, run_logged, train_job
 
-STAGES = ("convert", "plan_preprocess", "baseline", "replicas", "samples", "varaug", "evaluate", "analyze")
+STAGES = ("convert", "holdout", "plan_preprocess", "splits", "baseline", "replicas", "samples", "varaug", "stability",
+          "evaluate", "analyze")
 # what each stage needs on disk before it can run
 REQUIRES: Dict[str, Sequence[str]] = {
-    "convert": (), "plan_preprocess": ("convert",), "baseline": ("plan_preprocess",),
-    "replicas": ("plan_preprocess",), "samples": ("replicas",), "varaug": ("samples",),
-    "evaluate": ("baseline", "replicas", "varaug"), "analyze": ("replicas",),
+    "convert": (), "holdout": ("convert",), "plan_preprocess": ("holdout",), "splits": ("plan_preprocess",),
+    "baseline": ("splits",), "replicas": ("splits",), "samples": ("replicas",), "varaug": ("samples",),
+    "stability": ("samples",), "evaluate": ("baseline", "replicas", "varaug", "stability"),
+    "analyze": ("replicas",),
 }
+SOURCES = ("in-fold", "out-of-fold")
 STATE_FILE = "benchmark_state.json"
 
 
@@ -54,7 +56,9 @@ class Benchmark:
     def __init__(self, task: MsdTask, out: str, dataset_id: Optional[int] = None, configuration: str = "3d_fullres",
                  fold: str = "0", num_replicas: int = 5, base: str = "nnUNetTrainer", plans: str = "nnUNetPlans",
                  planner: str = "ExperimentPlanner", device: str = "cuda", num_processes: Optional[int] = None,
-                 p: Optional[int] = None, devices: Optional[str] = None) -> None:
+                 p: Optional[int] = None, devices: Optional[str] = None, test_fraction: float = 0.2,
+                 test_seed: int = 0, num_folds: int = 5, sources: Sequence[str] = ("in-fold",),
+                 stability: bool = False) -> None:
         self.task = task
         self.out = os.path.abspath(out)
         self.dataset_id = int(dataset_id) if dataset_id is not None else task.task_id
@@ -74,15 +78,36 @@ class Benchmark:
         if p is not None and not 0 <= int(p) <= 100:
             raise VarAugError(f"--varaug-p is a percentage 0..100, got {p}")
         self.varaug_trainer = f"{base}_varaug" if p is None else f"{base}_varaug_p{int(p)}"
+        self.test_fraction = float(test_fraction)
+        self.test_seed = int(test_seed)
+        self.num_folds = int(num_folds)
+        if self.num_folds < 2:
+            raise VarAugError(f"--folds must be at least 2 (a cross-validation), got {num_folds}")
+        if not 0 <= int(self.fold) < self.num_folds:
+            raise VarAugError(f"-f {fold} is not one of the {self.num_folds} folds (--folds {self.num_folds})")
+        unknown = [x for x in sources if x not in SOURCES]
+        if unknown or not sources:
+            raise VarAugError(f"--sources takes {' and/or '.join(SOURCES)}, got {' '.join(sources) or 'nothing'}")
+        self.sources = [x for x in SOURCES if x in sources]
+        self.stability = bool(stability)
         self.state_path = os.path.join(self.out, STATE_FILE)
         self.state = self._load_state()
+        from nnunet_varaug.benchmark.holdout import test_split_record
+
+        split = test_split_record(self)
+        if self.state.get("test_split", split) != split:
+            raise VarAugError(f"{self.state_path} records another test split than --test-fraction/--test-seed give: "
+                              f"use another -o")
+        self.state["test_split"] = split
 
     # ---- settings and state -----------------------------------------------------------------------------------
     @property
     def settings(self) -> dict:
         return {"msd": self.task.folder, "dataset_id": self.dataset_id, "configuration": self.configuration,
                 "fold": self.fold, "num_replicas": self.num_replicas, "base": self.base, "plans": self.plans,
-                "varaug_trainer": self.varaug_trainer}
+                "varaug_trainers": self.varaug_trainers, "test_fraction": self.test_fraction,
+                "test_seed": self.test_seed, "folds": self.num_folds, "sources": self.sources,
+                "stability": self.stability}
 
     def _load_state(self) -> dict:
         if not os.path.isfile(self.state_path):
@@ -115,6 +140,38 @@ class Benchmark:
         return write_results(self)
 
     # ---- names ------------------------------------------------------------------------------------------------
+    @property
+    def test_cases(self) -> List[str]:
+        """The held-out test split (recorded in the state; never planned, trained, validated or sampled on)."""
+        return list(self.state["test_split"]["cases"])
+
+    def varaug_for(self, source: str) -> str:
+        """The variability-augmented trainer of ``source``: ``<BASE>_varaug[_pNN]`` or ``…_oof``."""
+        return self.varaug_trainer + ("_oof" if source == "out-of-fold" else "")
+
+    @property
+    def varaug_trainers(self) -> List[str]:
+        return [self.varaug_for(x) for x in self.sources]
+
+    def stability_names(self, source: str) -> List[str]:
+        """``--stability``: K seed replicas of the source's varaug trainer, ``<varaug>_seed0…K-1``."""
+        from nnunet_varaug import registry
+
+        return [registry.replica_name(self.varaug_for(source), "seed", k) for k in range(self.num_replicas)]
+
+    @property
+    def all_stability_names(self) -> List[str]:
+        return [n for x in self.sources for n in self.stability_names(x)] if self.stability else []
+
+    @property
+    def replica_folds(self) -> List[int]:
+        """The folds whose K replicas are trained: the benchmark's fold, and every fold for out-of-fold samples."""
+        return list(range(self.num_folds)) if "out-of-fold" in self.sources else [int(self.fold)]
+
+    def fold_layout(self, fold) -> Experiment:
+        return Experiment(self.dataset, self.configuration, int(fold), self.num_replicas, self.base, "seed",
+                          self.plans)
+
     @property
     def dataset(self) -> str:
         return f"Dataset{self.dataset_id:03d}_{self.task.name}"
@@ -152,24 +209,35 @@ class Benchmark:
                 f"-n {self.num_replicas} -tr {self.base} -o {shlex.quote(self.out)}")
 
     # ---- completion checks (the truth is on disk) -------------------------------------------------------------
-    def _trained(self, trainer: str) -> bool:
-        return (self.layout.replica_state(trainer) == "finished"
-                and os.path.isfile(os.path.join(self.fold_folder(trainer), "validation", "summary.json")))
+    def _trained(self, trainer: str, fold=None) -> bool:
+        layout = self.layout if fold is None else self.fold_layout(fold)
+        return (layout.replica_state(trainer) == "finished"
+                and os.path.isfile(os.path.join(layout.fold_folder(trainer), "validation", "summary.json")))
 
     def done(self, stage: str) -> bool:
+        from nnunet_varaug.benchmark import holdout
+
         if stage == "convert":
+            held = os.path.join(self.raw_folder, holdout.HELD_OUT_LABELS)
             return (os.path.isfile(os.path.join(self.raw_folder, "dataset.json"))
-                    and len(nii_files(os.path.join(self.raw_folder, "labelsTr"))) == len(self.task.training_cases))
+                    and len(nii_files(os.path.join(self.raw_folder, "labelsTr")))
+                    + (len(nii_files(held)) if os.path.isdir(held) else 0) == len(self.task.training_cases))
+        if stage == "holdout":
+            return holdout.holdout_done(self)
         if stage == "plan_preprocess":
             return self._preprocessed()
+        if stage == "splits":
+            return holdout.splits_done(self)
         if stage == "baseline":
             return self._trained(self.base)
         if stage == "replicas":
-            return all(self._trained(n) for n in self.replica_names)
+            return all(self._trained(n, f) for f in self.replica_folds for n in self.replica_names)
         if stage == "samples":
-            return self._samples_current()
+            return all(self._samples_current(x) for x in self.sources)
         if stage == "varaug":
-            return self._trained(self.varaug_trainer)
+            return all(self._trained(t) for t in self.varaug_trainers)
+        if stage == "stability":
+            return all(self._trained(t) for t in self.all_stability_names)
         if stage == "evaluate":
             path = os.path.join(self.out, "evaluation", "dice.json")
             if not os.path.isfile(path):
@@ -180,42 +248,20 @@ class Benchmark:
             return os.path.isfile(os.path.join(self.out, "analysis", "report.html"))
         raise ValueError(stage)
 
-    def _samples_current(self) -> bool:
-        """A complete sample set made by exactly the current checkpoints of the replicas (sha256)."""
-        try:
-            manifest = sampleset.read_manifest(self.layout.samples_folder)
-        except VarAugError:
-            return False
-        if manifest is None:
-            return False
-        listed = manifest.get("replicas") or []
-        if [r.get("name") for r in listed] != self.replica_names:
-            return False
-        return all(os.path.isfile(self.layout.final_checkpoint(r["name"]))
-                   and r.get("sha256") == file_sha256(self.layout.final_checkpoint(r["name"])) for r in listed)
+    def _samples_current(self, source: str = "in-fold") -> bool:
+        from nnunet_varaug.benchmark.variants import samples_current
+
+        return samples_current(self, source)
 
     def _preprocessed(self) -> bool:
-        layout = self.layout
-        if not os.path.isfile(layout.plans_file):
-            return False
-        configurations = layout.plans_json["configurations"]
-        if self.configuration not in configurations:
-            raise VarAugError(f"configuration '{self.configuration}' is not in {layout.plans_file} (nnU-Net planned: "
-                              f"{', '.join(sorted(configurations))}): pass one of them with -c")
-        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+        from nnunet_varaug.benchmark.holdout import preprocessed_done
 
-        folder = layout.preprocessed_folder
-        if not os.path.isdir(folder):
-            return False
-        cases = infer_dataset_class(folder).get_identifiers(folder)
-        gt = os.path.join(layout.preprocessed_base, "gt_segmentations")
-        return len(cases) == len(self.task.training_cases) and os.path.isdir(gt) and \
-            len(nii_files(gt)) == len(self.task.training_cases)
+        return preprocessed_done(self)
 
     def evaluation_inputs(self) -> Dict[str, Optional[str]]:
         """What the evaluation was computed from: the sha256 of every model's final checkpoint."""
         inputs = {}
-        for trainer in [self.base, *self.replica_names, self.varaug_trainer]:
+        for trainer in [self.base, *self.replica_names, *self.varaug_trainers, *self.all_stability_names]:
             path = self.layout.final_checkpoint(trainer)
             inputs[trainer] = file_sha256(path) if os.path.isfile(path) else None
         return inputs
@@ -227,7 +273,7 @@ class Benchmark:
 
         try:
             registry.resolve(self.base)
-            for name in [*self.replica_names, self.varaug_trainer]:
+            for name in [*self.replica_names, *self.varaug_trainers, *self.all_stability_names]:
                 registry.parse(name)
         except registry.TrainerNameError as e:
             raise VarAugError(f"unknown base trainer '{self.base}': {e}") from None
@@ -243,9 +289,13 @@ class Benchmark:
 
     def _what(self, stage: str) -> str:
         return {"convert": f"{self.raw_folder}", "plan_preprocess": f"plans and preprocessed {self.configuration} data",
+                "holdout": "the held-out test split", "splits": f"a {self.num_folds}-fold splits_final.json",
                 "baseline": f"a finished {self.base} of fold {self.fold}",
-                "replicas": f"{self.num_replicas} finished replicas {self.base}_seed0..{self.num_replicas - 1}",
-                "samples": "the replicas' variability samples", "varaug": f"a finished {self.varaug_trainer}",
+                "replicas": f"{self.num_replicas} finished replicas {self.base}_seed0..{self.num_replicas - 1} of "
+                            f"fold(s) {', '.join(map(str, self.replica_folds))}",
+                "samples": "the replicas' variability samples",
+                "varaug": f"finished {', '.join(self.varaug_trainers)}",
+                "stability": f"finished {', '.join(self.all_stability_names)}",
                 "evaluate": "the evaluation", "analyze": "the variability report"}[stage]
 
     # ---- running -----------------------------------------------------------------------------------------------
@@ -268,15 +318,19 @@ class Benchmark:
             raise StageFailed(f"stage '{stage}' failed: `{shlex.join(command)}` exited {code}; see {log_path}. "
                               f"Rerun the same command to retry it (finished stages are skipped)")
 
-    def _train(self, stage: str, trainer: str) -> None:
+    def _train(self, stage: str, trainer: str, fold=None) -> None:
         """``trainer`` brought to a finished, validated state: the same job ``replicas`` runs (``--c`` to
         continue, ``--val`` when only the validation predictions are missing)."""
-        job = train_job(self.layout, trainer, self.device)
+        job = train_job(self.layout if fold is None else self.fold_layout(fold), trainer, self.device)
         self._call(stage, job.command, job.env)
 
-    def _command(self, name: str) -> List[str]:
-        """``nnunet_varaug <name>`` with this benchmark's experiment flags."""
-        return nnunet_command("nnunet_varaug") + [name, *shlex.split(self.layout.flags), "-device", self.device]
+    def _command(self, name: str, layout: Optional[Experiment] = None) -> List[str]:
+        """``nnunet_varaug <name>`` with this benchmark's experiment flags (or ``layout``'s)."""
+        return nnunet_command("nnunet_varaug") + [name, *shlex.split((layout or self.layout).flags), "-device",
+                                                  self.device]
+
+    def _devices(self) -> List[str]:
+        return [] if self.devices is None else ["--devices", self.devices]
 
     def run_stage(self, stage: str) -> None:
         np_flag = [] if self.num_processes is None else ["-np", str(self.num_processes)]
@@ -288,6 +342,14 @@ class Benchmark:
                 shutil.rmtree(self.raw_folder)
             self._call(stage, nnunet_command("nnUNetv2_convert_MSD_dataset")
                        + ["-i", self.task.folder, "-overwrite_id", str(self.dataset_id)] + np_flag)
+        elif stage == "holdout":
+            from nnunet_varaug.benchmark.holdout import run_holdout
+
+            run_holdout(self)
+        elif stage == "splits":
+            from nnunet_varaug.benchmark.holdout import run_splits
+
+            run_splits(self)
         elif stage == "plan_preprocess":
             env = plugin_env()
             if env.get("nnUNet_n_proc_DA", "") == "0":  # nnU-Net's planner fails with 0 augmentation workers
@@ -298,24 +360,33 @@ class Benchmark:
                        + ([] if self.num_processes is None else ["-npfp", str(self.num_processes)]), env)
         elif stage == "baseline":
             self._train(stage, self.base)
-        elif stage == "replicas":
-            self._call(stage, self._command("replicas") + ([] if self.devices is None else ["--devices", self.devices]))
-        elif stage == "samples":
-            self._call(stage, self._command("samples"))
-        elif stage == "varaug":
-            self._train(stage, self.varaug_trainer)
+        elif stage in ("replicas", "samples", "varaug", "stability"):
+            from nnunet_varaug.benchmark import variants
+
+            getattr(variants, f"run_{stage}")(self)
         elif stage == "evaluate":
             from nnunet_varaug.benchmark.evaluation import evaluate
 
             evaluate(self)
-        elif stage == "analyze":
-            self._call(stage, self._command("analyze") + ["-o", os.path.join(self.out, "analysis"), "--quiet"])
+        elif stage == "analyze":  # the replicas' variability on the held-out test split
+            from nnunet_varaug.benchmark.holdout import HELD_OUT_IMAGES, HELD_OUT_LABELS
+
+            self._call(stage, self._command("analyze") + [
+                "-i", os.path.join(self.raw_folder, HELD_OUT_IMAGES),
+                "-l", os.path.join(self.raw_folder, HELD_OUT_LABELS),
+                "-o", os.path.join(self.out, "analysis"), "--quiet"])
         if not self.done(stage):
             raise StageFailed(f"stage '{stage}' ran but its outputs are not complete; see "
                               f"{self.stage_record(stage).get('log', 'its log')}")
 
+    @property
+    def stages(self) -> List[str]:
+        """This benchmark's stages: ``stability`` only with ``--stability``."""
+        return [s for s in STAGES if s != "stability" or self.stability]
+
     def run(self, stages: Sequence[str]) -> int:
         """Run ``stages`` in order, skipping complete ones; write results.md. Returns the exit code."""
+        stages = [s for s in stages if s in self.stages]
         if "convert" in stages or not self.done("convert"):
             check_dataset_id(self.task, self.dataset_id, self.dataset)
         for i, stage in enumerate(stages):

@@ -139,7 +139,10 @@ def check_dataset_id(task: MsdTask, dataset_id: int, dataset: str) -> None:
                           f"-d {other_id} (its preprocessed data and models are reused), or delete it to "
                           f"convert the task again under id {dataset_id}")
     if os.path.isfile(os.path.join(raw_folder, "dataset.json")):
-        have = sorted(f[: -len(".nii.gz")] for f in nii_files(os.path.join(raw_folder, "labelsTr")))
+        # the benchmark's held-out test cases sit in labelsHeldOut (benchmark/holdout.py): they are this task's too
+        have = sorted(f[: -len(".nii.gz")] for sub in ("labelsTr", "labelsHeldOut")
+                      if os.path.isdir(os.path.join(raw_folder, sub))
+                      for f in nii_files(os.path.join(raw_folder, sub)))
         if have and have != task.training_cases:
             raise VarAugError(f"{raw_folder} holds other cases than {task.folder}/dataset.json lists "
                               f"(e.g. {sorted(set(have) ^ set(task.training_cases))[0]}): it is not this "

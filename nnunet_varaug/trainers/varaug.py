@@ -66,6 +66,7 @@ class VarAugMixin(RecordSettingsMixin):
     """Train ``<Base>`` with its targets swapped, with probability ``varaug_p``, for a replica's label map."""
 
     varaug_p: float = 0.5
+    varaug_source: str = "in-fold"  # or "out-of-fold" (``_oof``): which sample set the maps come from
     varaug_select_at_load: bool = True
     varaug_num_samples: Optional[int] = None
     varaug_fingerprint: Optional[str] = None
@@ -75,10 +76,15 @@ class VarAugMixin(RecordSettingsMixin):
 
     @staticmethod
     def class_attributes(settings: dict) -> dict:
-        return {"varaug_p": float(settings["p"])}
+        return {"varaug_p": float(settings["p"]), "varaug_source": settings.get("source", "in-fold")}
 
     # ---- where the samples are and how to make them ----------------------------------------------------------
     def varaug_folder(self) -> str:
+        if self.varaug_source == "out-of-fold":
+            from nnunet_varaug.outoffold import out_of_fold_folder
+
+            return out_of_fold_folder(self.preprocessed_dataset_folder_base, self.plans_manager.plans_name,
+                                      self.configuration_name)
         return paths.samples_folder_for(self.preprocessed_dataset_folder_base, self.plans_manager.plans_name,
                                         self.configuration_name, self.fold)
 
@@ -116,37 +122,73 @@ class VarAugMixin(RecordSettingsMixin):
     # ---- checks before training ---------------------------------------------------------------------------------
     def varaug_prepare(self) -> dict:
         """Refuse cascades and sample sets that do not fit; set K and the fingerprint. Returns the manifest."""
-        from nnunet_varaug.sampleset import manifest_fingerprint, read_manifest, validate_sample_set
+        from nnunet_varaug.sampleset import read_manifest, validate_sample_set
 
         require_single_stage(self.configuration_name, self.configuration_manager.previous_stage_name,
                              type(self).__name__)
         if not 0.0 <= float(self.varaug_p) <= 1.0:
             raise VarAugError(f"{type(self).__name__}: p = {self.varaug_p} is outside [0, 1]")
+        if self.varaug_source == "out-of-fold":
+            return self._varaug_use(self.varaug_folder(), self._varaug_prepare_out_of_fold())
         folder = self.varaug_folder()
         try:
             manifest = read_manifest(folder)
         except VarAugError as e:
             raise VarAugError(f"{e}: rebuild it with `{self.varaug_fix_command()} --force`") from None
         fix = self.varaug_fix_command(manifest)
+        tr_keys, _ = self.do_split()
+        shapes = self._varaug_training_shapes(tr_keys) if manifest is not None else {}
+        manifest = validate_sample_set(folder, plans=self.plans_manager.plans_name,
+                                       configuration=self.configuration_name, fold=self.fold, cases=list(tr_keys),
+                                       shapes=shapes, fix=fix, preprocessed_folder=self.preprocessed_dataset_folder)
+        self.varaug_command = fix
+        return self._varaug_use(folder, manifest)
+
+    def _varaug_training_shapes(self, tr_keys) -> Dict[str, tuple]:
         if self.dataset_class is None:
             from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
             self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
-        tr_keys, _ = self.do_split()
-        shapes = {}
-        if manifest is not None:
-            dataset = self.dataset_class(self.preprocessed_dataset_folder, list(tr_keys))
-            for case in tr_keys:
-                shapes[case] = tuple(int(s) for s in dataset.load_case(case)[1].shape[1:])
-        manifest = validate_sample_set(folder, plans=self.plans_manager.plans_name,
-                                       configuration=self.configuration_name, fold=self.fold, cases=list(tr_keys),
-                                       shapes=shapes, fix=fix, preprocessed_folder=self.preprocessed_dataset_folder)
+        dataset = self.dataset_class(self.preprocessed_dataset_folder, list(tr_keys))
+        return {case: tuple(int(s) for s in dataset.load_case(case)[1].shape[1:]) for case in tr_keys}
+
+    def _varaug_prepare_out_of_fold(self) -> dict:
+        """Check the out-of-fold set against this fold's training cases and the current splits_final.json."""
+        from nnunet_varaug import folds, outoffold
+        from nnunet_varaug.sampleset import read_manifest
+
+        folder = self.varaug_folder()
+        splits_file = os.path.join(self.preprocessed_dataset_folder_base, folds.SPLITS_FILE)
+        tr_keys, _ = self.do_split()  # writes splits_final.json if nnU-Net has not yet
+        splits = folds.read_splits(splits_file)
+        try:
+            manifest = read_manifest(folder)
+        except VarAugError:
+            manifest = None
+        fix = outoffold.trainer_fix_command(self.plans_manager.dataset_name, self.plans_manager.plans_name,
+                                            self.configuration_name,
+                                            getattr(type(self), "varaug_base_name", None) or "nnUNetTrainer",
+                                            len(splits), manifest)
+        shapes = self._varaug_training_shapes(tr_keys) if manifest is not None else {}
+        manifest = outoffold.validate_out_of_fold_set(folder, plans=self.plans_manager.plans_name,
+                                                      configuration=self.configuration_name, fold=int(self.fold),
+                                                      cases=list(tr_keys), splits=splits, shapes=shapes, fix=fix,
+                                                      preprocessed_folder=self.preprocessed_dataset_folder)
+        self.varaug_command = outoffold.trainer_fix_command(
+            self.plans_manager.dataset_name, self.plans_manager.plans_name, self.configuration_name,
+            manifest.get("base", "nnUNetTrainer"), len(splits), manifest, bare=True)
+        return manifest
+
+    def _varaug_use(self, folder: str, manifest: dict) -> dict:
+        """Take ``manifest``'s checked set: K, fingerprint, a log line."""
+        from nnunet_varaug.sampleset import manifest_fingerprint
+
         self.varaug_samples_folder = folder
         self.varaug_num_samples = int(manifest["num_replicas"])
         self.varaug_fingerprint = manifest_fingerprint(folder)
-        self.varaug_command = fix
-        self.print_to_log_file(f"variability samples: p = {self.varaug_p}, K = {self.varaug_num_samples} replica maps "
-                               f"per case from {folder} (sha256 of manifest {self.varaug_fingerprint[:12]}…)")
+        self.print_to_log_file(f"variability samples ({self.varaug_source}): p = {self.varaug_p}, "
+                               f"K = {self.varaug_num_samples} replica maps per case from {folder} "
+                               f"(sha256 of manifest {self.varaug_fingerprint[:12]}…)")
         if self._varaug_checkpoint_fingerprint not in (None, self.varaug_fingerprint):
             self.print_to_log_file("WARNING: the sample set changed since the checkpoint this run continues from "
                                    f"(manifest sha256 {self._varaug_checkpoint_fingerprint[:12]}… -> "
@@ -202,7 +244,8 @@ class VarAugMixin(RecordSettingsMixin):
 
     def varaug_record(self) -> Dict[str, Any]:
         record = super().varaug_record()
-        record["sample_set"] = {"p": float(self.varaug_p), "num_samples": self.varaug_num_samples,
+        record["sample_set"] = {"p": float(self.varaug_p), "source": self.varaug_source,
+                                "num_samples": self.varaug_num_samples,
                                 "fingerprint": self.varaug_fingerprint, "folder": self.varaug_samples_folder,
                                 "select_at_load": bool(self.varaug_select_at_load)}
         return record
