@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
              {"nnUNet_n_proc_DA": "1"})
     print(step(f"{args.num_replicas} seed replicas", ["nnunet_varaug", "replicas", *flags, "-device", "cpu"], env))
 
-    samples_flags = [*flags, "-device", "cpu"]
+    samples_flags = [*flags, "-device", "cpu", "--no-tta"]  # the demo skips mirroring TTA after training
     print(last_line(step("variability samples of the training cases", ["nnunet_varaug", "samples", *samples_flags],
                          env)))
     step("nnU-Net trained with variability samples (p = 0.5)",
@@ -112,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
 
     cohort = os.path.join(out, "cohort")
     print(step("replica volumes of a held-out cohort (features for the downstream experiment)",
-               ["nnunet_varaug", "analyze", *flags, "-device", "cpu", "--quiet", "-i", os.path.join(raw, "imagesTs"),
+               ["nnunet_varaug", "analyze", *flags, "-device", "cpu", "--quiet", "--disable_tta",
+                "-i", os.path.join(raw, "imagesTs"),
                 "-l", os.path.join(raw, "labelsTs"), "-o", cohort], env).strip().splitlines()[-1])
     new = os.path.join(out, "new_images")  # predict (docs/inference.md) on 5 held-out images
     os.makedirs(new, exist_ok=True)
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         if not os.path.lexists(os.path.join(new, name)):
             os.symlink(os.path.join(raw, "imagesTs", name), os.path.join(new, name))
     print(step("consensus, uncertainty maps and review list of 5 held-out images",
-               ["nnunet_varaug", "predict", *flags, "-device", "cpu", "--quiet", "-i", new, "-l",
+               ["nnunet_varaug", "predict", *flags, "-device", "cpu", "--quiet", "--disable_tta", "-i", new, "-l",
                 os.path.join(raw, "labelsTs"), "-o", os.path.join(out, "predict")], env).strip())
     targets = write_synthetic_targets(raw, os.path.join(out, "targets.csv"))
     print("\nThe downstream target is SYNTHETIC (lesion volume of the ground truth plus noise): this stage shows the "
