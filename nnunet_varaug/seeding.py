@@ -4,7 +4,10 @@ nnU-Net seeds nothing and uses ``NonDetMultiThreadedAugmenter``, which hands out
 workers finish them. A seed replica needs the opposite: the same name trained twice gives the same weights.
 We therefore (1) seed python, numpy and torch (CPU and CUDA) from the replica index, (2) swap nnU-Net's
 augmenters, only while ``get_dataloaders`` builds them, for batchgenerators' order-deterministic
-``MultiThreadedAugmenter`` whose workers seed all three generators from ``derive_seed(K, ...)``, and (3) arrange
+``MultiThreadedAugmenter`` whose workers seed all three generators from ``derive_seed(K, ...)``, (3) build
+nnU-Net's ``GaussianBlurTransform`` with ``benchmark=False`` (nnU-Net asks for ``benchmark=True``: the first blur of
+each axis length and kernel size in a process times direct against FFT convolution and keeps the faster, and the
+two differ in the last bits, so the augmented images depended on wall time), and (4) arrange
 deterministic kernels on the GPU: ``torch.use_deterministic_algorithms(True, warn_only=True)`` (an op without a
 deterministic kernel warns instead of stopping training; :class:`NondeterminismRecorder` keeps those warnings for
 the record), cuDNN deterministic with benchmark mode off, ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (cuBLAS reads it when
@@ -149,6 +152,26 @@ class SeededWorkerLoader:
         if item == "loader":  # not yet set (e.g. during unpickling)
             raise AttributeError(item)
         return getattr(self.loader, item)
+
+
+@contextlib.contextmanager
+def untimed_gaussian_blur() -> Iterator[None]:
+    """While active, every ``GaussianBlurTransform`` built gets ``benchmark=False``: it always blurs by direct
+    convolution instead of choosing direct or FFT convolution by timing both (batchgeneratorsv2's
+    ``_benchmark_wrapper``), a choice that depends on the machine's load and changes the images' last bits."""
+    from batchgeneratorsv2.transforms.noise.gaussian_blur import GaussianBlurTransform
+
+    original = GaussianBlurTransform.__init__
+
+    def untimed_init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.benchmark = False
+
+    GaussianBlurTransform.__init__ = untimed_init
+    try:
+        yield
+    finally:
+        GaussianBlurTransform.__init__ = original
 
 
 @contextlib.contextmanager

@@ -130,3 +130,39 @@ def test_an_explicit_nnunet_compile_is_respected(monkeypatch, tmp_path):
     trainer = seed_trainer(tmp_path)
     assert trainer._do_i_compile() is True  # nnU-Net's own decision, here FakeTrainer's
     assert trainer.varaug_record()["determinism"]["compile"] is True
+
+
+def _blurs(transform) -> list:
+    """Every GaussianBlurTransform in a batchgeneratorsv2 transform tree (Compose / RandomTransform)."""
+    from batchgeneratorsv2.transforms.noise.gaussian_blur import GaussianBlurTransform
+
+    if isinstance(transform, GaussianBlurTransform):
+        return [transform]
+    children = list(getattr(transform, "transforms", []) or []) + [getattr(transform, "transform", None)]
+    return [b for c in children if c is not None for b in _blurs(c)]
+
+
+def _nnunet_training_transforms():
+    import numpy as np
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    return nnUNetTrainer.get_training_transforms(
+        np.array([32, 32, 32]), ((-0.5, 0.5),) * 3, None, (0, 1, 2), do_dummy_2d_data_aug=False)
+
+
+def test_a_seed_replicas_gaussian_blur_is_not_chosen_by_timing():
+    """nnU-Net builds its blur with benchmark=True (direct or FFT convolution, whichever was faster the first time:
+    the two differ in the last bits, so a resumed replica's weights did); a seed replica's dataloaders are built with
+    benchmark=False, and nnU-Net's own setting is back afterwards."""
+    class Base:
+        def get_dataloaders(self):
+            return _nnunet_training_transforms()
+
+    class Replica(SeedReplicaMixin, Base):
+        pass
+
+    replica = object.__new__(Replica)  # get_dataloaders needs no more than these two attributes
+    replica.replica_seed, replica.current_epoch = 0, 1
+    blurs = _blurs(replica.get_dataloaders())
+    assert blurs and all(b.benchmark is False for b in blurs)
+    assert all(b.benchmark is True for b in _blurs(_nnunet_training_transforms())), "nnU-Net's default restored"

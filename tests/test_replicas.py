@@ -170,9 +170,6 @@ def test_replicas_keep_going_resume_interrupted_and_skip_finished(interrupted_re
     assert "Epoch 1" in newest and "Epoch 0\n" not in newest
 
 
-@pytest.mark.xfail(reason="found by this test (issue 10): two identical interrupted-then-resumed runs gave the same "
-                          "losses but weights differing in the last bit (140 of 188 tensors, max 6e-8); cause not "
-                          "yet known", strict=False)
 def test_an_interrupted_then_resumed_replica_is_reproducible(interrupted_replicas, tmp_path):
     """The same replica interrupted after epoch 0 and resumed with --c, once more in another nnUNet_results:
     bitwise the same final weights as the fixture's. (Not the weights of an uninterrupted run: a resumed run

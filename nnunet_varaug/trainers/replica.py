@@ -7,13 +7,15 @@ from typing import Any, Dict
 import torch
 
 from nnunet_varaug.seeding import (NondeterminismRecorder, compile_decision, configure_cublas, derive_seed,
-                                   make_deterministic, seed_everything, seeded_augmenters)
+                                   make_deterministic, seed_everything, seeded_augmenters,
+                                   untimed_gaussian_blur)
 from nnunet_varaug.trainers.common import RecordSettingsMixin
 
 
 class SeedReplicaMixin(RecordSettingsMixin):
     """Seeds python, numpy, torch and CUDA from ``replica_seed`` before the network is built, and gives the
-    augmentation workers seeds derived from it (order-deterministic). Arithmetic stays plain IEEE. For the GPU:
+    augmentation workers seeds derived from it (order-deterministic), and its Gaussian blur is never chosen by
+    timing (:func:`~nnunet_varaug.seeding.untimed_gaussian_blur`). Arithmetic stays plain IEEE. For the GPU:
     deterministic algorithms (warn-only, the warnings recorded), cuDNN deterministic and benchmark off,
     ``CUBLAS_WORKSPACE_CONFIG`` set in ``__init__`` (before ``nnUNetv2_train`` initialises CUDA), ``torch.compile``
     off unless the user sets ``nnUNet_compile``. What was arranged is recorded under ``determinism`` in
@@ -71,5 +73,6 @@ class SeedReplicaMixin(RecordSettingsMixin):
             self.varaug_update_debug_record()
 
     def get_dataloaders(self):
-        with seeded_augmenters(derive_seed(self.replica_seed, "augmentation", self.current_epoch)):
+        with seeded_augmenters(derive_seed(self.replica_seed, "augmentation", self.current_epoch)), \
+                untimed_gaussian_blur():
             return super().get_dataloaders()
