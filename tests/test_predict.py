@@ -98,8 +98,10 @@ def test_uncertainty_maps_equal_numpy(predicted):
         segs = np.stack([arr(f / f"{case}{ENDING}") for f in predicted["replicas"]])
         consensus = arr(predicted["ensemble"] / f"{case}{ENDING}")
         maps = predicted["out"] / "uncertainty"
-        np.testing.assert_allclose(arr(maps / f"{case}_entropy.nii.gz"), entropy, atol=2e-5)
-        np.testing.assert_allclose(arr(maps / f"{case}_mutual_information.nii.gz"), np.maximum(mi, 0), atol=2e-5)
+        # 5e-4 bits: nnUNetv2_predict's separate processes and predict's in-process run may sum in other orders
+        # (one suite run under load: 17 of 32768 voxels differed, by up to 1.3e-4); nats instead of bits is 0.3
+        np.testing.assert_allclose(arr(maps / f"{case}_entropy.nii.gz"), entropy, atol=5e-4)
+        np.testing.assert_allclose(arr(maps / f"{case}_mutual_information.nii.gz"), np.maximum(mi, 0), atol=5e-4)
         np.testing.assert_allclose(arr(maps / f"{case}_disagreement.nii.gz"), (segs != consensus).mean(axis=0),
                                    atol=1e-6)
         assert entropy.max() > 0.1  # the tiny replicas are unsure somewhere: the comparison is not trivial

@@ -141,14 +141,15 @@ def reference_trainer(folder: str, p: float, k: int, record: list, select_at_loa
 
 def run_loader(trainer_cls, dataset: str, configuration: str, fold: int, num_batches: int, seed: int = 7):
     """The trainer's own training batches (nnU-Net's data loader + transforms, single process)."""
-    from nnunet_varaug.seeding import seed_everything
+    from nnunet_varaug.seeding import seed_everything, untimed_gaussian_blur
 
     _, plans_json, dataset_json = _load(dataset)
     plans_json["continue_training"] = False  # what nnUNetv2_train's get_trainer_from_args adds
     trainer = trainer_cls(plans_json, configuration, fold, dataset_json, device=torch.device("cpu"))
     trainer.initialize()
     seed_everything(seed)
-    dl_train, dl_val = trainer.get_dataloaders()
+    with untimed_gaussian_blur():  # batchgeneratorsv2's timed direct/FFT choice would differ between trainers
+        dl_train, dl_val = trainer.get_dataloaders()
     batches = [next(dl_train) for _ in range(num_batches)]
     return trainer, dl_train, dl_val, batches
 
@@ -289,7 +290,7 @@ def test_replicas_samples_train_predict(seed_replicas, tmp_path):
     debug = json.load(open(os.path.join(fold_folder, "debug.json")))
     record = debug["nnunet_varaug"]["sample_set"]
     assert record == {"p": 0.5, "num_samples": 3, "fingerprint": fingerprint, "folder": folder,
-                      "select_at_load": True}
+                      "select_at_load": True, "source": "in-fold"}
     checkpoint = torch.load(os.path.join(fold_folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
     assert checkpoint["nnunet_varaug"]["sample_set"]["fingerprint"] == fingerprint
     assert os.path.isfile(os.path.join(fold_folder, "validation", "summary.json"))
