@@ -32,7 +32,9 @@ def train_elsewhere(tmp_path, trainer: str, workers: int, tag: str) -> str:
     """Train ``trainer`` on fold 0 with its own nnUNet_results; return that results folder."""
     results = str(tmp_path / f"results_{tag}")
     env = dict(os.environ, nnUNet_results=results, nnUNet_n_proc_DA=str(workers))
-    run_cli("nnUNetv2_train", str(SYNTHETIC_3D_ID), "3d_fullres", "0", "-tr", trainer, "-device", "cpu", env=env)
+    # 2 workers beside the trainer on 2 cores are many times slower than 0 (docs/performance.md): a wide limit
+    run_cli("nnUNetv2_train", str(SYNTHETIC_3D_ID), "3d_fullres", "0", "-tr", trainer, "-device", "cpu", env=env,
+            timeout=2400)
     return results
 
 
