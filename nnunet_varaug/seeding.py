@@ -128,9 +128,13 @@ class NondeterminismRecorder:
 
 
 class SeededWorkerLoader:
-    """Wraps an nnU-Net data loader so that each augmentation worker seeds python, numpy and torch.
+    """Wraps an nnU-Net data loader so that each augmentation worker seeds python, numpy and torch, and runs
+    torch single-threaded.
 
-    batchgenerators' producer seeds numpy only, then calls ``set_thread_id``; we seed all three there.
+    batchgenerators' producer seeds numpy only, then calls ``set_thread_id``; we seed all three there, and call
+    ``torch.set_num_threads(1)`` first, as the producer of nnU-Net's own ``NonDetMultiThreadedAugmenter`` does:
+    ``nnUNetv2_train -device cpu`` gives torch one thread per core, the workers are forked from that process, and a
+    forked worker whose torch op uses the inherited OpenMP thread pool waits forever (it hung every time here).
     The wrapper lives in this importable module so that it pickles under any start method.
     """
 
@@ -139,6 +143,7 @@ class SeededWorkerLoader:
         self.seed = seed
 
     def set_thread_id(self, thread_id: int) -> None:
+        torch.set_num_threads(1)
         seed_everything(derive_seed(self.seed, thread_id))
         self.loader.set_thread_id(thread_id)
 

@@ -166,3 +166,52 @@ def test_a_seed_replicas_gaussian_blur_is_not_chosen_by_timing():
     blurs = _blurs(replica.get_dataloaders())
     assert blurs and all(b.benchmark is False for b in blurs)
     assert all(b.benchmark is True for b in _blurs(_nnunet_training_transforms())), "nnU-Net's default restored"
+
+
+FORKED_WORKERS = '''
+import torch
+torch.set_num_threads(2)  # what nnUNetv2_train -device cpu does: one torch thread per core
+x = torch.randn(1, 2, 40, 40, 40)
+for _ in range(3):
+    torch.nn.functional.conv3d(x, torch.randn(4, 2, 3, 3, 3))  # the OpenMP pool is up before the workers fork
+from batchgenerators.dataloading.data_loader import SlimDataLoaderBase
+from nnunet_varaug.seeding import seeded_augmenters
+from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as trainer_module
+
+class Loader(SlimDataLoaderBase):
+    def __init__(self):
+        super().__init__(None, 1, None)
+
+    def generate_train_batch(self):
+        return {"data": torch.randn(1, 2, 40, 40, 40)}
+
+def blur(**batch):
+    batch["data"] = torch.nn.functional.conv3d(batch["data"], torch.ones(4, 2, 3, 3, 3))
+    return batch
+
+with seeded_augmenters(1):
+    augmenter = trainer_module.NonDetMultiThreadedAugmenter(Loader(), blur, 2, num_cached=4)
+for _ in range(6):
+    next(augmenter)
+print("batches", flush=True)
+for worker in augmenter._processes:  # they hold this script's stdout: end them, or the test waits for them
+    worker.kill()
+'''
+
+
+def test_augmentation_workers_forked_from_a_multithreaded_torch_do_not_hang(tmp_path):
+    """A seed replica's 2 augmentation workers are forked from nnUNetv2_train, whose torch runs one thread per core;
+    a worker's torch op on the inherited OpenMP pool waited forever (CI's 2-worker training hit its 2400 s limit).
+    The workers run torch single-threaded, as nnU-Net's own augmenter's do."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "workers.py"
+    script.write_text(FORKED_WORKERS)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="2")
+    try:
+        proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the forked augmentation workers hung (torch's OpenMP pool used after fork)")
+    assert proc.returncode == 0 and "batches" in proc.stdout, proc.stderr[-3000:]
