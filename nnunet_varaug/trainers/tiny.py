@@ -4,7 +4,10 @@ For tests and the CPU demo only: same plans, data pipeline, loss and validation 
 network's feature widths are divided by 4 (minimum 4) and training is short. ``VARAUG_TINY_EPOCHS`` and
 ``VARAUG_TINY_ITERATIONS`` change the length (recorded in debug.json like every trainer attribute). It checkpoints
 every epoch (the resume tests interrupt after one) but draws nnU-Net's progress.png only after the last epoch:
-with epochs of a few seconds, redrawing the plot each epoch is a large share of the run.
+with epochs of a few seconds, redrawing the plot each epoch is a large share of the run. Its test-time mirroring
+(nnU-Net's final validation, ``nnUNetv2_predict`` and every prediction of the plugin) flips along the first mirror
+axis only: 2 network passes per patch instead of 8 in 3D, which made test-time augmentation most of the test
+suite's prediction time; the mirroring code path is the same, training's mirroring augmentation is nnU-Net's.
 """
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
 
 class nnUNetTrainerTiny(nnUNetTrainer):
-    """A few short epochs of a network 4x narrower than planned, checkpointing every epoch."""
+    """A few short epochs of a network 4x narrower than planned, checkpointing every epoch, mirroring one axis at
+    test time."""
 
     width_divisor = 4
 
@@ -28,6 +32,13 @@ class nnUNetTrainerTiny(nnUNetTrainer):
         self.num_iterations_per_epoch = int(os.environ.get("VARAUG_TINY_ITERATIONS", 4))
         self.num_val_iterations_per_epoch = 2
         self.save_every = 1
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        rotation, dummy_2d, initial_patch_size, mirror_axes = \
+            super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        # inference only (nnU-Net stores it in the checkpoint for nnUNetv2_predict); training keeps mirror_axes
+        self.inference_allowed_mirroring_axes = tuple(mirror_axes[:1]) if mirror_axes else mirror_axes
+        return rotation, dummy_2d, initial_patch_size, mirror_axes
 
     def on_epoch_end(self):
         plot = self.logger.plot_progress_png
