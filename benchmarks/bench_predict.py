@@ -3,7 +3,9 @@
 Builds, in a temporary folder, a synthetic dataset (``--shape`` voxels per case, ``--cases`` test images), plans
 and preprocesses it, trains ONE ``nnUNetTrainerTiny`` replica for a few iterations and clones it into K - 1 more
 replicas whose weights are perturbed by Gaussian noise (timing and memory do not depend on the weights' values;
-training K real replicas would only cost minutes of CPU). Then, side by side in one run:
+training K real replicas would only cost minutes of CPU). Every replica's checkpoint gets nnU-Net's default
+test-time mirroring for 3D, axes (0, 1, 2) (8 network passes per patch, what a model trained with nnUNetTrainer
+records); nnUNetTrainerTiny's own is one axis. Then, side by side in one run:
 
 * K runs of ``nnUNetv2_predict -tr <replica> --save_probabilities -npp 0 -nps 0`` (sequential: one process, like
   ``predict``; ``--save_probabilities`` because that is what an ensemble of them needs) on all cases, each a fresh
@@ -57,6 +59,8 @@ def setup(root: str, k: int, cases: int, shape, env: dict) -> str:
     results = os.path.join(env["nnUNet_results"], os.path.basename(raw))
     src = os.path.join(results, f"{first}__nnUNetPlans__3d_fullres")
     ckpt = torch.load(os.path.join(src, "fold_0", "checkpoint_final.pth"), map_location="cpu", weights_only=False)
+    ckpt["inference_allowed_mirroring_axes"] = (0, 1, 2)  # nnUNetTrainer's, not the tiny trainer's single axis
+    torch.save(ckpt, os.path.join(src, "fold_0", "checkpoint_final.pth"))
     gen = torch.Generator().manual_seed(0)
     for i in range(1, k):
         name = f"{TINY}_seed{i}"

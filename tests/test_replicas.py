@@ -86,26 +86,22 @@ def test_replicas_status_table(seed_replicas):
 
 
 def test_stock_nnunet_commands_accept_replica_folders(seed_replicas, tmp_path):
-    """predict -> ensemble over two replicas' probabilities -> predict_from_modelfolder -> find_best_configuration."""
+    """predict (seed0) and predict_from_modelfolder (seed1) -> ensemble over their probabilities ->
+    find_best_configuration."""
     images = os.path.join(seed_replicas["raw"], "imagesTs")
-    outs = []
-    for k in (0, 1):
-        out = str(tmp_path / f"pred{k}")
-        run_cli("nnUNetv2_predict", "-i", images, "-o", out, "-d", str(SYNTHETIC_3D_ID), "-c", "3d_fullres", "-f", "0",
-                "-tr", f"{TINY}_seed{k}", "-device", "cpu", "--save_probabilities", "-npp", "1", "-nps", "1")
-        assert sorted(f for f in os.listdir(out) if f.endswith(".nii.gz")) == ["case_ts000.nii.gz",
-                                                                               "case_ts001.nii.gz"]
-        outs.append(out)
-    ensemble = str(tmp_path / "ensemble")
-    run_cli("nnUNetv2_ensemble", "-i", *outs, "-o", ensemble, "-np", "1")
-    assert sorted(f for f in os.listdir(ensemble) if f.endswith(".nii.gz")) == ["case_ts000.nii.gz",
-                                                                                "case_ts001.nii.gz"]
-
+    cases = ["case_ts000.nii.gz", "case_ts001.nii.gz"]
+    by_name = str(tmp_path / "pred0")
+    run_cli("nnUNetv2_predict", "-i", images, "-o", by_name, "-d", str(SYNTHETIC_3D_ID), "-c", "3d_fullres", "-f", "0",
+            "-tr", f"{TINY}_seed0", "-device", "cpu", "--save_probabilities", "-npp", "1", "-nps", "1")
     model = os.path.dirname(fold0(os.environ["nnUNet_results"], seed_replicas["name"], f"{TINY}_seed1"))
     from_folder = str(tmp_path / "from_folder")
     run_cli("nnUNetv2_predict_from_modelfolder", "-i", images, "-o", from_folder, "-m", model, "-f", "0",
-            "-device", "cpu", "-npp", "1", "-nps", "1")
-    assert os.path.isfile(os.path.join(from_folder, "case_ts000.nii.gz"))
+            "-device", "cpu", "--save_probabilities", "-npp", "1", "-nps", "1")
+    for out in (by_name, from_folder):
+        assert sorted(f for f in os.listdir(out) if f.endswith(".nii.gz")) == cases
+    ensemble = str(tmp_path / "ensemble")
+    run_cli("nnUNetv2_ensemble", "-i", by_name, from_folder, "-o", ensemble, "-np", "1")
+    assert sorted(f for f in os.listdir(ensemble) if f.endswith(".nii.gz")) == cases
 
     best = run_cli("nnUNetv2_find_best_configuration", str(SYNTHETIC_3D_ID), "-c", "3d_fullres",
                    "-tr", f"{TINY}_seed0", "-f", "0", "-np", "1")
