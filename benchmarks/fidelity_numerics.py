@@ -51,6 +51,9 @@ def main(argv=None) -> int:
                 "nnUNet_preprocessed": os.path.join(out, "nnUNet_preprocessed"),
                 "nnUNet_results": os.path.join(out, "nnUNet_results"), "nnUNet_compile": "f",
                 "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1", "OMP_NUM_THREADS": "1",
+                # nnUNetv2_train gives torch one thread per core; with OpenMP's default spin-waiting, two trainings
+                # side by side on 2 cores ran 10x slower than one (docs/performance.md); passive waiting: ~2x
+                "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
                 "VARAUG_TINY_EPOCHS": str(args.epochs), "VARAUG_TINY_ITERATIONS": str(args.iterations),
                 "nnUNet_extTrainer": registry.ext_trainer_value(os.environ.get("nnUNet_extTrainer", ""))})
     for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):

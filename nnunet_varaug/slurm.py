@@ -32,7 +32,7 @@ SLURM_RECORD = "nnunet_varaug_slurm.json"
 _ACTIVE_SLURM_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
                         "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT"}
 # what a SLURM job carries over from the submitting shell; everything else comes from the compute node
-_FORWARDED_ENV = ("nnUNet", "VARAUG_", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+_FORWARDED_ENV = ("nnUNet", "VARAUG_", "OMP_", "MKL_NUM_THREADS")  # OMP_: thread count and OMP_WAIT_POLICY
 
 
 def forwarded_env(env: Dict[str, str]) -> Dict[str, str]:

@@ -46,6 +46,10 @@ def nnunet_env(tmp_path_factory):
         "nnUNet_def_n_proc": "1",
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
+        # nnUNetv2_train sets torch to one thread per core whatever OMP_NUM_THREADS says; two such processes side by
+        # side (a training and its export worker, --devices, SLURM's local array) with spinning OpenMP threads were
+        # 10x slower than one alone (benchmarks/bench_omp_wait.py); sleeping idle threads share the cores
+        "OMP_WAIT_POLICY": "PASSIVE",
     }
     for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         os.makedirs(values[v], exist_ok=True)

@@ -56,9 +56,9 @@ def test_parse_mem_gb():
 @pytest.mark.unit
 def test_jobs_carry_only_nnunet_and_thread_variables_to_a_cluster_node():
     env = {"nnUNet_results": "/r", "nnUNet_extTrainer": "/x", "VARAUG_TINY_EPOCHS": "1", "OMP_NUM_THREADS": "4",
-           "PATH": "/login/bin", "CUDA_VISIBLE_DEVICES": "3", "HOME": "/home/me"}
+           "OMP_WAIT_POLICY": "PASSIVE", "PATH": "/login/bin", "CUDA_VISIBLE_DEVICES": "3", "HOME": "/home/me"}
     assert forwarded_env(env) == {"nnUNet_results": "/r", "nnUNet_extTrainer": "/x", "VARAUG_TINY_EPOCHS": "1",
-                                  "OMP_NUM_THREADS": "4"}
+                                  "OMP_NUM_THREADS": "4", "OMP_WAIT_POLICY": "PASSIVE"}
 
 
 # ---- one replica per device -----------------------------------------------------------------------------------------
