@@ -69,3 +69,33 @@ def test_majority_vote_is_the_voxelwise_mode(groups, tmp_path):
         counts = np.stack([(maps[case] == v).sum(0) for v in (0, 1, 2)])
         vote = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(out, f"{case}.nii.gz")))
         np.testing.assert_array_equal(vote, np.argmax(counts, axis=0))
+
+
+def test_evaluate_folder_equals_nnunets_pool_run_without_starting_a_process(groups, tmp_path, monkeypatch):
+    """The same summary file and Dice as nnU-Net's own compute_metrics_on_folder with its spawn pool; no pool and
+    no process started (each spawned pool imports torch and nnU-Net again), and nnU-Net's module left as it was."""
+    import json
+    import multiprocessing
+
+    from nnunetv2.evaluation import evaluate_predictions as ev
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    folders, _ = groups
+    labels, predictions = folders[0], folders[1]
+    keys = [1, 2]
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("a process pool was started")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(multiprocessing, "get_context", no_pool)
+        ours = testset.evaluate_folder(labels, predictions, str(tmp_path / "ours.json"), SimpleITKIO(), ".nii.gz",
+                                       keys, None, ["a", "b"])
+    assert ev.multiprocessing is multiprocessing
+    theirs = ev.compute_metrics_on_folder(labels, predictions, str(tmp_path / "theirs.json"), SimpleITKIO(),
+                                          ".nii.gz", keys, None, num_processes=1)
+    with open(tmp_path / "ours.json") as f, open(tmp_path / "theirs.json") as g:
+        assert json.load(f) == json.load(g)
+    assert ours["dice"] == {ev.label_or_region_to_key(k): float(theirs["mean"][k]["Dice"]) for k in keys}
+    assert ours["num_cases"] == 2
+    assert ours["foreground_mean"] == float(theirs["foreground_mean"]["Dice"])
