@@ -27,22 +27,31 @@ WORK = """
 import os, time, torch
 torch.set_num_threads(os.cpu_count())  # what nnUNetv2_train -device cpu does
 torch.manual_seed(0)
-net = torch.nn.Sequential(*[m for _ in range(4) for m in (torch.nn.Conv3d(8, 8, 3, padding=1),
-                                                          torch.nn.InstanceNorm3d(8), torch.nn.LeakyReLU())])
-x = torch.randn(2, 8, 32, 32, 32)
-net(x).sum().backward()  # warm-up
+# the stages of nnUNetTrainerTiny's encoder at 32^3: many small ops, as in the tests' and the demo's trainings
+stages = [(8, 32), (16, 16), (32, 8), (64, 4)]
+nets = [torch.nn.Sequential(*[m for _ in range(2) for m in (torch.nn.Conv3d(c, c, 3, padding=1),
+                                                           torch.nn.InstanceNorm3d(c), torch.nn.LeakyReLU())])
+        for c, _ in stages]
+xs = [torch.randn(2, c, n, n, n) for c, n in stages]
+def step():
+    sum(net(x).sum() for net, x in zip(nets, xs)).backward()
+step()  # warm-up
 t = time.perf_counter()
 for _ in range({steps}):
-    net(x).sum().backward()
+    step()
 print(time.perf_counter() - t)
 """
 
 
 def run(copies: int, policy: str, steps: int) -> float:
-    """Wall time of ``copies`` processes started together (the slowest one's loop), in seconds."""
+    """Wall time of ``copies`` processes started together (the slowest one's loop), in seconds; ``policy`` is
+    ``""`` (OpenMP's default), ``PASSIVE`` or ``SPIN=<n>`` (``GOMP_SPINCOUNT=<n>``: spin n times, then sleep)."""
     env = dict(os.environ)
-    env.pop("OMP_WAIT_POLICY", None)
-    if policy:
+    for key in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        env.pop(key, None)
+    if policy.startswith("SPIN="):
+        env["GOMP_SPINCOUNT"] = policy[len("SPIN="):]
+    elif policy:
         env["OMP_WAIT_POLICY"] = policy
     procs = [subprocess.Popen([sys.executable, "-c", WORK.format(steps=steps)], env=env, stdout=subprocess.PIPE,
                               text=True) for _ in range(copies)]
@@ -59,9 +68,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--spincounts", nargs="*", default=["10000", "100000"],
+                    help="GOMP_SPINCOUNT values to try besides the two policies")
     args = ap.parse_args()
-    cases = [("alone, default policy", 1, ""), ("alone, PASSIVE", 1, "PASSIVE"),
-             ("two side by side, default policy", 2, ""), ("two side by side, PASSIVE", 2, "PASSIVE")]
+    cases = [(f"{where}, {name}", copies, policy) for where, copies in (("alone", 1), ("two side by side", 2))
+             for name, policy in (("default", ""), ("OMP_WAIT_POLICY=PASSIVE", "PASSIVE"),
+                                  *((f"GOMP_SPINCOUNT={n}", f"SPIN={n}") for n in args.spincounts))]
     results = {name: [] for name, _, _ in cases}
     for _ in range(args.repeats):  # interleaved, so that a change in the machine's load touches every case
         for name, copies, policy in cases:

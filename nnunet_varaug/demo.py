@@ -46,10 +46,6 @@ def demo_env(out: str, epochs: int, iterations: int) -> dict:
     # one BLAS/OpenMP thread per process: nnU-Net's export workers run beside the trainer, and two processes
     # spinning two OpenMP threads each on two cores are many times slower than one thread each
     env.setdefault("OMP_NUM_THREADS", "1")
-    # nnUNetv2_train still gives torch one thread per core (torch.set_num_threads overrides OMP_NUM_THREADS):
-    # OpenMP threads that sleep when idle, instead of spinning, keep its export worker from stalling it
-    # (benchmarks/bench_omp_wait.py: two such processes side by side, 5x faster than with spinning threads)
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return env
 
 

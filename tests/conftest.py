@@ -20,6 +20,14 @@ SYNTHETIC_3D_ID = 101
 TINY = "nnUNetTrainerTiny"
 
 
+def side_by_side_env(env=None) -> dict:
+    """The environment for a command that trains two models at once on this machine (``--devices``, SLURM's local
+    executor). nnUNetv2_train sets torch to one thread per core whatever OMP_NUM_THREADS says; two such processes
+    with OpenMP's spinning idle threads ran 9.5x slower than one alone, with sleeping ones (OMP_WAIT_POLICY=PASSIVE)
+    1.5x; alone, PASSIVE is 1.6x slower, so only these commands get it (benchmarks/bench_omp_wait.py)."""
+    return dict(os.environ if env is None else env, OMP_WAIT_POLICY="PASSIVE")
+
+
 def run_cli(*args: str, env=None, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
     """Run a console script of this environment (``nnUNetv2_*`` or ``nnunet_varaug``), capturing its output."""
     exe = os.path.join(BIN, args[0])
@@ -46,10 +54,6 @@ def nnunet_env(tmp_path_factory):
         "nnUNet_def_n_proc": "1",
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
-        # nnUNetv2_train sets torch to one thread per core whatever OMP_NUM_THREADS says; two such processes side by
-        # side (a training and its export worker, --devices, SLURM's local array) with spinning OpenMP threads were
-        # 10x slower than one alone (benchmarks/bench_omp_wait.py); sleeping idle threads share the cores
-        "OMP_WAIT_POLICY": "PASSIVE",
     }
     for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         os.makedirs(values[v], exist_ok=True)
@@ -268,7 +272,8 @@ def varaug_benchmark(nnunet_env, tmp_path_factory):
     out = str(root / "out")
     start = time.monotonic()
     # --devices: the two replicas of a fold train side by side (one process per "device"; -device cpu ignores it)
-    proc = run_cli(*bench_args(msd, out, "-d", str(BENCH_ID), "--devices", "0,1"), timeout=3600)
+    proc = run_cli(*bench_args(msd, out, "-d", str(BENCH_ID), "--devices", "0,1"), env=side_by_side_env(),
+                   timeout=3600)
     seconds = time.monotonic() - start
     print(f"\nvaraug_benchmark fixture: {seconds:.0f} s")
     with open(os.path.join(out, "benchmark_state.json")) as f:

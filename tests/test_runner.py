@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import SYNTHETIC_3D_ID, TINY, run_cli
+from conftest import SYNTHETIC_3D_ID, TINY, run_cli, side_by_side_env
 from nnunet_varaug.errors import VarAugError
 from nnunet_varaug.runner import TrainJob, parse_devices, run_devices
 from nnunet_varaug.slurm import SLURM_RECORD, TrainReplicaTask, forwarded_env, parse_mem_gb, parse_slurm_time
@@ -134,7 +134,7 @@ def status(stdout: str) -> dict:
 
 @pytest.mark.e2e
 def test_devices_launcher_trains_one_replica_per_device_in_parallel(synthetic_3d):
-    proc = run_cli(*REPLICAS, "-n", "2", "--start", "10", "--devices", "0,1")
+    proc = run_cli(*REPLICAS, "-n", "2", "--start", "10", "--devices", "0,1", env=side_by_side_env())
     lines = status(proc.stdout)
     assert set(lines) == {f"{TINY}_seed10", f"{TINY}_seed11"}
     assert all(line.split()[1] == "trained" for line in lines.values()), proc.stdout
@@ -155,7 +155,7 @@ def test_devices_launcher_trains_one_replica_per_device_in_parallel(synthetic_3d
 def test_slurm_launcher_through_submitit_trains_skips_and_does_not_resubmit(synthetic_3d):
     args = (*REPLICAS, "-n", "2", "--start", "20", "--launcher", "slurm", "--slurm-executor", "local",
             "--slurm-time", "20")
-    first = run_cli(*args)
+    first = run_cli(*args, env=side_by_side_env())  # the local executor runs the array's 2 tasks at once
     lines = status(first.stdout)
     assert all(lines[f"{TINY}_seed{k}"].split()[1] == "trained" for k in (20, 21)), first.stdout + first.stderr
     assert first.stdout.count("submitted ") == 2
