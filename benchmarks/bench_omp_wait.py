@@ -1,18 +1,17 @@
-"""Two CPU trainings side by side: OpenMP's default (spinning) idle threads against ``OMP_WAIT_POLICY=PASSIVE``.
+"""Two CPU trainings side by side: OpenMP's default idle threads against ``OMP_WAIT_POLICY=PASSIVE`` and
+``GOMP_SPINCOUNT``.
 
 ``nnUNetv2_train -device cpu`` calls ``torch.set_num_threads(os.cpu_count())`` whatever ``OMP_NUM_THREADS`` says, so
-two nnU-Net processes on one machine (a training and nnU-Net's export worker during validation, ``replicas
---devices`` on the CPU, SLURM's local executor, the test suite) each run one OpenMP thread per core. This script
-times the same work (``--steps`` forward and backward passes of a 3D convolution stack on a 32^3 batch of 2, one
-torch thread per core, as nnUNetv2_train sets them) in fresh processes, side by side in one run:
+two nnU-Net processes on one machine (``replicas --devices`` or ``benchmark --devices`` on the CPU, SLURM's local
+executor, two studies at once) each run one OpenMP thread per core. This script times the same work (``--steps``
+forward and backward passes through convolution stacks shaped like ``nnUNetTrainerTiny``'s encoder stages at
+32^3, batch 2: many small ops, one torch thread per core as nnUNetv2_train sets them) in fresh processes, side by
+side in one run, interleaved ``--repeats`` times: one process alone and two at the same time, each with OpenMP's
+default wait policy, with ``OMP_WAIT_POLICY=PASSIVE`` (idle threads sleep) and with each ``--spincounts`` value
+of ``GOMP_SPINCOUNT`` (spin that many times, then sleep). It prints the median wall time of each case and its
+ratio to one process alone with the default policy (docs/performance.md).
 
-* one process alone (default wait policy), then one alone with ``OMP_WAIT_POLICY=PASSIVE``;
-* two processes at the same time, default policy; two at the same time, ``PASSIVE``.
-
-It prints each wall time and its ratio to the process alone. The tests (tests/conftest.py), the demo and
-benchmarks/fidelity_numerics.py set ``OMP_WAIT_POLICY=PASSIVE`` because of these figures.
-
-    python benchmarks/bench_omp_wait.py [--steps 40] [--repeats 3]
+    python benchmarks/bench_omp_wait.py [--steps 30] [--repeats 3] [--spincounts 10000 100000]
 """
 from __future__ import annotations
 
@@ -66,7 +65,7 @@ def run(copies: int, policy: str, steps: int) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--spincounts", nargs="*", default=["10000", "100000"],
                     help="GOMP_SPINCOUNT values to try besides the two policies")
