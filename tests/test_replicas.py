@@ -32,9 +32,10 @@ def train_elsewhere(tmp_path, trainer: str, workers: int, tag: str) -> str:
     """Train ``trainer`` on fold 0 with its own nnUNet_results; return that results folder."""
     results = str(tmp_path / f"results_{tag}")
     env = dict(os.environ, nnUNet_results=results, nnUNet_n_proc_DA=str(workers))
-    # 2 workers beside the trainer on 2 cores are many times slower than 0 (docs/performance.md): a wide limit
+    # about 20 s with 0 or 2 workers here; the limit catches a hung worker (forked from torch's thread pool, one
+    # hung for CI's whole 2400 s before SeededWorkerLoader ran torch single-threaded) well before CI's own
     run_cli("nnUNetv2_train", str(SYNTHETIC_3D_ID), "3d_fullres", "0", "-tr", trainer, "-device", "cpu", env=env,
-            timeout=2400)
+            timeout=600)
     return results
 
 
