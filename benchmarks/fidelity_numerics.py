@@ -51,8 +51,9 @@ def main(argv=None) -> int:
                 "nnUNet_preprocessed": os.path.join(out, "nnUNet_preprocessed"),
                 "nnUNet_results": os.path.join(out, "nnUNet_results"), "nnUNet_compile": "f",
                 "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1", "OMP_NUM_THREADS": "1",
-                # nnUNetv2_train gives torch one thread per core; with OpenMP's default spin-waiting, two trainings
-                # side by side on 2 cores ran 10x slower than one (docs/performance.md); passive waiting: ~2x
+                # the study runs two trainings at once: nnUNetv2_train gives torch one thread per core, and two such
+                # processes ran 9.5x slower than one alone with OpenMP's default waiting, 1.5x with passive waiting
+                # (benchmarks/bench_omp_wait.py, docs/performance.md)
                 "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
                 "VARAUG_TINY_EPOCHS": str(args.epochs), "VARAUG_TINY_ITERATIONS": str(args.iterations),
                 "nnUNet_extTrainer": registry.ext_trainer_value(os.environ.get("nnUNet_extTrainer", ""))})
