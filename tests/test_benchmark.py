@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -77,6 +78,16 @@ def test_every_stage_runs_and_is_recorded(hippocampus):
     assert os.path.isfile(os.path.join(hippocampus["out"], "analysis", "report.html"))
     for stage in ("convert", "plan_preprocess", "baseline", "replicas", "samples", "varaug", "stability", "analyze"):
         assert os.path.getsize(os.path.join(hippocampus["out"], "logs", f"{stage}.log")) > 0
+    # --devices: the two varaug models trained side by side, one per device, each with its own log
+    spans = {}
+    for trainer in VARAUG.values():
+        log = open(os.path.join(hippocampus["out"], "logs", f"varaug.{trainer}.log")).read()
+        start = re.search(r"^# nnunet_varaug: (\S+ \S+) start CUDA_VISIBLE_DEVICES=(\d+):", log, re.M)
+        end = re.search(r"^# nnunet_varaug: (\S+ \S+) end exit=0$", log, re.M)
+        assert start and end and "Training done." in log and f"-tr {trainer} " in log, log[-2000:]
+        spans[start.group(2)] = (start.group(1), end.group(1))
+    assert set(spans) == {"0", "1"} and spans["0"][0] <= spans["1"][1] and spans["1"][0] <= spans["0"][1]
+    assert len(hippocampus["state"]["stages"]["varaug"]["commands"]) == 2
 
 
 def test_test_split_never_reaches_planning_training_or_samples(hippocampus):

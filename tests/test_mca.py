@@ -17,7 +17,7 @@ from nnunet_varaug.trainers.ieee import IEEEReplicaMixin
 from nnunet_varaug.trainers.mca import Float32TrainingMixin, MCAReplicaMixin
 from nnunet_varaug.trainers.replica import SeedReplicaMixin
 
-from conftest import SYNTHETIC_3D_ID, TINY, run_cli
+from conftest import SYNTHETIC_3D_ID, TINY, run_cli, side_by_side_env
 
 
 @pytest.mark.unit
@@ -170,7 +170,8 @@ def test_two_mca_replicas_end_to_end(synthetic_3d):
     they end with different weights, record kind, stream and t, and validate unperturbed like nnU-Net."""
     env = {**os.environ, "VARAUG_TINY_EPOCHS": "1", "VARAUG_TINY_ITERATIONS": "3"}  # 3 steps are enough to differ
     proc = run_cli("nnunet_varaug", "replicas", "--kind", "mca", "-n", "2", "-tr", TINY, "-device", "cpu",
-                   "-d", str(SYNTHETIC_3D_ID), "-c", "3d_fullres", "-f", "0", env=env)
+                   "-d", str(SYNTHETIC_3D_ID), "-c", "3d_fullres", "-f", "0", "--devices", "0,1",
+                   env=side_by_side_env(env))  # the two side by side
     results = os.path.join(os.environ["nnUNet_results"], synthetic_3d["name"])
     weights = []
     for k in (0, 1):
@@ -204,7 +205,8 @@ def test_samples_and_analyze_accept_mca_replicas(seed_replicas, tmp_path):
 
     env = {**os.environ, "VARAUG_TINY_EPOCHS": "1", "VARAUG_TINY_ITERATIONS": "3"}
     flags = ("-n", "2", "-tr", TINY, "-device", "cpu", "-d", str(SYNTHETIC_3D_ID), "-c", "3d_fullres", "-f", "0")
-    run_cli("nnunet_varaug", "replicas", "--kind", "mca", *flags, env=env)  # skipped when already trained
+    # skipped when already trained (by test_two_mca_replicas_end_to_end); else the two side by side
+    run_cli("nnunet_varaug", "replicas", "--kind", "mca", *flags, "--devices", "0,1", env=side_by_side_env(env))
 
     shared = os.path.join(os.environ["nnUNet_preprocessed"], seed_replicas["name"])
     private = tmp_path / "preprocessed"

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import TINY, run_cli
+from conftest import TINY, run_cli, run_clis_side_by_side
 
 pytestmark = pytest.mark.e2e
 
@@ -63,11 +63,11 @@ def predicted(seed_replicas, tmp_path_factory):
         sitk.WriteImage(img, str(dst))
     out = root / "out"
     assert main(predict_args(images, out, labels=labels)) == 0
-    folders = []
-    for name in seed_replicas["names"]:
-        folders.append(root / name)
-        run_cli("nnUNetv2_predict", "-i", str(images), "-o", str(folders[-1]), "-d", "101", "-c", "3d_fullres",
-                "-f", "0", "-tr", name, "--save_probabilities", "-device", "cpu", "-npp", "0", "-nps", "0")
+    folders = [root / name for name in seed_replicas["names"]]
+    # nnU-Net's own predictions of each replica (the oracle), the three commands side by side
+    run_clis_side_by_side(*(("nnUNetv2_predict", "-i", str(images), "-o", str(folder), "-d", "101", "-c", "3d_fullres",
+                             "-f", "0", "-tr", name, "--save_probabilities", "-device", "cpu", "-npp", "0", "-nps", "0")
+                            for name, folder in zip(seed_replicas["names"], folders)))
     run_cli("nnUNetv2_ensemble", "-i", *map(str, folders), "-o", str(root / "ensemble"), "-np", "1")
     cases = sorted(os.path.basename(f)[: -len(ENDING)] for f in glob.glob(str(labels / f"*{ENDING}")))
     return {"root": root, "images": images, "labels": labels, "out": out, "replicas": folders,

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import SYNTHETIC_3D_ID, TINY, run_cli
+from conftest import SYNTHETIC_3D_ID, TINY, run_cli, run_clis_side_by_side, side_by_side_env
 from nnunet_varaug.registry import ext_trainer_value
 
 pytestmark = pytest.mark.e2e
@@ -28,30 +28,30 @@ def fold0(results: str, dataset: str, trainer: str) -> str:
     return os.path.join(results, dataset, f"{trainer}__nnUNetPlans__3d_fullres", "fold_0")
 
 
-def train_elsewhere(tmp_path, trainer: str, workers: int, tag: str) -> str:
-    """Train ``trainer`` on fold 0 with its own nnUNet_results; return that results folder."""
+def elsewhere(tmp_path, trainer: str, workers: int, tag: str) -> tuple:
+    """The command and environment that train ``trainer`` on fold 0 with its own nnUNet_results (returned too)."""
     results = str(tmp_path / f"results_{tag}")
     env = dict(os.environ, nnUNet_results=results, nnUNet_n_proc_DA=str(workers))
-    # about 20 s with 0 or 2 workers here; the limit catches a hung worker (forked from torch's thread pool, one
-    # hung for CI's whole 2400 s before SeededWorkerLoader ran torch single-threaded) well before CI's own
-    run_cli("nnUNetv2_train", str(SYNTHETIC_3D_ID), "3d_fullres", "0", "-tr", trainer, "-device", "cpu", env=env,
-            timeout=600)
-    return results
+    return ("nnUNetv2_train", str(SYNTHETIC_3D_ID), "3d_fullres", "0", "-tr", trainer, "-device", "cpu"), env, results
 
 
 def test_seed_replicas_are_bitwise_reproducible_and_differ_across_seeds(seed_replicas, tmp_path):
+    """Seeds differ; the same seed trained again elsewhere gives the same weights bit for bit: with nnU-Net's
+    single-threaded augmenter (nnUNet_n_proc_DA=0) against the shared replica, and with 2 augmentation workers
+    twice. The three trainings run at once, beside each other (and the shared replicas two at a time), so the
+    weights must not depend on the machine's load either."""
     ds = seed_replicas["name"]
     w0 = final_weights(fold0(os.environ["nnUNet_results"], ds, f"{TINY}_seed0"))
     w1 = final_weights(fold0(os.environ["nnUNet_results"], ds, f"{TINY}_seed1"))
     assert not same_weights(w0, w1), "different seeds must give different weights"
 
-    # the same name trained again, with nnU-Net's single-threaded augmenter (nnUNet_n_proc_DA=0) ...
-    again = train_elsewhere(tmp_path, f"{TINY}_seed0", 0, "again")
+    runs = [elsewhere(tmp_path, f"{TINY}_seed0", 0, "again"),
+            elsewhere(tmp_path, f"{TINY}_seed2", 2, "mt_a"), elsewhere(tmp_path, f"{TINY}_seed2", 2, "mt_b")]
+    # about 40 s together here; the limit catches a hung worker (forked from torch's thread pool, one hung for
+    # CI's whole 2400 s before SeededWorkerLoader ran torch single-threaded) well before CI's own
+    run_clis_side_by_side(*(command for command, _, _ in runs), envs=[env for _, env, _ in runs], timeout=600)
+    again, a, b = (results for _, _, results in runs)
     assert same_weights(w0, final_weights(fold0(again, ds, f"{TINY}_seed0")))
-
-    # ... and with 2 augmentation workers, twice
-    a = train_elsewhere(tmp_path, f"{TINY}_seed2", 2, "mt_a")
-    b = train_elsewhere(tmp_path, f"{TINY}_seed2", 2, "mt_b")
     wa, wb = final_weights(fold0(a, ds, f"{TINY}_seed2")), final_weights(fold0(b, ds, f"{TINY}_seed2"))
     assert same_weights(wa, wb), "2 data-augmentation workers must not break reproducibility"
 
@@ -138,7 +138,8 @@ def interrupted_replicas(synthetic_3d, tmp_path_factory):
     args = ("nnunet_varaug", "replicas", "-d", str(SYNTHETIC_3D_ID), "-c", "3d_fullres", "-f", "0", "-n", "2",
             "-tr", "InterruptedTiny", "-device", "cpu")
     folder = fold0(os.environ["nnUNet_results"], synthetic_3d["name"], RESUMED)
-    first = run_cli(*args, env=dict(env, INTERRUPT_SEED="0"), check=False)
+    # the two replicas side by side (one per "device"): seed0 dies after epoch 0 while seed1 goes on
+    first = run_cli(*args, "--devices", "0,1", env=side_by_side_env(dict(env, INTERRUPT_SEED="0")), check=False)
     after_first = {f for f in ("checkpoint_latest.pth", "checkpoint_final.pth")
                    if os.path.isfile(os.path.join(folder, f))}
     second = run_cli(*args, env=env, check=False)

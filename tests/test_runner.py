@@ -133,22 +133,26 @@ def status(stdout: str) -> dict:
 
 
 @pytest.mark.e2e
-def test_devices_launcher_trains_one_replica_per_device_in_parallel(synthetic_3d):
-    proc = run_cli(*REPLICAS, "-n", "2", "--start", "10", "--devices", "0,1", env=side_by_side_env())
-    lines = status(proc.stdout)
-    assert set(lines) == {f"{TINY}_seed10", f"{TINY}_seed11"}
-    assert all(line.split()[1] == "trained" for line in lines.values()), proc.stdout
+def test_devices_launcher_trains_one_replica_per_device_in_parallel(seed_replicas):
+    """The shared replicas were trained with ``replicas -n 3 --devices 0,1`` (tests/conftest.py): seed0 and seed1
+    started at once, one per device, and seed2 took the first device that came free."""
+    lines = status(seed_replicas["replicas_stdout"])
+    assert set(lines) == set(seed_replicas["names"])
+    assert all(line.split()[1] == "trained" for line in lines.values()), seed_replicas["replicas_stdout"]
     spans = {}
-    for k in (10, 11):
-        log = open(os.path.join(fold_folder(synthetic_3d, f"{TINY}_seed{k}"), "nnunet_varaug_train.log")).read()
+    for k in (0, 1, 2):
+        log = open(os.path.join(fold_folder(seed_replicas, f"{TINY}_seed{k}"), "nnunet_varaug_train.log")).read()
         start = HEADER.search(log)
         end = re.search(r"^# nnunet_varaug: (\S+ \S+) end exit=0$", log, re.M)
         assert start and end, log[-2000:]
-        spans[start.group(2)] = (start.group(1), end.group(1))
+        spans[k] = (start.group(2), start.group(1), end.group(1))
         assert "Training done." in log
-    assert set(spans) == {"0", "1"}, "each process sees exactly one device of --devices"
-    (s0, e0), (s1, e1) = spans["0"], spans["1"]
-    assert s0 <= e1 and s1 <= e0, "the two replicas trained at the same time"
+    assert {spans[0][0], spans[1][0]} == {"0", "1"}, "each process sees exactly one device of --devices"
+    (_, s0, e0), (_, s1, e1) = spans[0], spans[1]
+    assert s0 <= e1 and s1 <= e0, "the first two replicas trained at the same time"
+    device2, start2 = spans[2][:2]
+    before = next(k for k in (0, 1) if spans[k][0] == device2)
+    assert spans[before][2] <= start2, "the third replica waits until its device's replica has ended"
 
 
 @pytest.mark.e2e

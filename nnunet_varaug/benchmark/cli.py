@@ -48,7 +48,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated subset of {','.join(STAGES)} (default: all, in this order)")
     p.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="as nnUNetv2_train's -device")
     p.add_argument("--devices", default=None, metavar="0,1,…",
-                   help="train the replicas one per GPU at a time on these GPUs (replicas --devices)")
+                   help="GPUs to train on, one model per GPU at a time: the replicas (replicas --devices), the "
+                        "stability replicas, and the in-fold and out-of-fold varaug models side by side")
     p.add_argument("-np", dest="num_processes", type=int, default=None,
                    help="processes for conversion, preprocessing and evaluation (default: nnU-Net's)")
     p.add_argument("--test-fraction", type=float, default=0.2, metavar="F",

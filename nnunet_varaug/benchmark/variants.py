@@ -5,12 +5,14 @@ models up to date through the plugin's own commands, skipping what is already cu
 from __future__ import annotations
 
 import os
+import shlex
 from typing import TYPE_CHECKING
 
 from nnunet_varaug import sampleset
 from nnunet_varaug.errors import VarAugError
 from nnunet_varaug.experiment import Experiment
 from nnunet_varaug.fileio import file_sha256
+from nnunet_varaug.runner import parse_devices, run_devices, train_job
 
 if TYPE_CHECKING:
     from nnunet_varaug.benchmark.stages import Benchmark
@@ -72,9 +74,38 @@ def run_samples(bench: "Benchmark") -> None:
 
 
 def run_varaug(bench: "Benchmark") -> None:
-    for trainer in bench.varaug_trainers:
-        if not bench._trained(trainer):
+    """Each variability-augmented model (in-fold and/or out-of-fold) trained; with ``--devices`` and both to
+    train, side by side, one per device (as ``replicas --devices`` trains replicas)."""
+    todo = [trainer for trainer in bench.varaug_trainers if not bench._trained(trainer)]
+    if bench.devices is not None and len(todo) > 1:
+        train_side_by_side(bench, "varaug", todo)
+    else:
+        for trainer in todo:
             bench._train("varaug", trainer)
+
+
+def train_side_by_side(bench: "Benchmark", stage: str, trainers) -> None:
+    """``trainers`` of the benchmark's fold through :func:`nnunet_varaug.runner.run_devices`: one per device of
+    ``--devices`` at a time, each seeing only its device. Each job's output goes to its own
+    ``OUT/logs/<stage>.<trainer>.log``, which the stage log names; a failed job fails the stage after the others
+    ended (what finished is kept, and the rerun continues the rest)."""
+    from nnunet_varaug.benchmark.stages import StageFailed
+
+    jobs = []
+    for trainer in trainers:
+        job = train_job(bench.layout, trainer, bench.device)
+        stage_log = bench._log(stage, job.command)
+        job.log = os.path.join(os.path.dirname(stage_log), f"{stage}.{trainer}.log")
+        jobs.append(job)
+    with open(stage_log, "a") as log:
+        log.writelines(f"# nnunet_varaug: {job.name} side by side (--devices {bench.devices}), its output in "
+                       f"{job.log}\n" for job in jobs)
+    run_devices(jobs, parse_devices(bench.devices))
+    failed = [job for job in jobs if job.returncode != 0]
+    if failed:
+        raise StageFailed(f"stage '{stage}' failed: " + "; ".join(
+            f"`{shlex.join(job.command)}` exited {job.returncode}, see {job.log}" for job in failed)
+            + ". Rerun the same command to retry it (finished models are skipped)")
 
 
 def run_stability(bench: "Benchmark") -> None:
