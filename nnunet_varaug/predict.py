@@ -24,7 +24,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from nnunet_varaug import calibration, overlays, report, uncertainty, variability
-from nnunet_varaug.analyze import Case, list_cases
+from nnunet_varaug.cases import Case, list_cases
 from nnunet_varaug.errors import VarAugError
 from nnunet_varaug.experiment import Experiment, add_experiment_arguments
 from nnunet_varaug.fileio import file_sha256, replacing, write_json, write_text

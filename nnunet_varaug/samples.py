@@ -86,7 +86,6 @@ def write_samples(exp: Experiment, device: str = "cpu", tta: bool = True, force:
     Raises:
         VarAugError: replicas missing or unfinished, a cascade configuration, labels that do not fit int8.
     """
-    import torch
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from tqdm import tqdm

@@ -106,6 +106,27 @@ def seed_replicas(synthetic_3d):
             "names": [f"{TINY}_seed{k}" for k in range(3)], "replicas_stdout": proc.stdout}
 
 
+def trainer_in_process(trainer, dataset: str, fold: int, configuration: str = "3d_fullres", plans_edit=None):
+    """``trainer`` (a class, or a name the plugin's registry resolves) for ``dataset``'s nnUNetPlans, built as
+    nnUNetv2_train builds it (``continue_training`` False in the plans, CPU), not initialised. ``plans_edit``
+    changes the plans first."""
+    import json
+
+    import torch
+
+    from nnunet_varaug.registry import resolve
+
+    base = os.path.join(os.environ["nnUNet_preprocessed"], dataset)
+    with open(os.path.join(base, "nnUNetPlans.json")) as f:
+        plans = {**json.load(f), "continue_training": False}
+    with open(os.path.join(base, "dataset.json")) as f:
+        dataset_json = json.load(f)
+    if plans_edit is not None:
+        plans_edit(plans)
+    cls = resolve(trainer) if isinstance(trainer, str) else trainer
+    return cls(plans, configuration, fold, dataset_json, device=torch.device("cpu"))
+
+
 @contextlib.contextmanager
 def weights_of(checkpoint: str, donor: str):
     """``checkpoint`` (a replica's checkpoint_final.pth) carries ``donor``'s network weights inside the block, as if

@@ -3,7 +3,8 @@ import types
 
 import pytest
 
-from nnunet_varaug.analyze import FINGERPRINT, Case, _prediction_state
+from nnunet_varaug.analyze import FINGERPRINT, _prediction_state
+from nnunet_varaug.cases import Case
 from nnunet_varaug.fileio import write_json
 
 pytestmark = pytest.mark.unit

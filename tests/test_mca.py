@@ -17,7 +17,7 @@ from nnunet_varaug.trainers.ieee import IEEEReplicaMixin
 from nnunet_varaug.trainers.mca import Float32TrainingMixin, MCAReplicaMixin
 from nnunet_varaug.trainers.replica import SeedReplicaMixin
 
-from conftest import SYNTHETIC_3D_ID, TINY, run_cli, side_by_side_env
+from conftest import SYNTHETIC_3D_ID, TINY, run_cli, side_by_side_env, trainer_in_process
 
 
 @pytest.mark.unit
@@ -116,12 +116,7 @@ def _weights(folder: str) -> torch.Tensor:
 def _two_steps(name: str, dataset: str):
     """Build trainer ``name`` on fold 1 (no other test trains fold 1), run nnU-Net's on_train_start and two of
     its training steps on its own loader's batches; return (initial weights, batches, weights after, trainer)."""
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-
-    folder = os.path.join(os.environ["nnUNet_preprocessed"], dataset)
-    plans = {**load_json(os.path.join(folder, "nnUNetPlans.json")), "continue_training": False}
-    trainer = registry.resolve(name)(plans, "3d_fullres", 1,
-                                     load_json(os.path.join(folder, "dataset.json")), torch.device("cpu"))
+    trainer = trainer_in_process(name, dataset, 1)
     trainer.initialize()
     flat = lambda: torch.cat([p.detach().flatten().clone() for p in trainer.network.parameters()])  # noqa: E731
     initial = flat()

@@ -285,7 +285,7 @@ def test_analyze_calibration_section_matches_predict(predicted, tmp_path):
     import pandas as pd
 
     from nnunet_varaug import report
-    from nnunet_varaug.analyze import list_cases
+    from nnunet_varaug.cases import list_cases
     from nnunet_varaug.experiment import Experiment
     from nnunet_varaug.predict import add_calibration_section
 

@@ -8,9 +8,8 @@ import os
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
-from conftest import SYNTHETIC_3D_ID, TINY, run_cli
+from conftest import SYNTHETIC_3D_ID, TINY, run_cli, trainer_in_process
 
 FLAGS = ["-d", str(SYNTHETIC_3D_ID), "-c", "3d_fullres", "-f", "0", "-n", "3", "-tr", TINY]
 COMMAND = f"nnunet_varaug samples -d {SYNTHETIC_3D_ID} -c 3d_fullres -f 0 -n 3 -tr {TINY}"
@@ -147,15 +146,8 @@ def test_replicas_missing_or_unfinished_refused(seed_replicas):
 
 # ---- the reading side: what a VarAug trainer refuses ------------------------------------------------------------------
 def build_trainer(name: str, fold: int, plans_edit=None):
-    from nnunet_varaug.registry import resolve
-
-    exp = experiment(fold=fold)
-    plans = exp.plans_json
-    plans["continue_training"] = False
-    if plans_edit:
-        plans_edit(plans)
     config = "3d_fullres" if plans_edit is None else "3d_cascade_fullres"
-    return resolve(name)(plans, config, fold, exp.dataset_json, device=torch.device("cpu"))
+    return trainer_in_process(name, experiment(fold=fold).dataset, fold, config, plans_edit)
 
 
 def hand_made_set(fold: int):

@@ -1,22 +1,11 @@
 """``nnUNetTrainerTiny`` (trainers/tiny.py): nnU-Net's trainer, narrower and shorter, mirroring one axis at test time."""
 from __future__ import annotations
 
-import json
-import os
-
 import pytest
-import torch
+
+from conftest import trainer_in_process
 
 pytestmark = pytest.mark.nnunet
-
-
-def _trainer(cls, dataset: str):
-    base = os.path.join(os.environ["nnUNet_preprocessed"], dataset)
-    with open(os.path.join(base, "nnUNetPlans.json")) as f:
-        plans = json.load(f)
-    with open(os.path.join(base, "dataset.json")) as f:
-        dataset_json = json.load(f)
-    return cls({**plans, "continue_training": False}, "3d_fullres", 0, dataset_json, device=torch.device("cpu"))
 
 
 def test_test_time_mirroring_uses_the_first_axis_and_training_keeps_nnunets(synthetic_3d):
@@ -24,7 +13,7 @@ def test_test_time_mirroring_uses_the_first_axis_and_training_keeps_nnunets(synt
 
     from nnunet_varaug.trainers.tiny import nnUNetTrainerTiny
 
-    stock, tiny = (_trainer(cls, synthetic_3d["name"]) for cls in (nnUNetTrainer, nnUNetTrainerTiny))
+    stock, tiny = (trainer_in_process(cls, synthetic_3d["name"], 0) for cls in (nnUNetTrainer, nnUNetTrainerTiny))
     stock_config = stock.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
     tiny_config = tiny.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
     assert stock_config[3] == (0, 1, 2) and stock.inference_allowed_mirroring_axes == (0, 1, 2)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, plan_and_preprocess, run_cli
+from conftest import TINY, plan_and_preprocess, run_cli, trainer_in_process
 
 REGION_IGNORE_ID = 133  # regions + ignore label, (16, 32, 32): the 2d and 3d data-loader tests
 
@@ -38,15 +38,6 @@ def merge_lesion(gt: np.ndarray) -> np.ndarray:
 
 
 KNOWN = (swap_1_2, merge_lesion)
-
-
-def _load(dataset: str, plans: str = "nnUNetPlans"):
-    base = os.path.join(os.environ["nnUNet_preprocessed"], dataset)
-    with open(os.path.join(base, f"{plans}.json")) as f:
-        plans_json = json.load(f)
-    with open(os.path.join(base, "dataset.json")) as f:
-        dataset_json = json.load(f)
-    return base, plans_json, dataset_json
 
 
 def write_known_sample_set(dataset: str, configuration: str, fold: int, functions=KNOWN) -> dict:
@@ -143,9 +134,7 @@ def run_loader(trainer_cls, dataset: str, configuration: str, fold: int, num_bat
     """The trainer's own training batches (nnU-Net's data loader + transforms, single process)."""
     from nnunet_varaug.seeding import seed_everything, untimed_gaussian_blur
 
-    _, plans_json, dataset_json = _load(dataset)
-    plans_json["continue_training"] = False  # what nnUNetv2_train's get_trainer_from_args adds
-    trainer = trainer_cls(plans_json, configuration, fold, dataset_json, device=torch.device("cpu"))
+    trainer = trainer_in_process(trainer_cls, dataset, fold, configuration)
     trainer.initialize()
     seed_everything(seed)
     with untimed_gaussian_blur():  # batchgeneratorsv2's timed direct/FFT choice would differ between trainers
@@ -258,11 +247,9 @@ def test_named_class_equals_default_varaug(synthetic_3d):
     assert named.__mro__[1:] == built.__mro__[1:] and named.__mro__[1] is VarAugMixin
     assert (named.varaug_p, named.varaug_settings) == (built.varaug_p, built.varaug_settings)
     write_known_sample_set(synthetic_3d["name"], "3d_fullres", 1)
-    _, plans_json, dataset_json = _load(synthetic_3d["name"])
     pipelines = []
     for cls in (named, built):
-        trainer = cls({**plans_json, "continue_training": False}, "3d_fullres", 1, dataset_json,
-                      device=torch.device("cpu"))
+        trainer = trainer_in_process(cls, synthetic_3d["name"], 1)
         trainer.varaug_prepare()
         rot, dummy, initial, mirror = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         pipelines.append(repr(trainer.get_training_transforms(

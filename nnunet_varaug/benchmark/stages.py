@@ -266,38 +266,6 @@ class Benchmark:
             inputs[trainer] = file_sha256(path) if os.path.isfile(path) else None
         return inputs
 
-    # ---- checks before work ----------------------------------------------------------------------------------
-    def check_trainers(self) -> None:
-        """The base trainer must be one nnU-Net can find; its ``_seed``/``_varaug`` names must parse."""
-        from nnunet_varaug import registry
-
-        try:
-            registry.resolve(self.base)
-            for name in [*self.replica_names, *self.varaug_trainers, *self.all_stability_names]:
-                registry.parse(name)
-        except registry.TrainerNameError as e:
-            raise VarAugError(f"unknown base trainer '{self.base}': {e}") from None
-
-    def check_requirements(self, stage: str, planned: Sequence[str]) -> None:
-        """A stage asked for before its inputs exist (and not about to be made by this run) is an error."""
-        for need in REQUIRES[stage]:
-            if need in planned or self.done(need):
-                continue
-            raise VarAugError(f"stage '{stage}' needs stage '{need}' first ({self._what(need)} not on disk): run "
-                              f"`nnunet_varaug benchmark {self.flags} --stages {need}`, or leave out --stages to run "
-                              f"every stage in order")
-
-    def _what(self, stage: str) -> str:
-        return {"convert": f"{self.raw_folder}", "plan_preprocess": f"plans and preprocessed {self.configuration} data",
-                "holdout": "the held-out test split", "splits": f"a {self.num_folds}-fold splits_final.json",
-                "baseline": f"a finished {self.base} of fold {self.fold}",
-                "replicas": f"{self.num_replicas} finished replicas {self.base}_seed0..{self.num_replicas - 1} of "
-                            f"fold(s) {', '.join(map(str, self.replica_folds))}",
-                "samples": "the replicas' variability samples",
-                "varaug": f"finished {', '.join(self.varaug_trainers)}",
-                "stability": f"finished {', '.join(self.all_stability_names)}",
-                "evaluate": "the evaluation", "analyze": "the variability report"}[stage]
-
     # ---- running -----------------------------------------------------------------------------------------------
     def _log(self, stage: str, command: Sequence[str]) -> str:
         """The stage's log path, with the command recorded in the state."""
@@ -389,9 +357,11 @@ class Benchmark:
         stages = [s for s in stages if s in self.stages]
         if "convert" in stages or not self.done("convert"):
             check_dataset_id(self.task, self.dataset_id, self.dataset)
+        from nnunet_varaug.benchmark.checks import check_requirements, check_trainers
+
         for i, stage in enumerate(stages):
-            self.check_requirements(stage, stages[:i])
-        self.check_trainers()
+            check_requirements(self, stage, stages[:i])
+        check_trainers(self)
         code = 0
         for i, stage in enumerate(stages, 1):
             record = self.stage_record(stage)
