@@ -91,13 +91,13 @@ def test_stock_nnunet_commands_accept_replica_folders(seed_replicas, tmp_path):
     find_best_configuration."""
     images = os.path.join(seed_replicas["raw"], "imagesTs")
     cases = ["case_ts000.nii.gz", "case_ts001.nii.gz"]
-    by_name = str(tmp_path / "pred0")
-    run_cli("nnUNetv2_predict", "-i", images, "-o", by_name, "-d", str(SYNTHETIC_3D_ID), "-c", "3d_fullres", "-f", "0",
-            "-tr", f"{TINY}_seed0", "-device", "cpu", "--save_probabilities", "-npp", "1", "-nps", "1")
+    by_name, from_folder = str(tmp_path / "pred0"), str(tmp_path / "from_folder")
     model = os.path.dirname(fold0(os.environ["nnUNet_results"], seed_replicas["name"], f"{TINY}_seed1"))
-    from_folder = str(tmp_path / "from_folder")
-    run_cli("nnUNetv2_predict_from_modelfolder", "-i", images, "-o", from_folder, "-m", model, "-f", "0",
-            "-device", "cpu", "--save_probabilities", "-npp", "1", "-nps", "1")
+    run_clis_side_by_side(  # the two predictions are independent: side by side
+        ("nnUNetv2_predict", "-i", images, "-o", by_name, "-d", str(SYNTHETIC_3D_ID), "-c", "3d_fullres", "-f", "0",
+         "-tr", f"{TINY}_seed0", "-device", "cpu", "--save_probabilities", "-npp", "1", "-nps", "1"),
+        ("nnUNetv2_predict_from_modelfolder", "-i", images, "-o", from_folder, "-m", model, "-f", "0",
+         "-device", "cpu", "--save_probabilities", "-npp", "1", "-nps", "1"))
     for out in (by_name, from_folder):
         assert sorted(f for f in os.listdir(out) if f.endswith(".nii.gz")) == cases
     ensemble = str(tmp_path / "ensemble")
