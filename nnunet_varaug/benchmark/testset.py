@@ -7,9 +7,9 @@ with the checkpoint's sha256: a retrained model is predicted again, an unchanged
 
 ``compute_metrics_on_folder`` starts a "spawn" process pool on every call, and a spawned process imports torch
 and nnU-Net again (3 to 5 s on a small CPU) to evaluate a few cases in milliseconds; the benchmark evaluates a
-dozen folders. :func:`evaluate_folder` therefore runs it with that pool replaced by a serial ``starmap`` in this
-process: the same function on each case (nnU-Net's ``compute_metrics``) and the same summary code, so the same
-numbers and summary file.
+dozen folders. :func:`evaluate_folder` therefore runs it with that pool in this process
+(:func:`nnunet_varaug.inprocess.pools_in_this_process`): the same function on each case (nnU-Net's
+``compute_metrics``) and the same summary code, so the same numbers and summary file.
 """
 from __future__ import annotations
 
@@ -18,11 +18,12 @@ import io
 import json
 import os
 import shutil
-from typing import Dict, Iterator, List, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 
 from nnunet_varaug.fileio import file_sha256, write_json
+from nnunet_varaug.inprocess import pools_in_this_process
 
 STAMP = "predicted_by.json"
 
@@ -87,51 +88,14 @@ def majority_vote(folders: Sequence[str], cases: Sequence[str], output: str, rea
     return output
 
 
-class _SerialPool:
-    """What ``compute_metrics_on_folder`` uses of ``multiprocessing.Pool``, run in this process, in order."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        pass
-
-    def __enter__(self) -> "_SerialPool":
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        return False
-
-    def starmap(self, function, iterable) -> list:
-        return [function(*arguments) for arguments in iterable]
-
-
-class _SerialMultiprocessing:
-    """Stands in for the ``multiprocessing`` module inside nnU-Net's ``evaluate_predictions`` while we call it."""
-
-    @staticmethod
-    def get_context(method=None) -> "_SerialMultiprocessing":
-        return _SerialMultiprocessing
-
-    Pool = _SerialPool
-
-
-@contextlib.contextmanager
-def _metrics_in_this_process() -> Iterator[None]:
-    from nnunetv2.evaluation import evaluate_predictions
-
-    original = evaluate_predictions.multiprocessing
-    evaluate_predictions.multiprocessing = _SerialMultiprocessing
-    try:
-        yield
-    finally:
-        evaluate_predictions.multiprocessing = original
-
-
 def evaluate_folder(labels: str, predictions: str, output_file: str, reader_writer, ending: str, keys,
                     ignore_label, cases: Sequence[str]) -> Dict[str, object]:
     """nnU-Net's ``compute_metrics_on_folder`` of ``predictions`` against ``labels``, summarized as
     ``{"dice": {key: mean Dice}, "foreground_mean", "num_cases"}``; refuses a result that misses a case."""
+    from nnunetv2.evaluation import evaluate_predictions
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder, label_or_region_to_key
 
-    with _metrics_in_this_process():
+    with pools_in_this_process(evaluate_predictions):
         result = compute_metrics_on_folder(labels, predictions, output_file, reader_writer, ending, keys,
                                            ignore_label, num_processes=1)
     evaluated = sorted(os.path.basename(c["prediction_file"])[: -len(ending)] for c in result["metric_per_case"])

@@ -8,6 +8,8 @@ with epochs of a few seconds, redrawing the plot each epoch is a large share of 
 (nnU-Net's final validation, ``nnUNetv2_predict`` and every prediction of the plugin) flips along the first mirror
 axis only: 2 network passes per patch instead of 8 in 3D, which made test-time augmentation most of the test
 suite's prediction time; the mirroring code path is the same, training's mirroring augmentation is nnU-Net's.
+Its final validation is nnU-Net's own, with the export and metrics process pools run in the trainer's process
+(:mod:`nnunet_varaug.inprocess`): booting those two spawned workers took longer than the rest of the validation.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
 class nnUNetTrainerTiny(nnUNetTrainer):
     """A few short epochs of a network 4x narrower than planned, checkpointing every epoch, mirroring one axis at
-    test time."""
+    test time, validating without worker processes."""
 
     width_divisor = 4
 
@@ -48,6 +50,15 @@ class nnUNetTrainerTiny(nnUNetTrainer):
             super().on_epoch_end()
         finally:
             self.logger.plot_progress_png = plot
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        from nnunetv2.evaluation import evaluate_predictions
+        from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as trainer_module
+
+        from nnunet_varaug.inprocess import pools_in_this_process
+
+        with pools_in_this_process(trainer_module, evaluate_predictions):
+            super().perform_actual_validation(save_probabilities)
 
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels, num_output_channels,
