@@ -128,10 +128,11 @@ RESUMED = "InterruptedTiny_seed0"  # interrupted after epoch 0, then resumed
 
 @pytest.fixture(scope="module")
 def interrupted_replicas(synthetic_3d, tmp_path_factory):
-    """``replicas -n 2 -tr InterruptedTiny``: seed0 dies after epoch 0, seed1 finishes; then the same command
-    again, which resumes seed0. nnU-Net's single-process augmenter (nnunet_env's nnUNet_n_proc_DA=0): worker
-    processes beside the trainer make a 2-core machine many times slower (docs/performance.md); the seeded
-    workers are tested on fresh runs (test_seed_replicas_are_bitwise_reproducible_and_differ_across_seeds)."""
+    """``replicas -n 2 -tr InterruptedTiny --devices 0,1``: seed0 dies after epoch 0, seed1 beside it finishes;
+    then the same command without --devices, which resumes seed0. nnU-Net's single-process augmenter (nnunet_env's
+    nnUNet_n_proc_DA=0): worker processes beside the trainers make a 2-core machine many times slower
+    (docs/performance.md); the seeded workers are tested on fresh runs
+    (test_seed_replicas_are_bitwise_reproducible_and_differ_across_seeds)."""
     user = tmp_path_factory.mktemp("user_trainers")
     (user / "interrupted_tiny.py").write_text(INTERRUPTING_TRAINER)
     env = dict(os.environ, nnUNet_extTrainer=ext_trainer_value(str(user)))
