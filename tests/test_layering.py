@@ -22,7 +22,7 @@ COMMAND_LAYER = ("nnunet_varaug.analyze", "nnunet_varaug.benchmark", "nnunet_var
                  "nnunet_varaug.predictor", "nnunet_varaug.replicas", "nnunet_varaug.report",
                  "nnunet_varaug.runner", "nnunet_varaug.samples", "nnunet_varaug.slurm", "nnunet_varaug.predict",
                  "nnunet_varaug.calibration", "nnunet_varaug.overlays", "nnunet_varaug.downstream_protocol",
-                 "nnunet_varaug.downstream_data", "submitit")
+                 "nnunet_varaug.downstream_data", "nnunet_varaug.cases", "submitit")
 
 # What a _varaug training touches of the plugin outside nnU-Net's own calls: the trainer module, the registry's
 # classes for a varaug and a seed name, the fix command of an error message, the sample-set checks and dataset.
