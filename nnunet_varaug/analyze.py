@@ -19,7 +19,7 @@ import io
 import json
 import os
 import sys
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -203,6 +203,33 @@ def check_ground_truth(rw, cases: Sequence[Case], allowed: Sequence[int]) -> Non
             raise VarAugError(f"{e}. Fix the label map, or the labels in dataset.json") from None
 
 
+PLATFORM_KEYS = ("cpu", "simd", "torch_threads", "torch", "numpy", "nnunetv2", "cuda", "cudnn", "gpu")
+
+
+def platform_warning(experiments: Sequence[Experiment]) -> Optional[str]:
+    """A warning when the replicas compared were trained on different machines or software, as their debug.json
+    records it (``determinism.platform``, written by seed and numerical replicas): the same replica trained on
+    another CPU gives other weights, so their disagreement would mix platform differences into the variability
+    measured. None when the records agree; replicas without a record are left out."""
+    groups: Dict[tuple, List[str]] = {}
+    for exp in experiments:
+        for name in exp.replica_names:
+            try:
+                with open(os.path.join(exp.fold_folder(name), "debug.json")) as f:
+                    record = json.load(f)["nnunet_varaug"]["determinism"]["platform"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            groups.setdefault(tuple(record.get(k) for k in PLATFORM_KEYS), []).append(name)
+    if len(groups) < 2:
+        return None
+    differ = [i for i, k in enumerate(PLATFORM_KEYS) if len({key[i] for key in groups}) > 1]
+    described = "; ".join(", ".join(names) + ": " + ", ".join(f"{PLATFORM_KEYS[i]}={key[i]}" for i in differ)
+                          for key, names in groups.items())
+    return (f"the replicas were trained on {len(groups)} different platforms ({described}); the same replica "
+            f"gives other weights on another machine, so their disagreement is not seed or rounding variability "
+            f"alone. Train the replicas you compare on one kind of machine with the same software")
+
+
 def analyze_experiment(experiments: Union[Experiment, Sequence[Experiment]], output: Optional[str] = None,
                        images: Optional[str] = None, labels: Optional[str] = None, device: str = "cuda",
                        progress: bool = True, calibrate: bool = False, tta: bool = True):
@@ -243,6 +270,9 @@ def analyze_experiment(experiments: Union[Experiment, Sequence[Experiment]], out
         if [e.kind for e in experiments].count(exp.kind) > 1:
             raise VarAugError(f"--kind {exp.kind} is given twice")
         exp.require_finished()
+    warning = platform_warning(experiments)
+    if warning:
+        print(f"nnunet_varaug analyze: warning: {warning}", file=sys.stderr)
     if output is None:
         require_env("nnUNet_results", "the default report folder lies there (or pass -o)")
         output = default_output(experiments)

@@ -93,6 +93,38 @@ def make_deterministic() -> Dict[str, object]:
             "cudnn_benchmark": bool(torch.backends.cudnn.benchmark)}
 
 
+def platform_record(device: "torch.device", cpuinfo: str = "/proc/cpuinfo") -> Dict[str, object]:
+    """What the weights depend on besides the seed: PyTorch promises reproducible results only on one platform and
+    release, and the same replica trained on two 2-core VMs with different CPUs gave different weights
+    (README, "Seed replicas"). Records the CPU model (``/proc/cpuinfo``, else ``platform.processor()``), its widest
+    x86 vector extension, torch's intra-op threads, the GPU, and the versions of python, torch, CUDA, cuDNN, numpy
+    and nnU-Net."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    info: Dict[str, str] = {}
+    try:
+        with open(cpuinfo) as f:
+            for line in f:  # the first core's lines
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    cpu = info.get("model name") or platform.processor() or platform.machine()
+    flags = set(info.get("flags", "").split())
+    simd = next((f for f in ("avx512f", "avx2", "avx", "sse4_2") if f in flags), None)
+    try:
+        nnunet = version("nnunetv2")
+    except PackageNotFoundError:
+        nnunet = None
+    cuda = device.type == "cuda" and torch.cuda.is_available()
+    return {"cpu": cpu, "simd": simd, "torch_threads": torch.get_num_threads(), "os": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "nnunetv2": nnunet, "cuda": torch.version.cuda if cuda else None,
+            "cudnn": torch.backends.cudnn.version() if cuda else None,
+            "gpu": torch.cuda.get_device_name(device) if cuda else None}
+
+
 class NondeterminismRecorder:
     """While installed, keeps each distinct warning that torch raises for an op without a deterministic kernel
     (``warn_only=True``), and still shows it once. Other warnings pass through untouched."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from nnunet_varaug.seeding import (CUBLAS_CONFIG, NondeterminismRecorder, compile_decision, configure_cublas,
-                                   make_deterministic)
+                                   make_deterministic, platform_record)
 from nnunet_varaug.trainers.replica import SeedReplicaMixin
 
 pytestmark = pytest.mark.unit
@@ -123,6 +123,33 @@ def test_seed_replica_arranges_and_records_determinism(torch_flags, monkeypatch,
     assert record["device"] == "cpu" and len(record["nondeterministic_ops"]) == 1
     with open(tmp_path / "debug.json") as f:  # rewritten at the end of training, with the warnings
         assert json.load(f)["nnunet_varaug"]["determinism"] == record
+    assert record["platform"] == platform_record(torch.device("cpu")), "the machine is recorded at train start"
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz
+flags\t\t: fpu sse sse4_2 avx avx2 fma
+
+processor\t: 1
+model name\t: Another CPU
+flags\t\t: fpu sse avx512f avx2
+"""
+
+
+def test_platform_record_names_the_cpu_its_vector_extension_and_the_software(tmp_path):
+    from importlib.metadata import version
+
+    import numpy as np
+
+    (tmp_path / "cpuinfo").write_text(CPUINFO)
+    record = platform_record(torch.device("cpu"), str(tmp_path / "cpuinfo"))
+    assert record["cpu"] == "Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz" and record["simd"] == "avx2"  # core 0
+    assert record["torch"] == torch.__version__ and record["numpy"] == np.__version__
+    assert record["nnunetv2"] == version("nnunetv2") and record["torch_threads"] == torch.get_num_threads()
+    assert record["gpu"] is None and record["cuda"] is None  # a CPU replica
+    missing = platform_record(torch.device("cpu"), str(tmp_path / "absent"))
+    assert missing["cpu"] and missing["simd"] is None  # no /proc/cpuinfo (macOS): platform's names
 
 
 def test_an_explicit_nnunet_compile_is_respected(monkeypatch, tmp_path):

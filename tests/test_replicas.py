@@ -56,6 +56,11 @@ def test_seed_replicas_are_bitwise_reproducible_and_differ_across_seeds(seed_rep
     assert same_weights(wa, wb), "2 data-augmentation workers must not break reproducibility"
 
 
+def cpu_model() -> str:
+    with open("/proc/cpuinfo") as f:
+        return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+
+
 def test_seed_is_recorded_in_debug_json_and_checkpoint(seed_replicas):
     folder = fold0(os.environ["nnUNet_results"], seed_replicas["name"], f"{TINY}_seed1")
     with open(os.path.join(folder, "debug.json")) as f:
@@ -70,6 +75,10 @@ def test_seed_is_recorded_in_debug_json_and_checkpoint(seed_replicas):
         assert determinism["cudnn_deterministic"] and not determinism["cudnn_benchmark"]
         assert determinism["CUBLAS_WORKSPACE_CONFIG"] in (":4096:8", ":16:8") and determinism["compile"] is False
         assert determinism["device"] == "cpu" and determinism["nondeterministic_ops"] == []
+        # the machine, read after nnUNetv2_train -device cpu set torch to one thread per core
+        assert determinism["platform"]["torch"] == torch.__version__
+        assert determinism["platform"]["torch_threads"] == os.cpu_count()
+        assert determinism["platform"]["cpu"] == cpu_model()
     assert ckpt["trainer_name"] == f"{TINY}_seed1"
 
 

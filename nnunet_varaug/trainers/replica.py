@@ -7,7 +7,7 @@ from typing import Any, Dict
 import torch
 
 from nnunet_varaug.seeding import (NondeterminismRecorder, compile_decision, configure_cublas, derive_seed,
-                                   make_deterministic, seed_everything, seeded_augmenters,
+                                   make_deterministic, platform_record, seed_everything, seeded_augmenters,
                                    untimed_gaussian_blur)
 from nnunet_varaug.trainers.common import RecordSettingsMixin
 
@@ -19,7 +19,7 @@ class SeedReplicaMixin(RecordSettingsMixin):
     deterministic algorithms (warn-only, the warnings recorded), cuDNN deterministic and benchmark off,
     ``CUBLAS_WORKSPACE_CONFIG`` set in ``__init__`` (before ``nnUNetv2_train`` initialises CUDA), ``torch.compile``
     off unless the user sets ``nnUNet_compile``. What was arranged is recorded under ``determinism`` in
-    debug.json and in every checkpoint."""
+    debug.json and in every checkpoint, with the machine and software the weights depend on (``platform``)."""
 
     replica_seed: int = 0
 
@@ -60,6 +60,7 @@ class SeedReplicaMixin(RecordSettingsMixin):
 
     def on_train_start(self):
         self.varaug_determinism.update(make_deterministic())
+        self.varaug_determinism["platform"] = platform_record(self.device)  # after nnUNetv2_train set the threads
         self.varaug_nondeterminism.install()
         # Seeded per start epoch: a fresh run and a run resumed at epoch e are each reproducible.
         seed_everything(derive_seed(self.replica_seed, "train", self.current_epoch))
