@@ -106,6 +106,20 @@ def seed_replicas(synthetic_3d):
             "names": [f"{TINY}_seed{k}" for k in range(3)], "replicas_stdout": proc.stdout}
 
 
+def device_span(log_path: str) -> tuple:
+    """``(device, start, end)`` of the training that a one-per-device launcher logged in ``log_path``: the
+    CUDA_VISIBLE_DEVICES its process saw and the first start and end markers' times ("YYYY-mm-dd HH:MM:SS", so
+    they compare as strings). The training must have ended with exit 0 and nnU-Net's "Training done."."""
+    import re
+
+    with open(log_path) as f:
+        log = f.read()
+    start = re.search(r"^# nnunet_varaug: (\S+ \S+) start CUDA_VISIBLE_DEVICES=([^\s:]*)", log, re.M)
+    end = re.search(r"^# nnunet_varaug: (\S+ \S+) end exit=0$", log, re.M)
+    assert start and end and "Training done." in log, log[-2000:]
+    return start.group(2), start.group(1), end.group(1)
+
+
 def trainer_in_process(trainer, dataset: str, fold: int, configuration: str = "3d_fullres", plans_edit=None):
     """``trainer`` (a class, or a name the plugin's registry resolves) for ``dataset``'s nnUNetPlans, built as
     nnUNetv2_train builds it (``continue_training`` False in the plans, CPU), not initialised. ``plans_edit``
