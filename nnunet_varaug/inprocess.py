@@ -24,18 +24,13 @@ class _Finished:
     def ready(self) -> bool:
         return True
 
-    def successful(self) -> bool:
-        return True
-
-    def wait(self, timeout=None) -> None:
-        return None
-
     def get(self, timeout=None) -> Any:
         return self._value
 
 
 class SerialPool:
-    """The parts of ``multiprocessing.Pool`` nnU-Net uses, without processes: ``_pool`` (the worker list nnU-Net's
+    """The parts of ``multiprocessing.Pool`` nnU-Net's validation and metrics use (the context manager, ``starmap``,
+    ``starmap_async``, ``_pool``), without processes: ``_pool`` (the worker list nnU-Net's
     ``check_workers_alive_and_busy`` reads) is empty and every result is ready when submitted."""
 
     def __init__(self, *args, **kwargs) -> None:
@@ -52,15 +47,6 @@ class SerialPool:
 
     def starmap_async(self, function: Callable, iterable: Iterable) -> _Finished:
         return _Finished(self.starmap(function, iterable))
-
-    def map(self, function: Callable, iterable: Iterable) -> list:
-        return [function(argument) for argument in iterable]
-
-    def close(self) -> None:
-        return None
-
-    def join(self) -> None:
-        return None
 
 
 class SerialMultiprocessing:
