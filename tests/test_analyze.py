@@ -249,3 +249,30 @@ def test_report_has_a_picture_per_case(analyzed):
     for case in _val_cases(analyzed)[:12]:
         assert os.path.isfile(os.path.join(out, "figures", f"{case}_overlay.png")), case
         assert f'alt="{case}"' in html
+
+
+def test_replicas_from_another_platform_are_warned_about(analyzed, tmp_path, capsys):
+    """The shared replicas, all trained here, give no platform warning; with seed1's debug.json saying it ran on
+    another CPU, analyze warns on stderr, naming seed1 and the CPU, and still writes the report."""
+    import json
+
+    out = str(tmp_path / "copy")
+    shutil.copytree(analyzed["out"], out)  # cached predictions: no replica is predicted again
+    assert _main("-d", str(analyzed["id"]), "-n", "3", *FLAGS, "-o", out) == 0
+    assert "different platforms" not in capsys.readouterr().err
+    debug = os.path.join(analyzed["results"], f"{analyzed['names'][1]}__nnUNetPlans__3d_fullres", "fold_0",
+                         "debug.json")
+    original = open(debug).read()
+    try:
+        record = json.loads(original)
+        record["nnunet_varaug"]["determinism"]["platform"]["cpu"] = "Another CPU"
+        with open(debug, "w") as f:
+            json.dump(record, f)
+        assert _main("-d", str(analyzed["id"]), "-n", "3", *FLAGS, "-o", out) == 0
+    finally:
+        with open(debug, "w") as f:
+            f.write(original)
+    err = capsys.readouterr().err
+    assert "the replicas were trained on 2 different platforms" in err
+    assert f"{analyzed['names'][1]}: cpu=Another CPU" in err
+    assert os.path.isfile(os.path.join(out, "report.html"))
