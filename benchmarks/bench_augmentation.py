@@ -26,7 +26,7 @@ def synthetic_labels(shape, k: int, seed: int = 0):
     """GT of the synthetic dataset and K replica maps that disagree at structure borders, as replicas do."""
     from scipy import ndimage
 
-    from nnunet_varaug.datasets import synthetic_case
+    from nnunet_varaug.experiments.datasets import synthetic_case
 
     rng = np.random.default_rng(seed)
     image, gt = synthetic_case(rng, shape)
@@ -46,8 +46,8 @@ def synthetic_labels(shape, k: int, seed: int = 0):
 def pipelines(patch, k: int, p: float = 0.5):
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    from nnunet_varaug.trainers.varaug import insert_variability_transform
-    from nnunet_varaug.transforms import VariabilitySampleTransform
+    from nnunet_varaug.training.trainers.varaug import insert_variability_transform
+    from nnunet_varaug.training.transforms import VariabilitySampleTransform
 
     rot = (-30 / 360 * 2 * np.pi, 30 / 360 * 2 * np.pi)
     ds = [[1.0] * 3, [0.5] * 3, [0.25] * 3, [0.125] * 3]
@@ -56,7 +56,7 @@ def pipelines(patch, k: int, p: float = 0.5):
 
 
 def bench_augmentation(patch, k: int, batches: int, batch_size: int = 2):
-    from nnunet_varaug.transforms import VariabilitySampleTransform
+    from nnunet_varaug.training.transforms import VariabilitySampleTransform
 
     size = tuple(int(s * 1.2) for s in patch)  # nnU-Net's initial patch is larger than the final one
     image, gt, reps = synthetic_labels(size, k)
@@ -95,7 +95,7 @@ def write_dataset(folder: str, cases: int, shape, patch, k: int):
     """A blosc2 preprocessed folder (nnU-Net's own writer and chunking) and a sample set for it."""
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2, comp_blosc2_params
 
-    from nnunet_varaug.sampleset import save_sample_array, sample_file
+    from nnunet_varaug.training.sampleset import save_sample_array, sample_file
 
     data_folder, sample_folder = os.path.join(folder, "data"), os.path.join(folder, "samples")
     os.makedirs(data_folder)
@@ -117,12 +117,12 @@ def bench_loading(folder: str, patch, k: int, batches: int, batch_size: int = 2,
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
     from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
-    from nnunet_varaug.sampleset import VariabilitySampleDataset, sample_file
+    from nnunet_varaug.training.sampleset import VariabilitySampleDataset, sample_file
 
     data_folder, sample_folder = write_dataset(folder, cases, shape, patch, k)
     lm = LabelManager({"background": 0, "organ": 1, "lesion": 2}, None)
     plain = nnUNetDatasetBlosc2(data_folder)
-    from nnunet_varaug.transforms import VariabilitySampleTransform
+    from nnunet_varaug.training.transforms import VariabilitySampleTransform
 
     chosen = VariabilitySampleDataset(nnUNetDatasetBlosc2(data_folder), sample_folder, k,
                                       chooser=VariabilitySampleTransform(0.5, k))

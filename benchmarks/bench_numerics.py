@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def plan_synthetic(shape, root: str):
     """Plan a small synthetic dataset of ``shape`` with nnU-Net's own fingerprint extractor and planner."""
-    from nnunet_varaug.datasets import make_synthetic_dataset
+    from nnunet_varaug.experiments.datasets import make_synthetic_dataset
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprint_dataset,
                                                                        plan_experiment_dataset)
 
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         os.environ["nnUNet_compile"] = "f"
         import torch
 
-        from nnunet_varaug import registry
+        from nnunet_varaug.training import registry
 
         if args.plans:
             with open(args.plans) as f:

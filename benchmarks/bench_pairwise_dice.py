@@ -14,7 +14,7 @@ import tracemalloc
 import numpy as np
 import SimpleITK as sitk
 
-from nnunet_varaug.variability import Structure, pair_indices, pairwise_dice
+from nnunet_varaug.evaluation.variability import Structure, pair_indices, pairwise_dice
 
 
 def replica_maps(k: int, shape, labels: int, noise: str = "salt", seed: int = 0) -> np.ndarray:

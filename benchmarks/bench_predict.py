@@ -45,7 +45,7 @@ def measured(cmd, env) -> tuple:
 def setup(root: str, k: int, cases: int, shape, env: dict) -> str:
     import torch
 
-    from nnunet_varaug.datasets import make_synthetic_dataset
+    from nnunet_varaug.experiments.datasets import make_synthetic_dataset
 
     raw = make_synthetic_dataset(DATASET, env["nnUNet_raw"], name="BenchPredict", num_cases=5, shape=shape,
                                  num_test_cases=cases, seed=3)
@@ -85,7 +85,7 @@ def main() -> int:
     ap.add_argument("--keep", default=None, help="work in this folder and keep it (default: a temporary one)")
     args = ap.parse_args()
     root = os.path.abspath(args.keep) if args.keep else tempfile.mkdtemp(prefix="bench_predict_")
-    from nnunet_varaug.registry import ext_trainer_value
+    from nnunet_varaug.training.registry import ext_trainer_value
 
     env = {**os.environ, "nnUNet_raw": os.path.join(root, "raw"), "nnUNet_preprocessed": os.path.join(root, "pre"),
            "nnUNet_results": os.path.join(root, "results"), "nnUNet_compile": "f", "nnUNet_n_proc_DA": "0",

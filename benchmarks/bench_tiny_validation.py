@@ -31,7 +31,7 @@ TINY = "nnUNetTrainerTiny"
 STOCK = "nnUNetTrainerTinyStockValidation"
 USER_TRAINER = f'''
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunet_varaug.trainers.tiny import nnUNetTrainerTiny
+from nnunet_varaug.training.trainers.tiny import nnUNetTrainerTiny
 
 
 class {STOCK}(nnUNetTrainerTiny):
@@ -55,8 +55,8 @@ def main(argv=None) -> int:
     p.add_argument("--keep", default=None, help="work in this folder and keep it")
     args = p.parse_args(argv)
 
-    from nnunet_varaug.datasets import make_synthetic_dataset
-    from nnunet_varaug.registry import ext_trainer_value
+    from nnunet_varaug.experiments.datasets import make_synthetic_dataset
+    from nnunet_varaug.training.registry import ext_trainer_value
 
     root = args.keep or tempfile.mkdtemp(prefix="bench_tiny_validation_")
     user = os.path.join(root, "user_trainers")

@@ -14,7 +14,7 @@ import tracemalloc
 
 import numpy as np
 
-from nnunet_varaug.variability import Structure, analyze_case
+from nnunet_varaug.evaluation.variability import Structure, analyze_case
 
 
 def data(k: int, shape, labels: int, flip: float, seed: int = 0):

@@ -43,8 +43,8 @@ def main(argv=None) -> int:
                    help="train nothing: compare the replicas already trained (at least 2 per group)")
     args = p.parse_args(argv)
     out = os.path.abspath(args.output)
-    from nnunet_varaug import registry
-    from nnunet_varaug.datasets import make_synthetic_dataset
+    from nnunet_varaug.training import registry
+    from nnunet_varaug.experiments.datasets import make_synthetic_dataset
 
     env = dict(os.environ)
     env.update({"nnUNet_raw": os.path.join(out, "nnUNet_raw"),

@@ -59,7 +59,7 @@ def run(cmd, env) -> None:
 def main(argv=None) -> int:
     import torch
 
-    from nnunet_varaug.registry import ext_trainer_value
+    from nnunet_varaug.training.registry import ext_trainer_value
 
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
                VARAUG_TINY_ITERATIONS=str(args.iterations))
     dataset = args.dataset
     if dataset is None:
-        from nnunet_varaug.datasets import make_synthetic_dataset
+        from nnunet_varaug.experiments.datasets import make_synthetic_dataset
 
         env.update(nnUNet_raw=os.path.join(root, "raw"), nnUNet_preprocessed=os.path.join(root, "preprocessed"))
         for key in ("nnUNet_raw", "nnUNet_preprocessed"):

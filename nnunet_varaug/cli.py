@@ -12,18 +12,18 @@ import sys
 from typing import List, Optional
 
 COMMANDS = {
-    "replicas": ("nnunet_varaug.replicas", "train K replicas of one configuration and fold (resumable)"),
-    "samples": ("nnunet_varaug.samples", "write the replicas' label maps of the training cases (variability samples)"),
-    "analyze": ("nnunet_varaug.analyze", "predict with each replica and write the variability report"),
-    "predict": ("nnunet_varaug.predict", "segment new images with the replicas: consensus, uncertainty maps, review list"),
-    "downstream": ("nnunet_varaug.downstream", "the paper's augmentation experiment on per-replica features"),
-    "benchmark": ("nnunet_varaug.benchmark", "the Medical Segmentation Decathlon benchmark, stage by stage"),
-    "demo": ("nnunet_varaug.demo", "the whole pipeline on a built-in synthetic dataset, on the CPU"),
+    "replicas": ("nnunet_varaug.commands.replicas", "train K replicas of one configuration and fold (resumable)"),
+    "samples": ("nnunet_varaug.inference.samples", "write the replicas' label maps of the training cases (variability samples)"),
+    "analyze": ("nnunet_varaug.commands.analyze", "predict with each replica and write the variability report"),
+    "predict": ("nnunet_varaug.commands.predict", "segment new images with the replicas: consensus, uncertainty maps, review list"),
+    "downstream": ("nnunet_varaug.experiments.downstream", "the paper's augmentation experiment on per-replica features"),
+    "benchmark": ("nnunet_varaug.experiments.benchmark", "the Medical Segmentation Decathlon benchmark, stage by stage"),
+    "demo": ("nnunet_varaug.experiments.demo", "the whole pipeline on a built-in synthetic dataset, on the CPU"),
 }
 
 
 def env_command(args: argparse.Namespace) -> int:
-    from nnunet_varaug.registry import ext_trainer_value
+    from nnunet_varaug.training.registry import ext_trainer_value
 
     print(f"export nnUNet_extTrainer={shlex.quote(ext_trainer_value())}")
     return 0
@@ -47,7 +47,7 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from nnunet_varaug.errors import VarAugError
+    from nnunet_varaug.utilities.errors import VarAugError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)

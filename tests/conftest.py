@@ -55,7 +55,7 @@ def run_clis_side_by_side(*commands: tuple, envs=None, timeout: int = 900) -> li
 @pytest.fixture(scope="session")
 def nnunet_env(tmp_path_factory):
     """nnU-Net's folders in a temporary place, the plugin on nnUNet_extTrainer, CPU-friendly settings."""
-    from nnunet_varaug.registry import ext_trainer_value
+    from nnunet_varaug.training.registry import ext_trainer_value
 
     root = tmp_path_factory.mktemp("nnunet")
     values = {
@@ -87,7 +87,7 @@ def plan_and_preprocess(dataset_id: int, configurations=("3d_fullres",)) -> None
 @pytest.fixture(scope="session")
 def synthetic_3d(nnunet_env):
     """Dataset101: 10 synthetic 32^3 cases (+2 test cases in imagesTs/labelsTs), planned and preprocessed."""
-    from nnunet_varaug.datasets import make_synthetic_dataset
+    from nnunet_varaug.experiments.datasets import make_synthetic_dataset
 
     folder = make_synthetic_dataset(SYNTHETIC_3D_ID, num_cases=10, num_test_cases=2, seed=1)
     plan_and_preprocess(SYNTHETIC_3D_ID)
@@ -128,7 +128,7 @@ def trainer_in_process(trainer, dataset: str, fold: int, configuration: str = "3
 
     import torch
 
-    from nnunet_varaug.registry import resolve
+    from nnunet_varaug.training.registry import resolve
 
     base = os.path.join(os.environ["nnUNet_preprocessed"], dataset)
     with open(os.path.join(base, "nnUNetPlans.json")) as f:
@@ -314,7 +314,7 @@ def varaug_benchmark(nnunet_env, tmp_path_factory):
     import json
     import time
 
-    from nnunet_varaug.datasets import make_msd_task
+    from nnunet_varaug.experiments.datasets import make_msd_task
 
     root = tmp_path_factory.mktemp("bench")
     msd = make_msd_task(str(root / "msd"), "Task04_Hippocampus", num_cases=10, num_test=2, seed=4, macos_junk=True)

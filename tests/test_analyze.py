@@ -149,7 +149,7 @@ def _main(*args):
 
 
 def test_rerun_reuses_predictions_and_keeps_added_sections(analyzed, capsys):
-    from nnunet_varaug.report import add_html_section
+    from nnunet_varaug.report.variability_report import add_html_section
 
     out = analyzed["out"]
     pred = os.path.join(out, "predictions", analyzed["names"][0])
@@ -221,7 +221,7 @@ def test_retrained_replica_is_predicted_again(analyzed, tmp_path, capsys):
     predicted again too: the cases' mean probabilities, used to break vote ties, must be rebuilt from every
     replica, so their files are rewritten with the same content.)"""
     from conftest import weights_of
-    from nnunet_varaug.experiment import Experiment
+    from nnunet_varaug.training.experiment import Experiment
 
     out = str(tmp_path / "copy")
     shutil.copytree(analyzed["out"], out)

@@ -3,9 +3,9 @@ import types
 
 import pytest
 
-from nnunet_varaug.analyze import FINGERPRINT, _prediction_state
-from nnunet_varaug.cases import Case
-from nnunet_varaug.fileio import write_json
+from nnunet_varaug.commands.analyze import FINGERPRINT, _prediction_state
+from nnunet_varaug.inference.cases import Case
+from nnunet_varaug.utilities.fileio import write_json
 
 pytestmark = pytest.mark.unit
 

@@ -1,10 +1,10 @@
-"""ECE, Brier score and reliability (nnunet_varaug.calibration) against hand computations."""
+"""ECE, Brier score and reliability (nnunet_varaug.evaluation.calibration) against hand computations."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from nnunet_varaug import calibration
+from nnunet_varaug.evaluation import calibration
 
 pytestmark = pytest.mark.unit
 
@@ -57,7 +57,7 @@ def test_cases_add_up_and_survive_json():
 
 
 def test_ensemble_of_identical_replicas_has_the_replicas_calibration():
-    from nnunet_varaug.uncertainty import RunningEnsemble
+    from nnunet_varaug.evaluation.uncertainty import RunningEnsemble
 
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(3, 8, 8, 8)) * 2

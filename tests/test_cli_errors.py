@@ -44,7 +44,7 @@ def test_bad_replicas_input(synthetic_3d, capsys, flags, message):
 
 @pytest.mark.nnunet
 def test_dataset_without_plans_names_the_planning_command(nnunet_env, capsys):
-    from nnunet_varaug.datasets import make_synthetic_dataset
+    from nnunet_varaug.experiments.datasets import make_synthetic_dataset
 
     make_synthetic_dataset(102, num_cases=5, shape=(8, 8, 8), name="Unplanned")
     code, err = run_replicas(capsys, "-d", "102", "-c", "3d_fullres", "-f", "0", "-n", "2", "-tr", TINY)

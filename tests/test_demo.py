@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from nnunet_varaug.demo import demo_env
+from nnunet_varaug.experiments.demo import demo_env
 
 pytestmark = pytest.mark.unit
 

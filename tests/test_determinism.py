@@ -11,9 +11,9 @@ import warnings
 import pytest
 import torch
 
-from nnunet_varaug.seeding import (CUBLAS_CONFIG, NondeterminismRecorder, compile_decision, configure_cublas,
+from nnunet_varaug.training.seeding import (CUBLAS_CONFIG, NondeterminismRecorder, compile_decision, configure_cublas,
                                    make_deterministic, platform_record)
-from nnunet_varaug.trainers.replica import SeedReplicaMixin
+from nnunet_varaug.training.trainers.replica import SeedReplicaMixin
 
 pytestmark = pytest.mark.unit
 
@@ -202,7 +202,7 @@ x = torch.randn(1, 2, 40, 40, 40)
 for _ in range(3):
     torch.nn.functional.conv3d(x, torch.randn(4, 2, 3, 3, 3))  # the OpenMP pool is up before the workers fork
 from batchgenerators.dataloading.data_loader import SlimDataLoaderBase
-from nnunet_varaug.seeding import seeded_augmenters
+from nnunet_varaug.training.seeding import seeded_augmenters
 from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as trainer_module
 
 class Loader(SlimDataLoaderBase):

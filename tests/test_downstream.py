@@ -1,4 +1,4 @@
-"""The downstream experiment (``nnunet_varaug.downstream``): pure scikit-learn, no nnU-Net training.
+"""The downstream experiment (``nnunet_varaug.experiments.downstream``): pure scikit-learn, no nnU-Net training.
 
 Two synthetic scenarios with a known feature–target relation (y linear in latent z; each replica observes
 z + its own noise):
@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from nnunet_varaug import downstream, downstream_protocol
-from nnunet_varaug.errors import VarAugError
+from nnunet_varaug.experiments import downstream, downstream_protocol
+from nnunet_varaug.utilities.errors import VarAugError
 
 from conftest import run_cli
 
@@ -291,7 +291,7 @@ def test_grid_tunes_with_group_kfold(tmp_path):
 def test_cli_on_cases_csv_adds_report_section(tmp_path):
     """``analyze``'s cases.csv as --features, age-like targets, OUT = a report folder: outputs in OUT/downstream/ and
     a section in report.html (other sections kept)."""
-    from nnunet_varaug import report
+    from nnunet_varaug.report import variability_report as report
 
     rng = np.random.default_rng(4)
     age = rng.uniform(20, 80, 30)

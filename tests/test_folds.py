@@ -6,8 +6,10 @@ import json
 
 import pytest
 
-from nnunet_varaug import folds, registry
-from nnunet_varaug.experiment import VarAugError
+from nnunet_varaug.utilities import folds
+from nnunet_varaug.utilities import names
+from nnunet_varaug.training import registry
+from nnunet_varaug.training.experiment import VarAugError
 
 pytestmark = pytest.mark.unit
 
@@ -96,10 +98,10 @@ def test_unreadable_splits_file(tmp_path):
     ("nnUNetTrainer_varaug", ("nnUNetTrainer", "varaug", {"p": 0.5})),
 ])
 def test_grammar_names_the_out_of_fold_source(name, expected):
-    assert registry.parse(name) == expected
+    assert names.parse(name) == expected
 
 
 @pytest.mark.parametrize("name", ["nnUNetTrainer_varaug_oof_p30", "nnUNetTrainer_varaug_ooff"])
 def test_malformed_source_suffix_is_refused(name):
-    with pytest.raises(registry.TrainerNameError, match="not a valid trainer name"):
-        registry.parse(name)
+    with pytest.raises(names.TrainerNameError, match="not a valid trainer name"):
+        names.parse(name)

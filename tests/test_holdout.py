@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from nnunet_varaug.benchmark import holdout
+from nnunet_varaug.experiments.benchmark import holdout
 
 pytestmark = pytest.mark.unit
 CASES = [f"heart_{i:03d}" for i in range(6)]

@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_varaug import registry
-from nnunet_varaug.numerics import PrecisionError
-from nnunet_varaug.trainers.ieee import IEEEReplicaMixin
-from nnunet_varaug.trainers.mca import Float32TrainingMixin, MCAReplicaMixin
-from nnunet_varaug.trainers.replica import SeedReplicaMixin
+from nnunet_varaug.utilities import names
+
+from nnunet_varaug.training import registry
+from nnunet_varaug.training.numerics import PrecisionError
+from nnunet_varaug.training.trainers.ieee import IEEEReplicaMixin
+from nnunet_varaug.training.trainers.mca import Float32TrainingMixin, MCAReplicaMixin
+from nnunet_varaug.training.trainers.replica import SeedReplicaMixin
 
 from conftest import SYNTHETIC_3D_ID, TINY, run_cli, side_by_side_env, trainer_in_process
 
@@ -72,20 +74,20 @@ def test_tf32_off_and_every_precision_setting_recorded(mixin):
 @pytest.mark.unit
 def test_replica_name_helper():
     """replica_name builds every replica name of the grammar and refuses what the grammar does not take."""
-    assert registry.replica_name("nnUNetTrainer", "ieee") == "nnUNetTrainer_ieee"
-    assert registry.replica_name("nnUNetTrainer", "mca", 3) == "nnUNetTrainer_mca3"
-    assert registry.replica_name("B", "mca", 1, virtual_bits=16, granularity="instruction") == "B_mca1_t16_instr"
-    assert registry.replica_name("B", "seed", 2) == "B_seed2"
+    assert names.replica_name("nnUNetTrainer", "ieee") == "nnUNetTrainer_ieee"
+    assert names.replica_name("nnUNetTrainer", "mca", 3) == "nnUNetTrainer_mca3"
+    assert names.replica_name("B", "mca", 1, virtual_bits=16, granularity="instruction") == "B_mca1_t16_instr"
+    assert names.replica_name("B", "seed", 2) == "B_seed2"
     with pytest.raises(ValueError, match="apply to 'mca'"):
-        registry.replica_name("B", "ieee", granularity="instruction")
-    with pytest.raises(registry.TrainerNameError, match="1..24"):
-        registry.replica_name("B", "mca", 0, virtual_bits=30)
+        names.replica_name("B", "ieee", granularity="instruction")
+    with pytest.raises(names.TrainerNameError, match="1..24"):
+        names.replica_name("B", "mca", 0, virtual_bits=30)
 
 
 @pytest.mark.unit
 def test_virtual_bits_above_float32_refused():
     """nnU-Net trains in float32: t = 30 is refused before anything is built, naming the fix."""
-    with pytest.raises(registry.TrainerNameError, match=r"t=30 is outside 1..24"):
+    with pytest.raises(names.TrainerNameError, match=r"t=30 is outside 1..24"):
         registry.resolve(f"{TINY}_mca1_t30")
     cls = type("T", (MCAReplicaMixin, _FakeBase), {"mca_virtual_bits": 25, "mca_stream": 1, "varaug_settings": {}})
     with pytest.raises(PrecisionError, match=r"t=25 exceeds the 24 bits of float32.*_mca1_t16"):
@@ -97,7 +99,7 @@ def test_training_step_autocast_is_off_only_inside():
     """nnU-Net's train_step enters autocast itself; under the mixin it gets a disabled one, restored after."""
     from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as trainer_module
 
-    from nnunet_varaug.trainers.mca import _autocast_off
+    from nnunet_varaug.training.trainers.mca import _autocast_off
 
     original = trainer_module.autocast
     with _autocast_off():

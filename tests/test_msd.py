@@ -11,9 +11,9 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import run_cli
-from nnunet_varaug.benchmark import read_msd_task
-from nnunet_varaug.datasets import make_msd_task, synthetic_case
-from nnunet_varaug.experiment import VarAugError
+from nnunet_varaug.experiments.benchmark import read_msd_task
+from nnunet_varaug.experiments.datasets import make_msd_task, synthetic_case
+from nnunet_varaug.training.experiment import VarAugError
 
 
 def array(path: str) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Stochastic rounding (``nnunet_varaug.numerics``), each property against an independent computation: exact
+"""Stochastic rounding (``nnunet_varaug.training.numerics``), each property against an independent computation: exact
 arithmetic (Python floats whose operations are exact by construction), binomial bounds, a plain-Python
 per-instruction oracle, and float64 references."""
 from __future__ import annotations
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_varaug.numerics import (NO_ROUNDING, PRECISION, MonteCarloArithmetic, PrecisionError,
+from nnunet_varaug.training.numerics import (NO_ROUNDING, PRECISION, MonteCarloArithmetic, PrecisionError,
                                     check_virtual_bits, is_perturbed, stochastic_round)
-from nnunet_varaug.numerics.reductions import lanes_for
+from nnunet_varaug.training.numerics.reductions import lanes_for
 
 pytestmark = pytest.mark.unit
 aten = torch.ops.aten

@@ -59,7 +59,7 @@ def test_out_of_fold_map_is_nnunet_predict_of_the_validating_replica(varaug_benc
     from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_varaug.sampleset import read_sample_array
+    from nnunet_varaug.training.sampleset import read_sample_array
 
     case = sorted(splits()[1]["val"])[0]
     raw = os.path.join(os.environ["nnUNet_raw"], BENCH_DATASET)
@@ -134,7 +134,7 @@ def test_analyze_compares_in_fold_and_out_of_fold_maps(varaug_benchmark):
     """sources.csv against a plain numpy Dice of the stored maps of the same cases."""
     import csv
 
-    from nnunet_varaug.sampleset import read_sample_array
+    from nnunet_varaug.training.sampleset import read_sample_array
 
     path = os.path.join(varaug_benchmark["out"], "analysis", "sources.csv")
     with open(path) as f:

@@ -8,10 +8,10 @@ import os
 import numpy as np
 import pytest
 
-from nnunet_varaug import outoffold
-from nnunet_varaug.errors import VarAugError
-from nnunet_varaug.folds import crossval_splits
-from nnunet_varaug.sampleset import build_manifest, save_manifest, save_sample_array, sample_file
+from nnunet_varaug.training import outoffold
+from nnunet_varaug.utilities.errors import VarAugError
+from nnunet_varaug.utilities.folds import crossval_splits
+from nnunet_varaug.training.sampleset import build_manifest, save_manifest, save_sample_array, sample_file
 
 pytestmark = pytest.mark.unit
 CASES = [f"c{i}" for i in range(6)]

@@ -284,10 +284,10 @@ def test_analyze_calibration_section_matches_predict(predicted, tmp_path):
     """``analyze --calibration`` runs the same ensemble engine: on the same cases it reports the same figures."""
     import pandas as pd
 
-    from nnunet_varaug import report
-    from nnunet_varaug.cases import list_cases
-    from nnunet_varaug.experiment import Experiment
-    from nnunet_varaug.predict import add_calibration_section
+    from nnunet_varaug.report import variability_report as report
+    from nnunet_varaug.inference.cases import list_cases
+    from nnunet_varaug.training.experiment import Experiment
+    from nnunet_varaug.commands.predict import add_calibration_section
 
     exp = Experiment.from_args(101, "3d_fullres", 0, 3, TINY)
     import torch

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from nnunet_varaug import probsums
+from nnunet_varaug.inference import probsums
 
 pytestmark = pytest.mark.unit
 
@@ -27,8 +27,8 @@ def test_mean_is_stored_and_tied_to_the_replicas_checkpoints(tmp_path):
 
 
 def test_analyze_uses_the_ieee_model_when_its_checkpoint_exists(tmp_path, monkeypatch, capsys):
-    from nnunet_varaug.analyze import reference_model
-    from nnunet_varaug.experiment import Experiment
+    from nnunet_varaug.commands.analyze import reference_model
+    from nnunet_varaug.training.experiment import Experiment
 
     monkeypatch.setenv("nnUNet_results", str(tmp_path))
     exp = Experiment("Dataset999_Fake", "3d_fullres", 0, 3, "nnUNetTrainerTiny", "mca")

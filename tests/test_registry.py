@@ -10,8 +10,10 @@ import textwrap
 
 import pytest
 
-from nnunet_varaug import registry
-from nnunet_varaug.registry import TrainerNameError
+from nnunet_varaug.utilities import names
+
+from nnunet_varaug.training import registry
+from nnunet_varaug.utilities.names import TrainerNameError
 
 pytestmark = pytest.mark.unit
 
@@ -34,12 +36,12 @@ pytestmark = pytest.mark.unit
     ("nnUNetTrainer_250epochs_ieee", ("nnUNetTrainer_250epochs", "ieee", {})),
 ])
 def test_grammar_parses(name, expected):
-    assert registry.parse(name) == expected
+    assert names.parse(name) == expected
 
 
 @pytest.mark.parametrize("name", ["nnUNetTrainer", "nnUNetTrainerTiny", "MyTrainer_250epochs"])
 def test_names_without_suffix_are_not_ours(name):
-    assert registry.parse(name) is None
+    assert names.parse(name) is None
 
 
 @pytest.mark.parametrize("name", [
@@ -51,12 +53,12 @@ def test_names_without_suffix_are_not_ours(name):
 ])
 def test_malformed_names_state_the_grammar(name):
     with pytest.raises(TrainerNameError, match=r"<Base>_seed<K>"):
-        registry.parse(name) if name != "_seed1" else registry.resolve(name)
+        names.parse(name) if name != "_seed1" else registry.resolve(name)
 
 
 def test_resolve_builds_once_and_keeps_nnunet_constructor():
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunet_varaug.trainers.replica import SeedReplicaMixin
+    from nnunet_varaug.training.trainers.replica import SeedReplicaMixin
 
     cls = registry.resolve("nnUNetTrainer_seed3")
     assert cls is registry.resolve("nnUNetTrainer_seed3")
@@ -69,19 +71,19 @@ def test_resolve_builds_once_and_keeps_nnunet_constructor():
 
 def test_classes_pickle_by_name():
     cls = registry.resolve("nnUNetTrainerTiny_seed5")
-    assert cls.__module__ == "nnunet_varaug.registry"
+    assert cls.__module__ == "nnunet_varaug.training.registry"
     assert pickle.loads(pickle.dumps(cls)) is cls
 
 
 def test_builtin_variant_and_entry_point_bases():
     from nnunetv2.training.nnUNetTrainer.variants.training_length.nnUNetTrainer_Xepochs import \
         nnUNetTrainer_250epochs
-    from nnunet_varaug.trainers.tiny import nnUNetTrainerTiny
+    from nnunet_varaug.training.trainers.tiny import nnUNetTrainerTiny
 
     assert issubclass(registry.resolve("nnUNetTrainer_250epochs_seed1"), nnUNetTrainer_250epochs)
     assert registry.resolve("nnUNetTrainerTiny") is nnUNetTrainerTiny
     assert issubclass(registry.resolve("nnUNetTrainerTiny_seed2"), nnUNetTrainerTiny)
-    assert "nnUNetTrainerTiny" in registry._entry_point_classes()
+    assert "nnUNetTrainerTiny" in names.entry_point_names()
 
 
 def test_unknown_base_names_the_grammar():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import SYNTHETIC_3D_ID, TINY, run_cli, run_clis_side_by_side, side_by_side_env
-from nnunet_varaug.registry import ext_trainer_value
+from nnunet_varaug.training.registry import ext_trainer_value
 
 pytestmark = pytest.mark.e2e
 
@@ -121,7 +121,7 @@ def test_stock_nnunet_commands_accept_replica_folders(seed_replicas, tmp_path):
 
 INTERRUPTING_TRAINER = textwrap.dedent("""
     import os
-    from nnunet_varaug.trainers.tiny import nnUNetTrainerTiny
+    from nnunet_varaug.training.trainers.tiny import nnUNetTrainerTiny
 
     class InterruptedTiny(nnUNetTrainerTiny):
         '''Dies right after the checkpoint of epoch 0 when its replica seed is $INTERRUPT_SEED.'''

@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from nnunet_varaug import report, variability
-from nnunet_varaug.experiment import Experiment
+from nnunet_varaug.report import variability_report as report
+from nnunet_varaug.evaluation import variability
+from nnunet_varaug.training.experiment import Experiment
 
 pytestmark = pytest.mark.unit
 

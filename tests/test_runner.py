@@ -12,9 +12,9 @@ import sys
 import pytest
 
 from conftest import SYNTHETIC_3D_ID, TINY, device_span, run_cli, side_by_side_env
-from nnunet_varaug.errors import VarAugError
-from nnunet_varaug.runner import TrainJob, parse_devices, run_devices
-from nnunet_varaug.slurm import SLURM_RECORD, TrainReplicaTask, forwarded_env, parse_mem_gb, parse_slurm_time
+from nnunet_varaug.utilities.errors import VarAugError
+from nnunet_varaug.launch.runner import TrainJob, parse_devices, run_devices
+from nnunet_varaug.launch.slurm import SLURM_RECORD, TrainReplicaTask, forwarded_env, parse_mem_gb, parse_slurm_time
 
 REPLICAS = ("nnunet_varaug", "replicas", "-d", str(SYNTHETIC_3D_ID), "-c", "3d_fullres", "-f", "0", "-tr", TINY,
             "-device", "cpu")

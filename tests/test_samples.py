@@ -16,7 +16,7 @@ COMMAND = f"nnunet_varaug samples -d {SYNTHETIC_3D_ID} -c 3d_fullres -f 0 -n 3 -
 
 
 def experiment(n: int = 3, fold=0):
-    from nnunet_varaug.experiment import Experiment
+    from nnunet_varaug.training.experiment import Experiment
 
     return Experiment.from_args(SYNTHETIC_3D_ID, "3d_fullres", fold, n, TINY)
 
@@ -35,8 +35,8 @@ def mtimes(folder):
 @pytest.mark.e2e
 def test_maps_are_the_replicas_predictions(sample_set, tmp_path):
     """Files, manifest and content: replica k's map equals what nnUNetv2_predict writes for that replica."""
-    from nnunet_varaug.fileio import file_sha256
-    from nnunet_varaug.sampleset import MANIFEST, read_sample_array
+    from nnunet_varaug.utilities.fileio import file_sha256
+    from nnunet_varaug.training.sampleset import MANIFEST, read_sample_array
 
     exp, folder = sample_set["exp"], sample_set["folder"]
     cases = sorted(exp.split()[0])
@@ -76,7 +76,7 @@ def test_maps_are_the_replicas_predictions(sample_set, tmp_path):
 @pytest.mark.e2e
 def test_rerun_skips_force_rebuilds_and_missing_case_is_redone(sample_set, capsys):
     """In-process (the command itself ran in the fixture): what a rerun keeps and what it redoes."""
-    from nnunet_varaug.samples import write_samples
+    from nnunet_varaug.inference.samples import write_samples
 
     exp, folder = sample_set["exp"], sample_set["folder"]
 
@@ -98,8 +98,9 @@ def test_rerun_skips_force_rebuilds_and_missing_case_is_redone(sample_set, capsy
 def test_interrupted_run_leaves_nothing_trusted(sample_set, monkeypatch, capsys):
     """A run killed after one case (and in the middle of writing the next) has no manifest: trainers refuse the
     set, the half-written file is never read, and the next run keeps the finished case and completes the rest."""
-    from nnunet_varaug import samples, sampleset
-    from nnunet_varaug.errors import VarAugError
+    from nnunet_varaug.inference import samples
+    from nnunet_varaug.training import sampleset
+    from nnunet_varaug.utilities.errors import VarAugError
 
     exp, folder = sample_set["exp"], sample_set["folder"]
     real_save = samples.save_sample_array
@@ -154,7 +155,7 @@ def hand_made_set(fold: int):
     """GT and GT with the lesion merged into the organ, as a two-replica sample set of ``fold``."""
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 
-    from nnunet_varaug.sampleset import write_sample_set
+    from nnunet_varaug.training.sampleset import write_sample_set
 
     exp = experiment(fold=fold)
     cases = exp.split()[0]
@@ -169,7 +170,7 @@ def hand_made_set(fold: int):
 
 
 def refused(fold: int, match: str, trainer: str = f"{TINY}_varaug"):
-    from nnunet_varaug.experiment import VarAugError
+    from nnunet_varaug.training.experiment import VarAugError
 
     with pytest.raises(VarAugError, match=match) as info:
         build_trainer(trainer, fold).varaug_prepare()
@@ -178,7 +179,7 @@ def refused(fold: int, match: str, trainer: str = f"{TINY}_varaug"):
 
 @pytest.mark.nnunet
 def test_bad_sample_sets_refused_with_the_fix(synthetic_3d):
-    from nnunet_varaug.sampleset import MANIFEST, save_manifest
+    from nnunet_varaug.training.sampleset import MANIFEST, save_manifest
 
     fold = 3
     exp, cases = hand_made_set(fold)
@@ -240,7 +241,7 @@ def test_missing_samples_refused_by_nnunet_train(seed_replicas):
 
 @pytest.mark.nnunet
 def test_cascade_refused(synthetic_3d):
-    from nnunet_varaug.experiment import VarAugError
+    from nnunet_varaug.training.experiment import VarAugError
 
     def add_cascade(plans):
         plans["configurations"]["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
@@ -251,7 +252,7 @@ def test_cascade_refused(synthetic_3d):
 
 @pytest.mark.unit
 def test_p_outside_unit_interval_refused_by_name():
-    from nnunet_varaug.registry import TrainerNameError, resolve
+    from nnunet_varaug.utilities.names import TrainerNameError, resolve
 
     with pytest.raises(TrainerNameError, match="outside \\[0, 1\\]"):
         resolve(f"{TINY}_varaug_p150")
@@ -263,9 +264,9 @@ def test_retrained_replica_rebuilds_every_case_from_its_new_checkpoint(sample_se
     predicts all cases again, channel 0 then equals channel 1 voxel for voxel, and the manifest lists the new
     checkpoint's sha256."""
     from conftest import weights_of
-    from nnunet_varaug.fileio import file_sha256
-    from nnunet_varaug.sampleset import read_manifest, read_sample_array
-    from nnunet_varaug.samples import write_samples
+    from nnunet_varaug.utilities.fileio import file_sha256
+    from nnunet_varaug.training.sampleset import read_manifest, read_sample_array
+    from nnunet_varaug.inference.samples import write_samples
 
     exp, folder = sample_set["exp"], sample_set["folder"]
     names = sample_set["names"]

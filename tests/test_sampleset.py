@@ -21,7 +21,7 @@ FIX = f"nnunet_varaug samples -d {SYNTHETIC_3D_ID} -c 3d_fullres -f {FOLD} -n 2 
 
 
 def experiment():
-    from nnunet_varaug.experiment import Experiment
+    from nnunet_varaug.training.experiment import Experiment
 
     return Experiment.from_args(SYNTHETIC_3D_ID, "3d_fullres", FOLD, 2, TINY)
 
@@ -31,7 +31,7 @@ def write_set(swap: bool = False):
     sha256 recorded, as ``samples`` records it."""
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 
-    from nnunet_varaug.sampleset import write_sample_set
+    from nnunet_varaug.training.sampleset import write_sample_set
 
     exp = experiment()
     cases = sorted(exp.split()[0])
@@ -48,7 +48,7 @@ def write_set(swap: bool = False):
 
 
 def trainer(name: str = f"{TINY}_varaug"):
-    from nnunet_varaug.registry import resolve
+    from nnunet_varaug.training.registry import resolve
 
     exp = experiment()
     return resolve(name)({**exp.plans_json, "continue_training": False}, "3d_fullres", FOLD, exp.dataset_json,
@@ -59,7 +59,7 @@ def test_set_made_from_another_preprocessing_is_refused(synthetic_3d, tmp_path):
     """Preprocessed again to the same shapes: only the segmentation's sha256 in the manifest tells."""
     import blosc2
 
-    from nnunet_varaug.errors import VarAugError
+    from nnunet_varaug.utilities.errors import VarAugError
 
     exp, cases = write_set()
     assert trainer().varaug_prepare()["cases"][cases[0]]["seg_sha256"]
@@ -81,7 +81,7 @@ def test_set_made_from_another_preprocessing_is_refused(synthetic_3d, tmp_path):
 
 
 def test_resumed_run_warns_when_its_sample_set_changed(synthetic_3d, tmp_path, capsys):
-    from nnunet_varaug.sampleset import manifest_fingerprint
+    from nnunet_varaug.training.sampleset import manifest_fingerprint
 
     exp, _ = write_set()
     first = trainer()

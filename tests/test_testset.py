@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_varaug.benchmark import testset
+from nnunet_varaug.experiments.benchmark import testset
 
 pytestmark = pytest.mark.unit
 DATASET_JSON = {"labels": {"background": 0, "organ": 1, "lesion": 2}, "file_ending": ".nii.gz"}

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.nnunet
 def test_test_time_mirroring_uses_the_first_axis_and_training_keeps_nnunets(synthetic_3d):
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    from nnunet_varaug.trainers.tiny import nnUNetTrainerTiny
+    from nnunet_varaug.training.trainers.tiny import nnUNetTrainerTiny
 
     stock, tiny = (trainer_in_process(cls, synthetic_3d["name"], 0) for cls in (nnUNetTrainer, nnUNetTrainerTiny))
     stock_config = stock.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
@@ -36,7 +36,7 @@ def test_validation_without_worker_processes_writes_what_nnunets_pools_write(syn
     from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as trainer_module
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    from nnunet_varaug.trainers.tiny import nnUNetTrainerTiny
+    from nnunet_varaug.training.trainers.tiny import nnUNetTrainerTiny
 
     def no_pool(*args, **kwargs):
         raise AssertionError("a process pool was started")

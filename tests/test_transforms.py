@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_varaug.transforms import VariabilitySampleTransform
+from nnunet_varaug.training.transforms import VariabilitySampleTransform
 
 pytestmark = pytest.mark.unit
 

@@ -1,11 +1,11 @@
-"""Ensemble uncertainty math (nnunet_varaug.uncertainty) against direct numpy computations."""
+"""Ensemble uncertainty math (nnunet_varaug.evaluation.uncertainty) against direct numpy computations."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from nnunet_varaug import uncertainty
-from nnunet_varaug.variability import Structure
+from nnunet_varaug.evaluation import uncertainty
+from nnunet_varaug.evaluation.variability import Structure
 
 pytestmark = pytest.mark.unit
 
@@ -112,7 +112,7 @@ def test_review_ranks_planted_doubtful_case_first():
 
 
 def test_worst_slice_and_picture(tmp_path):
-    from nnunet_varaug import overlays
+    from nnunet_varaug.report import overlays
 
     shape = (6, 10, 10)
     disagreement = np.zeros(shape, np.float32)

@@ -45,8 +45,8 @@ def write_known_sample_set(dataset: str, configuration: str, fold: int, function
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_varaug.experiment import Experiment
-    from nnunet_varaug.sampleset import write_sample_set
+    from nnunet_varaug.training.experiment import Experiment
+    from nnunet_varaug.training.sampleset import write_sample_set
 
     exp = Experiment.from_args(dataset, configuration, fold, 1, need_results=False)
     pm = PlansManager(exp.plans_json)
@@ -69,7 +69,7 @@ def reference_folder(dataset: str, configuration: str, function) -> str:
     import blosc2
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 
-    from nnunet_varaug.experiment import Experiment
+    from nnunet_varaug.training.experiment import Experiment
 
     src = Experiment.from_args(dataset, configuration, "all", 1, need_results=False).preprocessed_folder
     dst = f"{src}__ref_{function.__name__}"
@@ -94,7 +94,7 @@ class DrawLikeVarAug:
     pick, changes nothing."""
 
     def __init__(self, p: float, k: int, record: list, dataset=None):
-        from nnunet_varaug.transforms import VariabilitySampleTransform
+        from nnunet_varaug.training.transforms import VariabilitySampleTransform
 
         self.twin = VariabilitySampleTransform(p, k)
         self.record = record
@@ -115,7 +115,7 @@ def reference_trainer(folder: str, p: float, k: int, record: list, select_at_loa
     """nnU-Net's stock trainer reading ``folder``, drawing (only) where the _varaug trainer draws."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    from nnunet_varaug.trainers.varaug import insert_variability_transform
+    from nnunet_varaug.training.trainers.varaug import insert_variability_transform
 
     class Reference(nnUNetTrainer):
         def get_training_transforms(self, *args, **kwargs):
@@ -132,7 +132,7 @@ def reference_trainer(folder: str, p: float, k: int, record: list, select_at_loa
 
 def run_loader(trainer_cls, dataset: str, configuration: str, fold: int, num_batches: int, seed: int = 7):
     """The trainer's own training batches (nnU-Net's data loader + transforms, single process)."""
-    from nnunet_varaug.seeding import seed_everything, untimed_gaussian_blur
+    from nnunet_varaug.training.seeding import seed_everything, untimed_gaussian_blur
 
     trainer = trainer_in_process(trainer_cls, dataset, fold, configuration)
     trainer.initialize()
@@ -150,8 +150,8 @@ def as_list(target):
 def check_alignment(dataset: str, configuration: str, fold: int, trainer_name: str, p: float, num_batches: int,
                     select_at_load: bool = True):
     """Every target of the _varaug trainer equals the stock pipeline's target on GT or on the drawn replica map."""
-    from nnunet_varaug.registry import resolve
-    from nnunet_varaug.sampleset import VariabilitySampleDataset
+    from nnunet_varaug.training.registry import resolve
+    from nnunet_varaug.training.sampleset import VariabilitySampleDataset
 
     manifest = write_known_sample_set(dataset, configuration, fold)
     k = manifest["num_replicas"]
@@ -214,7 +214,7 @@ def test_alignment_3d_fullres(synthetic_3d, select_at_load):
 
 @pytest.fixture(scope="session")
 def region_ignore_dataset(nnunet_env):
-    from nnunet_varaug.datasets import make_synthetic_dataset
+    from nnunet_varaug.experiments.datasets import make_synthetic_dataset
 
     folder = make_synthetic_dataset(REGION_IGNORE_ID, name="VarAugRegionsIgnore", num_cases=6, shape=(16, 32, 32),
                                     regions=True, ignore_label=True, seed=3)
@@ -239,8 +239,8 @@ def test_alignment_3d_regions_ignore_label(region_ignore_dataset):
 @pytest.mark.nnunet
 def test_named_class_equals_default_varaug(synthetic_3d):
     """nnUNetTrainerVarAug (entry point) behaves as nnUNetTrainer_varaug: same mixin, p, hooks and pipeline."""
-    from nnunet_varaug.registry import resolve
-    from nnunet_varaug.trainers.varaug import VarAugMixin, nnUNetTrainerVarAug
+    from nnunet_varaug.training.registry import resolve
+    from nnunet_varaug.training.trainers.varaug import VarAugMixin, nnUNetTrainerVarAug
 
     named, built = resolve("nnUNetTrainerVarAug"), resolve("nnUNetTrainer_varaug")
     assert named is nnUNetTrainerVarAug
@@ -261,7 +261,7 @@ def test_named_class_equals_default_varaug(synthetic_3d):
 @pytest.mark.e2e
 def test_replicas_samples_train_predict(seed_replicas, tmp_path):
     """replicas -> samples -> nnUNetv2_train -tr nnUNetTrainerTiny_varaug -> nnUNetv2_predict, all stock commands."""
-    from nnunet_varaug.sampleset import manifest_fingerprint
+    from nnunet_varaug.training.sampleset import manifest_fingerprint
 
     dataset_id, name = str(seed_replicas["id"]), seed_replicas["name"]
     run_cli("nnunet_varaug", "samples", "-d", dataset_id, "-c", "3d_fullres", "-f", "0", "-n", "3", "-tr", TINY,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_varaug import variability as v
-from nnunet_varaug import volume_stats
+from nnunet_varaug.evaluation import variability as v
+from nnunet_varaug.evaluation import volume_stats
 
 pytestmark = pytest.mark.unit
 

@@ -9,8 +9,8 @@ import types
 
 import pytest
 
-from nnunet_varaug.benchmark import StageFailed, variants
-from nnunet_varaug.runner import TrainJob
+from nnunet_varaug.experiments.benchmark import StageFailed, variants
+from nnunet_varaug.launch.runner import TrainJob
 
 pytestmark = pytest.mark.unit
 TRAINERS = ["Tiny_varaug", "Tiny_varaug_oof"]

@@ -1,0 +1,175 @@
+"""``nnunet_varaug demo``: the whole pipeline on a built-in synthetic dataset, on the CPU, in minutes.
+
+Every stage is the same command a user runs (printed before it runs), in nnU-Net folders under OUT:
+synthetic dataset -> plan and preprocess -> K tiny seed replicas -> variability samples -> a ``_varaug`` model ->
+variability report -> predict on held-out images -> downstream experiment on the replicas' volumes. Rerunning
+reuses what is done.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+from typing import List
+
+from nnunet_varaug.utilities.errors import VarAugError
+
+DEMO_ID = 990
+BASE = "nnUNetTrainerTiny"
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", dest="output", default="nnunet_varaug_demo",
+                   help="folder for the demo's nnU-Net folders and report (default ./nnunet_varaug_demo)")
+    p.add_argument("-n", dest="num_replicas", type=int, default=3, help="number of seed replicas (default 3)")
+    p.add_argument("--epochs", type=int, default=10, help="epochs of each tiny training (default 10)")
+    p.add_argument("--iterations", type=int, default=25, help="iterations per epoch (default 25)")
+    p.add_argument("--cases", type=int, default=14, help="synthetic training cases (default 14)")
+    p.add_argument("--cohort", type=int, default=30, help="held-out cases for the downstream experiment (default 30)")
+
+
+def demo_env(out: str, epochs: int, iterations: int) -> dict:
+    from nnunet_varaug.launch.runner import plugin_env
+
+    env = plugin_env()
+    env.update({
+        "nnUNet_raw": os.path.join(out, "nnUNet_raw"),
+        "nnUNet_preprocessed": os.path.join(out, "nnUNet_preprocessed"),
+        "nnUNet_results": os.path.join(out, "nnUNet_results"),
+        "nnUNet_compile": "f", "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1",
+        "VARAUG_TINY_EPOCHS": str(epochs), "VARAUG_TINY_ITERATIONS": str(iterations),
+        "MPLBACKEND": "Agg",
+    })
+    # one BLAS/OpenMP thread per process: nnU-Net's export workers run beside the trainer, and two processes
+    # spinning two OpenMP threads each on two cores are many times slower than one thread each
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def children_cpu_seconds() -> float:
+    """CPU time (user + system) of every finished child process of this one, their children included."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def step(title: str, command: List[str], env: dict, extra_env: dict = None) -> str:
+    """Run one stage's command, echoing it the way a user would type it; return its stdout. Prints the stage's
+    wall time and CPU time (the CPU time does not depend on what else the machine runs)."""
+    from nnunet_varaug.launch.runner import nnunet_command
+
+    shown = " ".join(shlex.quote(c) for c in command)
+    print(f"\n== {title}\n$ {shown}", flush=True)
+    exe = nnunet_command(command[0])
+    t0, cpu0 = time.time(), children_cpu_seconds()
+    proc = subprocess.run(exe + command[1:], env={**env, **(extra_env or {})}, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stdout.write(proc.stdout[-3000:])
+        sys.stderr.write(proc.stderr[-3000:])
+        raise VarAugError(f"demo stage '{title}' failed (exit {proc.returncode}); its output is above")
+    print(f"   done in {time.time() - t0:.0f} s (CPU {children_cpu_seconds() - cpu0:.0f} s)", flush=True)
+    return proc.stdout
+
+
+def run(args: argparse.Namespace) -> int:
+    from nnunet_varaug.experiments.datasets import make_synthetic_dataset
+
+    if args.num_replicas < 3:
+        raise VarAugError("the demo needs at least 3 replicas (-n 3): replica 0 plays the downstream experiment's "
+                          "reference model and leaves the pool, which needs 2 more")
+    out = os.path.abspath(args.output)
+    env = demo_env(out, args.epochs, args.iterations)
+    for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        os.makedirs(env[key], exist_ok=True)
+    t_start = time.time()
+    print(f"nnunet_varaug demo: nnU-Net folders under {out} (nnUNet_raw, nnUNet_preprocessed, nnUNet_results)")
+
+    raw = make_synthetic_dataset(DEMO_ID, env["nnUNet_raw"], name="VarAugDemo", num_cases=args.cases,
+                                 num_test_cases=args.cohort, seed=2026)
+    print(f"\n== synthetic dataset: {raw} ({args.cases} cases of 32^3 voxels: organ + low-contrast lesion)")
+    d, c, f = str(DEMO_ID), "3d_fullres", "0"
+    flags = ["-d", d, "-c", c, "-f", f, "-n", str(args.num_replicas), "-tr", BASE]
+    plans = os.path.join(env["nnUNet_preprocessed"], os.path.basename(raw), "nnUNetPlans.json")
+    if not os.path.isfile(plans):
+        step("plan and preprocess", ["nnUNetv2_plan_and_preprocess", "-d", d, "-c", c, "-np", "1", "-npfp", "1"], env,
+             {"nnUNet_n_proc_DA": "1"})
+    print(step(f"{args.num_replicas} seed replicas", ["nnunet_varaug", "replicas", *flags, "-device", "cpu"], env))
+
+    samples_flags = [*flags, "-device", "cpu", "--no-tta"]  # the demo skips mirroring TTA after training
+    print(last_line(step("variability samples of the training cases", ["nnunet_varaug", "samples", *samples_flags],
+                         env)))
+    step("nnU-Net trained with variability samples (p = 0.5)",
+         ["nnUNetv2_train", d, c, f, "-tr", f"{BASE}_varaug", "-device", "cpu"], env)
+
+    report = os.path.join(out, "report")
+    print(step("variability report on the validation cases",
+               ["nnunet_varaug", "analyze", *flags, "-device", "cpu", "--quiet", "-o", report], env))
+    print(validation_table(env["nnUNet_results"], os.path.basename(raw), args.num_replicas))
+
+    cohort = os.path.join(out, "cohort")
+    print(step("replica volumes of a held-out cohort (features for the downstream experiment)",
+               ["nnunet_varaug", "analyze", *flags, "-device", "cpu", "--quiet", "--disable_tta",
+                "-i", os.path.join(raw, "imagesTs"),
+                "-l", os.path.join(raw, "labelsTs"), "-o", cohort], env).strip().splitlines()[-1])
+    new = os.path.join(out, "new_images")  # predict (docs/inference.md) on 5 held-out images
+    os.makedirs(new, exist_ok=True)
+    for name in sorted(os.listdir(os.path.join(raw, "imagesTs")))[:5]:
+        if not os.path.lexists(os.path.join(new, name)):
+            os.symlink(os.path.join(raw, "imagesTs", name), os.path.join(new, name))
+    print(step("consensus, uncertainty maps and review list of 5 held-out images",
+               ["nnunet_varaug", "predict", *flags, "-device", "cpu", "--quiet", "--disable_tta", "-i", new, "-l",
+                os.path.join(raw, "labelsTs"), "-o", os.path.join(out, "predict")], env).strip())
+    targets = write_synthetic_targets(raw, os.path.join(out, "targets.csv"))
+    print("\nThe downstream target is SYNTHETIC (lesion volume of the ground truth plus noise): this stage shows the "
+          "mechanics of the paper's experiment, not a clinical result.")
+    verdict = step("downstream experiment: replica rows as extra regression samples",
+                   ["nnunet_varaug", "downstream", "--features", os.path.join(cohort, "cases.csv"), "--targets",
+                    targets, "--test-size", "0.2", "--splits", "5", "--reference", f"{BASE}_seed0", "-o", report],
+                   env)  # no <Base>_ieee model in the demo: seed 0 is the reference, outside the replica pool
+    print("\n".join(line for line in verdict.splitlines() if not line.startswith("  split")))
+    print(f"\nDemo finished in {time.time() - t_start:.0f} s (CPU {children_cpu_seconds():.0f} s). "
+          f"Open the report: {os.path.join(report, 'report.html')}")
+    return 0
+
+
+def last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def validation_table(results: str, dataset: str, k: int) -> str:
+    """nnU-Net's own validation Dice (fold_0/validation/summary.json) of each replica and of the varaug model."""
+    import json
+
+    rows = []
+    for name in [f"{BASE}_seed{i}" for i in range(k)] + [f"{BASE}_varaug"]:
+        path = os.path.join(results, dataset, f"{name}__nnUNetPlans__3d_fullres", "fold_0", "validation",
+                            "summary.json")
+        with open(path) as fh:
+            summary = json.load(fh)
+        per_label = "  ".join(f"label {lab}: {m['Dice']:.4f}" for lab, m in summary["mean"].items())
+        rows.append(f"  {name:<28} mean {summary['foreground_mean']['Dice']:.4f}   {per_label}")
+    return "\nnnU-Net validation Dice (fold 0), replicas and the model trained with their samples:\n" + "\n".join(rows)
+
+
+def write_synthetic_targets(raw: str, path: str, seed: int = 0) -> str:
+    """A per-subject target for the mechanics demo: the ground-truth lesion volume (mm^3) plus Gaussian noise."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from nnunet_varaug.utilities.fileio import write_text
+
+    rng = np.random.default_rng(seed)
+    rows = ["subject,target"]
+    folder = os.path.join(raw, "labelsTs")
+    for name in sorted(os.listdir(folder)):
+        img = sitk.ReadImage(os.path.join(folder, name))
+        voxel = float(np.prod(img.GetSpacing()))
+        lesion = float((sitk.GetArrayViewFromImage(img) == 2).sum()) * voxel
+        rows.append(f"{name[:-len('.nii.gz')]},{lesion + rng.normal(0, 0.1 * lesion + 1):.3f}")
+    write_text(path, "\n".join(rows) + "\n")
+    return path

@@ -1,0 +1,1 @@
+"""launch (docstring written below)."""

@@ -1,0 +1,337 @@
+"""The variability report: tables, voxel maps, figures and one self-contained ``report.html``.
+
+Files of one report folder (DESIGN.md): ``cases.csv``, ``pairs.csv``, ``summary.csv``, ``majority.csv``,
+``comparison.csv`` (only with two kinds),
+``maps/<case>[_<kind>]_{entropy,entropy_norm,majority,disagreement}.nii.gz``,
+``figures/*.png`` and ``report.html``. Everything is written into a staging folder first and moved into place
+at the end (:class:`ReportStage`), so a failed run leaves the previous report untouched. ``report.html`` is
+made of marked sections (``<!-- section:ID -->…<!-- /section:ID -->``); other commands add theirs with
+:func:`add_html_section`, and a rerun of ``analyze`` keeps the sections it does not own.
+"""
+from __future__ import annotations
+
+import base64
+import html as html_lib
+import math
+import os
+import re
+import shutil
+import tempfile
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from nnunet_varaug.evaluation import variability, volume_stats
+from nnunet_varaug.utilities.fileio import replacing, write_text
+from nnunet_varaug.report.figures import make_figures  # noqa: F401
+from nnunet_varaug.report.tables import build_tables, compare_kinds, format_summary, format_volume  # noqa: F401
+
+REPORT = "report.html"
+OWN_SECTIONS = ("overview", "summary", "comparison", "figures", "cases", "files", "pictures", "calibration")
+"""Sections that ``analyze`` writes on every run (pictures and calibration are added after the page is built, the
+latter only with ``--calibration``), so an earlier run's copy never survives a rerun."""
+_SECTION = re.compile(r"<!-- section:(?P<id>[A-Za-z0-9_.-]+) -->.*?<!-- /section:(?P=id) -->\n?", re.S)
+_END = "<!-- end of sections -->"
+
+
+# ---- NIfTI maps -------------------------------------------------------------------------------------------------
+def write_map(array: np.ndarray, path: str, properties: dict) -> None:
+    """Write a voxel map as NIfTI in the grid and orientation of the image that nnU-Net read with ``properties``.
+
+    Why not the reader-writer's ``write_seg``: it casts to uint8, and entropy and disagreement are fractions.
+    This repeats its geometry handling (SimpleITK: spacing, origin, direction, reorientation; nibabel: affine,
+    reorientation) for any dtype.
+    """
+    import SimpleITK as sitk
+
+    suffix = ".nii.gz" if path.endswith(".nii.gz") else os.path.splitext(path)[1]
+    with replacing(path, suffix) as tmp:
+        if "sitk_stuff" in properties:
+            st = properties["sitk_stuff"]
+            image = sitk.GetImageFromArray(array if len(st["spacing"]) == 3 else array[0])
+            image.SetSpacing(st["spacing"])
+            image.SetOrigin(st["origin"])
+            image.SetDirection(st["direction"])
+            if "original_orientation" in st:
+                image = sitk.DICOMOrient(image, st["original_orientation"])
+            sitk.WriteImage(image, tmp, True)
+        elif "nibabel_stuff" in properties:
+            import nibabel
+            from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
+
+            st = properties["nibabel_stuff"]
+            data = np.ascontiguousarray(array.transpose((2, 1, 0)))
+            if "reoriented_affine" in st:
+                image = nibabel.Nifti1Image(data, affine=st["reoriented_affine"])
+                to_original = ornt_transform(axcodes2ornt("RAS"), io_orientation(st["original_affine"]))
+                image = image.as_reoriented(to_original)
+            else:
+                image = nibabel.Nifti1Image(data, affine=st["original_affine"])
+            nibabel.save(image, tmp)
+        else:  # e.g. 2D natural images: no geometry beyond the spacing
+            image = sitk.GetImageFromArray(array[0] if array.shape[0] == 1 else array)
+            spacing = [float(s) for s in properties.get("spacing", [1.0] * array.ndim)][::-1][: image.GetDimension()]
+            image.SetSpacing(spacing)
+            sitk.WriteImage(image, tmp, True)
+
+
+class ReportStage:
+    """A staging folder inside the report folder; :meth:`commit` moves everything into place, :meth:`abort`
+    removes it. Why: a report is many files, and an error halfway must not leave a mix of old and new."""
+
+    def __init__(self, output: str):
+        self.output = output
+        os.makedirs(output, exist_ok=True)
+        self.folder = tempfile.mkdtemp(prefix=".varaug_partial_", dir=output)
+        for sub in ("maps", "figures"):
+            os.makedirs(os.path.join(self.folder, sub))
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.folder, *parts)
+
+    def write_maps(self, stem: str, result: variability.CaseResult, properties: dict) -> None:
+        """``maps/<stem>_entropy`` (bits), ``_entropy_norm`` (bits / log2 K), ``_majority``, ``_disagreement``
+        ``.nii.gz`` of one case."""
+        write_map(result.entropy, self.path("maps", f"{stem}_entropy.nii.gz"), properties)
+        write_map(variability.normalised_entropy(result.entropy, result.num_replicas),
+                  self.path("maps", f"{stem}_entropy_norm.nii.gz"), properties)
+        write_map(result.majority, self.path("maps", f"{stem}_majority.nii.gz"), properties)
+        write_map(result.disagreement, self.path("maps", f"{stem}_disagreement.nii.gz"), properties)
+
+    def commit(self) -> None:
+        """Folders are swapped whole (no stale maps of other cases survive); files replaced one by one, the
+        report page last."""
+        for sub in ("maps", "figures"):
+            final = os.path.join(self.output, sub)
+            old = None
+            if os.path.exists(final):
+                old = os.path.join(self.folder, f"old_{sub}")
+                os.replace(final, old)
+            os.replace(self.path(sub), final)
+            if old:
+                shutil.rmtree(old, ignore_errors=True)
+        names = sorted(f for f in os.listdir(self.folder) if os.path.isfile(self.path(f)))
+        if os.path.exists(os.path.join(self.output, "comparison.csv")) and "comparison.csv" not in names:
+            os.remove(os.path.join(self.output, "comparison.csv"))  # from an earlier two-kind run
+        for name in sorted(names, key=lambda n: n == REPORT):
+            os.replace(self.path(name), os.path.join(self.output, name))
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+# ---- tables (report_tables.py) ------------------------------------------------------------------------------
+def _write_csv(df, path: str) -> None:
+    df.to_csv(path, index=False, float_format="%.10g")
+
+
+# ---- HTML -------------------------------------------------------------------------------------------------------
+_STYLE = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;
+color:#222;padding:0 1em}h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;font-size:.85em;margin:.5em 0}th,td{border:1px solid #ccc;padding:3px 7px;
+text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%;
+margin:.4em 0}.note{color:#555;font-size:.9em}code{background:#f5f5f5;padding:0 3px}
+.wide{max-width:100%;overflow-x:auto}.wide table{font-size:.78em}.wide th{white-space:normal;max-width:8em;
+vertical-align:bottom}"""
+
+
+def section(section_id: str, title: str, body: str) -> str:
+    """One marked section of report.html."""
+    return (f"<!-- section:{section_id} -->\n<section id=\"{html_lib.escape(section_id)}\">\n"
+            f"<h2>{html_lib.escape(title)}</h2>\n{body}\n</section>\n<!-- /section:{section_id} -->\n")
+
+
+def page(title: str, sections: Sequence[str]) -> str:
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html_lib.escape(title)}"
+            f"</title>\n<style>{_STYLE}</style></head>\n<body>\n<h1>{html_lib.escape(title)}</h1>\n"
+            + "".join(sections) + f"{_END}\n</body></html>\n")
+
+
+def _img(path: str, alt: str) -> str:
+    with open(path, "rb") as f:
+        data = base64.b64encode(f.read()).decode("ascii")
+    return f'<img alt="{html_lib.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _table(df, digits: int = 4) -> str:
+    return df.to_html(index=False, float_format=lambda v: f"{v:.{digits}g}", na_rep="–", border=0)
+
+
+def add_html_section(report_dir: str, section_id: str, title: str, html: str) -> None:
+    """Insert or replace the section ``section_id`` of ``report_dir/report.html``, atomically.
+
+    The section is wrapped in ``<!-- section:ID -->…<!-- /section:ID -->`` markers; a section with that id is
+    replaced in place, a new one goes after the last section. ``html`` is the section's body (trusted HTML).
+
+    Raises:
+        FileNotFoundError: there is no report.html yet (run ``nnunet_varaug analyze`` first).
+        ValueError: ``section_id`` is not made of letters, digits, ``_ . -``.
+    """
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", section_id):
+        raise ValueError(f"section id '{section_id}' must be made of letters, digits, '_', '.', '-'")
+    path = os.path.join(report_dir, REPORT)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist: run `nnunet_varaug analyze ... -o {report_dir}` first")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    new = section(section_id, title, html)
+    pattern = re.compile(rf"<!-- section:{re.escape(section_id)} -->.*?<!-- /section:{re.escape(section_id)} -->\n?",
+                         re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: new, text, count=1)
+    elif _END in text:
+        text = text.replace(_END, new + _END, 1)
+    else:
+        text = text.replace("</body>", new + "</body>", 1)
+    write_text(path, text)
+
+
+def foreign_sections(path: str) -> List[str]:
+    """Sections of an existing report.html that analyze does not own (e.g. added by ``downstream``)."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    return [m.group(0) if m.group(0).endswith("\n") else m.group(0) + "\n"
+            for m in _SECTION.finditer(text) if m.group("id") not in OWN_SECTIONS]
+
+
+_SUMMARY_HTML = [  # (summary column, header, formatter): the HTML shows a page-wide selection, summary.csv all
+    ("name", "structure", str), ("label", "label", str), ("kind", "kind", str), ("cases", "cases", str),
+    ("pairwise_dice_mean", "pairwise Dice (all pairs)", lambda v: f"{v:.4f}"),
+    ("pairwise_dice_mean_nonempty", "pairwise Dice (non-empty pairs)", lambda v: f"{v:.4f}"),
+    ("pairwise_dice_min", "min", lambda v: f"{v:.4f}"),
+    ("volume_mean_mm3", "volume", format_volume), ("volume_cv", "volume CV", lambda v: f"{100 * v:.2f} %"),
+    ("sig_bits_median", "sig. bits (median)", lambda v: f"{v:.1f}"),
+    ("sig_bits_mean", "sig. bits (mean, non-unanimous)", lambda v: f"{v:.1f}"),
+    ("unanimous_cases", "unanimous cases", str),
+    ("dice_to_gt_mean", "Dice to GT", lambda v: f"{v:.4f}"), ("gt_both_empty", "GT: both empty (left out)", str),
+    ("majority_dice_to_gt_mean", "majority vote Dice to GT", lambda v: f"{v:.4f}"),
+    ("dice_to_reference_mean", "Dice to reference model", lambda v: f"{v:.4f}"),
+]
+
+
+def _summary_table(summary) -> str:
+    import pandas as pd
+
+    cols = [(c, h, f) for c, h, f in _SUMMARY_HTML if c in summary.columns and summary[c].notna().any()]
+    shown = pd.DataFrame({h: [f(v) if not (isinstance(v, float) and math.isnan(v)) else "–" for v in summary[c]]
+                          for c, h, f in cols})
+    return f'<div class="wide">{shown.to_html(index=False, border=0)}</div>'
+
+
+def headlines(summary, num_replicas: int) -> str:
+    """One ``<li>`` per headline number, each saying in one line what it averages over (cases, pairs, which
+    convention)."""
+    esc = html_lib.escape
+    k = num_replicas
+    prob = volume_stats.bound_probability(k)
+    needed = volume_stats.trials_needed()
+    items = []
+    multi = summary["kind"].nunique() > 1
+    for _, r in summary.iterrows():
+        head = f"{esc(r['name'])} ({esc(r['label'])}){' [' + esc(r['kind']) + ']' if multi else ''}"
+        n_cases, pairs = int(r["cases"]), int(r["pairs"])
+        ref_text = ("the replicas' mean volume" if r["sig_reference"] == "replica mean"
+                    else f"the volume of <code>{esc(str(r['sig_reference']))}</code> (the IEEE reference)")
+        sub = [f"<b>pairwise Dice {r['pairwise_dice_mean']:.4f}</b>: mean over {pairs} pairs ({n_cases} cases × "
+               f"{k * (k - 1) // 2} replica pairs), two empty masks counted as 1 — the headline uses all pairs; "
+               f"{int(r['both_empty_pairs'])} such pair(s); without them {r['pairwise_dice_mean_nonempty']:.4f}",
+               f"<b>volume {format_volume(r['volume_mean_mm3'])}, CV {100 * r['volume_cv']:.2f} %</b>: per case "
+               f"over the {k} replicas (std with ddof = 1 / mean), then the mean over {n_cases} cases",
+               f"<b>{r['sig_bits_median']:.1f} significant bits ({r['sig_digits_median']:.2f} digits)</b>: median "
+               f"over {n_cases} cases, relative error to {ref_text}, each case capped at "
+               f"floor(log2 voxels) + 1 bits, the {int(r['unanimous_cases'])} unanimous case(s) counted at their "
+               f"cap; mean over the non-unanimous cases {r['sig_bits_mean']:.1f} bits"]
+        if not math.isnan(r["dice_to_gt_mean"]):
+            n_gt = n_cases * k - int(r["gt_both_empty"])
+            sub.append(f"<b>Dice to GT {r['dice_to_gt_mean']:.4f}</b> (single replicas): mean over {n_gt} "
+                       f"(case, replica) values; nnU-Net's convention: {int(r['gt_both_empty'])} value(s) where "
+                       f"prediction and ground truth are both empty are NaN and left out")
+            sub.append(f"<b>majority vote Dice to GT {r['majority_dice_to_gt_mean']:.4f}</b>: mean over "
+                       f"{n_cases - int(r['majority_gt_both_empty'])} cases, same convention")
+        if not math.isnan(r.get("dice_to_reference_mean", math.nan)):
+            sub.append(f"<b>Dice to {esc(str(r['sig_reference']))} {r['dice_to_reference_mean']:.4f}</b>: mean "
+                       f"over {n_cases * k} (case, replica) values, two empty masks counted as 1")
+        items.append(f"<li>{head}<ul>" + "".join(f"<li>{x}</li>" for x in sub) + "</ul></li>")
+    parity = ("odd: with two labels (background and one structure) a voxel cannot tie; with three or more it can"
+              if k % 2 else "even: a voxel can tie between two labels (e.g. half the replicas background, half "
+              "the structure)")
+    notes = (f"<p class=\"note\">Significant digits (general method of <code>significantdigits</code>): with "
+             f"K = {k} samples all within the bound, the bound holds with probability at least {prob:.3f} at "
+             f"95 % confidence (<code>probability_estimation_bernoulli({k}, {k}, 0.95)</code> = 1 + ln(1 − 0.95) / "
+             f"K; Sohier et al. 2021, ACM TOMS 47(2)); the package's <code>minimum_number_of_trials(0.95, 0.95)</code> "
+             f"= ⌈ln 0.05 / ln 0.95⌉ = {needed} replicas for 95 % probability at 95 % confidence. "
+             f"Majority vote: K = {k} is {parity}; ties go to the tied label with the highest mean predicted "
+             f"probability over the replicas where probabilities were available, else to the smallest label "
+             f"(majority.csv: <code>tie_voxels</code>, <code>ties_by_probability</code>).</p>")
+    return "<ul>" + "".join(items) + "</ul>\n" + notes
+
+
+def build_html(experiments, summary, comparison, figures: Sequence[str], cases, output: str) -> str:
+    exp = experiments[0]
+    kinds = ", ".join(e.kind for e in experiments)
+    replicas = cases[cases["role"] == "replica"]
+    n_cases = cases["case"].nunique()
+    has_gt = cases["dice_to_gt"].notna().any()
+    reference = sorted(set(cases.loc[cases["role"] == "reference", "replica"]))
+    overview = (
+        f"<p>{exp.dataset}, configuration <code>{exp.configuration}</code>, fold {exp.fold}, plans "
+        f"<code>{exp.plans}</code>, base trainer <code>{exp.base}</code>: {exp.num_replicas} {kinds} replicas "
+        f"each, {n_cases} case(s){'' if has_gt else ', no ground truth'}"
+        + (f"; reference model <code>{html_lib.escape(reference[0])}</code> (IEEE, unperturbed)" if reference
+           else "") + ".</p>\n"
+        f"<p class=\"note\">Replicas: {', '.join(n for e in experiments for n in e.replica_names)}.</p>\n"
+        "<h3>Headline numbers (what each averages over)</h3>\n" + headlines(summary, exp.num_replicas)
+        + "<p class=\"note\">Entropy maps are in bits (<code>_entropy</code>) and divided by log2 K "
+          "(<code>_entropy_norm</code>, 0–1, comparable across K). See docs/variability.md.</p>")
+    sections = [section("overview", "Experiment", overview),
+                section("summary", "Per structure", _summary_table(summary)
+                        + "<p class=\"note\">All columns, volumes in mm³: <code>summary.csv</code>.</p>")]
+    if comparison is not None:
+        a, b = comparison.attrs["kinds"]
+        sections.append(section("comparison", f"{a} vs {b} replicas",
+                                f"<p>Pearson correlation across structures of the mean pairwise Dice: "
+                                f"<b>{comparison.attrs['pearson_r']:.4f}</b></p>\n" + _table(comparison)))
+    sections.append(section("figures", "Figures", "\n".join(_img(f, os.path.basename(f)) for f in figures)))
+    kind_of = {n: e.kind for e in experiments for n in e.replica_names}
+    per_case = replicas.assign(kind=replicas["replica"].map(kind_of)).groupby(
+        ["case", "kind", "label"], sort=False).agg(volume_mean_mm3=("volume_mm3", "mean"),
+                                                   volume_std_mm3=("volume_mm3", "std"),
+                                                   dice_to_gt_mean=("dice_to_gt", "mean")).reset_index()
+    per_case["volume CV"] = [f"{100 * s / m:.2f} %" if m > 0 else "–"
+                             for s, m in zip(per_case["volume_std_mm3"], per_case["volume_mean_mm3"])]
+    per_case["volume (mean)"] = per_case["volume_mean_mm3"].map(format_volume)
+    per_case["volume (std)"] = per_case["volume_std_mm3"].map(format_volume)
+    per_case = per_case[["case", "kind", "label", "volume (mean)", "volume (std)", "volume CV", "dice_to_gt_mean"]]
+    sections.append(section("cases", "Per case: volume over replicas",
+                            f'<div class="wide">{_table(per_case)}</div>'))
+    sections.append(section("files", "Files",
+                            "<p class=\"note\"><code>cases.csv</code> (volume in mm³, Dice to ground truth and to "
+                            "the reference model per case, structure, replica; the reference model's own rows have "
+                            "<code>role</code> = reference), <code>pairs.csv</code> (Dice per replica pair, "
+                            "<code>both_empty</code>), <code>summary.csv</code>, <code>majority.csv</code>, "
+                            "<code>maps/</code> (entropy in bits and normalised, majority vote and disagreement as "
+                            "NIfTI in each input image's grid), <code>predictions/</code>.</p>"))
+    sections.extend(foreign_sections(os.path.join(output, REPORT)))
+    return page(f"Replica variability — {exp.dataset} {exp.configuration} fold {exp.fold}", sections)
+
+
+def write_report(stage: ReportStage, experiments, results, reference: Optional[str] = None) -> "object":
+    """Tables, figures and report.html into ``stage``, then commit. Returns the summary DataFrame.
+
+    ``reference``: the reference model's name (``<Base>_ieee``) when the results carry its counts."""
+    cases, pairs, majority, summary = build_tables(experiments, results, reference)
+    comparison = compare_kinds(summary)
+    for name, df in (("cases.csv", cases), ("pairs.csv", pairs), ("majority.csv", majority),
+                     ("summary.csv", summary)):
+        _write_csv(df, stage.path(name))
+    if comparison is not None:
+        _write_csv(comparison, stage.path("comparison.csv"))
+        summary.attrs["pearson_r"] = comparison.attrs["pearson_r"]
+    figures = make_figures(stage.path("figures"), pairs, cases, majority, summary, experiments)
+    text = build_html(experiments, summary, comparison, figures, cases, stage.output)
+    write_text(stage.path(REPORT), text)
+    stage.commit()
+    return summary
