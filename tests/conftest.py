@@ -98,7 +98,7 @@ def synthetic_3d(nnunet_env):
 def seed_replicas(synthetic_3d):
     """Three tiny seed replicas (nnUNetTrainerTiny_seed0..2) of Dataset101 3d_fullres fold 0, trained on the CPU
     through ``nnunet_varaug replicas --devices 0,1``: two at a time, one process per "device" (``-device cpu``
-    ignores CUDA_VISIBLE_DEVICES; tests/test_runner.py reads the launcher's logs of this run)."""
+    ignores CUDA_VISIBLE_DEVICES; tests/launch/test_runner.py reads the launcher's logs of this run)."""
     proc = run_cli("nnunet_varaug", "replicas", "-d", str(SYNTHETIC_3D_ID), "-c", "3d_fullres", "-f", "0",
                    "-n", "3", "-tr", TINY, "-device", "cpu", "--devices", "0,1", env=side_by_side_env())
     results = os.path.join(os.environ["nnUNet_results"], synthetic_3d["name"])
@@ -292,7 +292,7 @@ def pytest_runtest_makereport(item, call):
         _current["violations"] = []
 
 
-# ---- one benchmark for tests/test_benchmark.py and tests/test_outoffold.py (issue 14) ------------------------------
+# ---- one benchmark for tests/e2e/test_benchmark.py and tests/training/test_outoffold.py (issue 14) ------------------------------
 # A Task04_Hippocampus-like task (10 training cases) converted to id 904 and benchmarked once with everything on:
 # a held-out test split (0.2: 2 cases), 2 folds (a 2-fold splits_final.json, written by the benchmark before any
 # training; nnU-Net uses an existing splits file), 2 tiny replicas on each fold, in-fold and out-of-fold sample sets

@@ -11,7 +11,7 @@ relative error). Three conventions make the per-structure summary trustworthy (d
 * **Cap.** A volume counted in voxels resolves one voxel in ``n``: the smallest non-zero relative error between
   replicas is about ``1 / (2n)`` (half of the replicas one voxel away from the others), so no case can have
   more than ``floor(log2 n) + 1`` significant bits, ``n`` the largest voxel count among the replicas
-  (:func:`bits_cap`; ``tests/test_variability.py`` checks that the package never exceeds it). Per case,
+  (:func:`bits_cap`; ``tests/evaluation/test_variability.py`` checks that the package never exceeds it). Per case,
   bits are capped there, digits at ``cap * log10 2``.
 
 **What the bound means.** For the general method, the package's ``probability_estimation_bernoulli`` gives the

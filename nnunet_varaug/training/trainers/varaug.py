@@ -11,7 +11,7 @@ uniformly, cropped and augmented exactly like the image. Two equivalent data flo
 * ``True`` (default): the same ``VariabilitySampleTransform`` draws the choice when the case is loaded and the
   dataset returns only the chosen map, so only that map is read and augmented. nnU-Net's augmentation transforms
   every segmentation channel independently with the same parameters, so the target of a given choice is the same
-  voxel for voxel (tests/test_varaug.py checks both flows against stock nnU-Net); carrying K = 10 extra channels
+  voxel for voxel (tests/training/trainers/test_varaug.py checks both flows against stock nnU-Net); carrying K = 10 extra channels
   through augmentation costs ~8x the pipeline time, choosing first costs nothing measurable
   (benchmarks/bench_augmentation.py).
 

@@ -235,7 +235,7 @@ def test_augmentation_workers_forked_from_a_multithreaded_torch_do_not_hang(tmp_
 
     script = tmp_path / "workers.py"
     script.write_text(FORKED_WORKERS)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="2")
     try:
         proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
