@@ -252,7 +252,8 @@ def test_cascade_refused(synthetic_3d):
 
 @pytest.mark.unit
 def test_p_outside_unit_interval_refused_by_name():
-    from nnunet_varaug.utilities.names import TrainerNameError, resolve
+    from nnunet_varaug.training.registry import resolve
+    from nnunet_varaug.utilities.names import TrainerNameError
 
     with pytest.raises(TrainerNameError, match="outside \\[0, 1\\]"):
         resolve(f"{TINY}_varaug_p150")
