@@ -1,32 +1,26 @@
 """``nnunet_varaug`` and its subcommands.
 
-Each subcommand lives in the module that does its job and exposes ``configure_parser(parser)`` and
-``run(args) -> int``; this file only maps names to modules, so that ``nnunet_varaug env`` does not import torch.
+Each subcommand is one module of :mod:`nnunet_varaug.commands` with ``configure_parser(parser)`` and
+``run(args) -> int``; this file maps names to modules and imports only the one being run, so that
+``nnunet_varaug env`` does not import torch.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
-import shlex
 import sys
 from typing import List, Optional
 
 COMMANDS = {
-    "replicas": ("nnunet_varaug.commands.replicas", "train K replicas of one configuration and fold (resumable)"),
-    "samples": ("nnunet_varaug.inference.samples", "write the replicas' label maps of the training cases (variability samples)"),
-    "analyze": ("nnunet_varaug.commands.analyze", "predict with each replica and write the variability report"),
-    "predict": ("nnunet_varaug.commands.predict", "segment new images with the replicas: consensus, uncertainty maps, review list"),
-    "downstream": ("nnunet_varaug.experiments.downstream", "the paper's augmentation experiment on per-replica features"),
-    "benchmark": ("nnunet_varaug.experiments.benchmark", "the Medical Segmentation Decathlon benchmark, stage by stage"),
-    "demo": ("nnunet_varaug.experiments.demo", "the whole pipeline on a built-in synthetic dataset, on the CPU"),
+    "env": "print the export line that lets nnU-Net find the plugin's trainers",
+    "replicas": "train K replicas of one configuration and fold (resumable)",
+    "samples": "write the replicas' label maps of the training cases (variability samples)",
+    "analyze": "predict with each replica and write the variability report",
+    "predict": "segment new images with the replicas: consensus, uncertainty maps, review list",
+    "downstream": "the paper's augmentation experiment on per-replica features",
+    "benchmark": "the Medical Segmentation Decathlon benchmark, stage by stage",
+    "demo": "the whole pipeline on a built-in synthetic dataset, on the CPU",
 }
-
-
-def env_command(args: argparse.Namespace) -> int:
-    from nnunet_varaug.training.registry import ext_trainer_value
-
-    print(f"export nnUNet_extTrainer={shlex.quote(ext_trainer_value())}")
-    return 0
 
 
 def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
@@ -34,13 +28,10 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
         prog="nnunet_varaug",
         description="Seed replicas of nnU-Net v2 models, their variability, and variability as data augmentation.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    env = sub.add_parser("env", help="print the export line that lets nnU-Net find the plugin's trainers",
-                         description='Use as: eval "$(nnunet_varaug env)"')
-    env.set_defaults(func=env_command)
-    for name, (module, help_text) in COMMANDS.items():
+    for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if only == name:  # import only the module of the command being run
-            mod = importlib.import_module(module)
+            mod = importlib.import_module(f"nnunet_varaug.commands.{name}")
             mod.configure_parser(p)
             p.set_defaults(func=mod.run)
     return parser

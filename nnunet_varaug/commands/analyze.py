@@ -25,10 +25,12 @@ import numpy as np
 
 from nnunet_varaug.inference import probsums
 from nnunet_varaug.report import variability_report as report
-from nnunet_varaug.evaluation import variability
+from nnunet_varaug.evaluation import variability, voting
 from nnunet_varaug.inference.cases import Case, list_cases
 from nnunet_varaug.utilities.errors import VarAugError
-from nnunet_varaug.training.experiment import Experiment, add_experiment_arguments, require_env
+from nnunet_varaug.commands.flags import add_device, add_disable_tta, add_experiment_arguments, add_quiet
+from nnunet_varaug.training.experiment import Experiment
+from nnunet_varaug.utilities.paths import require_env
 from nnunet_varaug.utilities.fileio import file_sha256, replacing, write_json
 from nnunet_varaug.inference.predictor import make_predictor, torch_device
 from nnunet_varaug.report.variability_report import format_summary  # noqa: F401  (the demo imports both from here)
@@ -200,7 +202,7 @@ def check_ground_truth(rw, cases: Sequence[Case], allowed: Sequence[int]) -> Non
         if case.label is None:
             continue
         try:
-            variability.check_labels(rw.read_seg(case.label)[0], allowed, case.label)
+            voting.check_labels(rw.read_seg(case.label)[0], allowed, case.label)
         except ValueError as e:
             raise VarAugError(f"{e}. Fix the label map, or the labels in dataset.json") from None
 
@@ -342,19 +344,16 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     add_experiment_arguments(p, kind=False)
     p.add_argument("--kind", nargs="+", default=["seed"], choices=["seed", "mca"],
                    help="replica kind(s) to analyze; with 'seed mca' both are reported side by side")
-    p.add_argument("--start", type=int, default=0, help="index of the first replica (default 0)")
     p.add_argument("-i", dest="images", default=None,
                    help="folder of raw images (<case>_XXXX<ending>) to analyze instead of the fold's validation cases")
     p.add_argument("-l", dest="labels", default=None, help="folder of ground-truth label maps for -i (optional)")
-    p.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="as nnUNetv2_predict's -device")
+    add_device(p)
     p.add_argument("-o", dest="output", default=None,
                    help="report folder (default $nnUNet_results/<Dataset>/varaug_reports/<name>/)")
     p.add_argument("--calibration", action="store_true",
                    help="also report ECE, Brier score and reliability of each replica and their ensemble (labelled cases)")
-    p.add_argument("--disable_tta", action="store_true",
-                   help="no mirroring test-time augmentation (as nnUNetv2_predict's --disable_tta; 8x fewer network "
-                        "passes in 3D). Predictions made with the other setting are predicted again")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_disable_tta(p)
+    add_quiet(p)
 
 
 def run(args: argparse.Namespace) -> int:

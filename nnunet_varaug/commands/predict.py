@@ -27,7 +27,8 @@ from nnunet_varaug.evaluation import calibration, uncertainty, variability
 from nnunet_varaug.report import overlays, variability_report as report
 from nnunet_varaug.inference.cases import Case, list_cases
 from nnunet_varaug.utilities.errors import VarAugError
-from nnunet_varaug.training.experiment import Experiment, add_experiment_arguments
+from nnunet_varaug.commands.flags import add_device, add_disable_tta, add_experiment_arguments, add_quiet
+from nnunet_varaug.training.experiment import Experiment
 from nnunet_varaug.utilities.fileio import file_sha256, replacing, write_json, write_text
 from nnunet_varaug.inference.predictor import make_predictor, torch_device
 
@@ -362,15 +363,14 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("-i", dest="images", required=True, help="folder of images named <case>_XXXX<ending>")
     p.add_argument("-o", dest="output", required=True, help="output folder (must not be or contain an input folder)")
     p.add_argument("-l", dest="labels", default=None, help="folder of label maps <case><ending>: adds calibration")
-    p.add_argument("--start", type=int, default=0, help="index of the first replica (default 0)")
     p.add_argument("-chk", dest="checkpoint", default="checkpoint_final.pth", help="as nnUNetv2_predict's -chk")
     p.add_argument("-step_size", type=float, default=0.5, help="as nnUNetv2_predict's -step_size")
-    p.add_argument("--disable_tta", action="store_true", help="as nnUNetv2_predict's --disable_tta (no mirroring)")
-    p.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="as nnUNetv2_predict's -device")
+    add_disable_tta(p)
+    add_device(p)
     p.add_argument("--flag-above", dest="flag_above", type=float, default=None,
                    help="mark cases whose review score exceeds this value (review.csv column 'flagged')")
     p.add_argument("--pictures", type=int, default=20, help="cases pictured in report.html (default 20)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -21,7 +21,8 @@ import os
 import sys
 from typing import Dict, List
 
-from nnunet_varaug.training.experiment import Experiment, add_experiment_arguments
+from nnunet_varaug.commands.flags import add_device, add_experiment_arguments
+from nnunet_varaug.training.experiment import Experiment
 from nnunet_varaug.utilities.errors import VarAugError
 from nnunet_varaug.launch.runner import TrainJob, parse_devices, run_devices, run_local, train_job
 from nnunet_varaug.launch.slurm import parse_mem_gb, parse_slurm_time, run_slurm
@@ -65,8 +66,7 @@ def status_table(exp: Experiment, outcome: Dict[str, str]) -> str:
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     add_experiment_arguments(p)
-    p.add_argument("--start", type=int, default=0, help="index of the first replica (default 0)")
-    p.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="as nnUNetv2_train's -device")
+    add_device(p, "nnUNetv2_train")
     p.add_argument("--npz", action="store_true", help="save validation softmax outputs (as nnUNetv2_train --npz)")
     p.add_argument("--launcher", default="local", choices=["local", "slurm"],
                    help="where the replicas run: this machine (default) or SLURM jobs through submitit")

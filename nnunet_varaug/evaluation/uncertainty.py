@@ -129,7 +129,7 @@ def summarize_case(maps: np.ndarray, consensus: np.ndarray, spacing: Sequence[fl
     dice = variability.dice_matrix(counts)
     pairs = variability.pair_indices(k)
     mean_dice = [float(np.mean([dice[s, a, b] for a, b in pairs])) if pairs else 1.0 for s in range(len(structures))]
-    consensus_voxels = [int(np.count_nonzero(variability._mask(consensus, st.labels))) for st in structures]
+    consensus_voxels = [int(np.count_nonzero(variability.structure_mask(consensus, st.labels))) for st in structures]
     uncertain = int(np.count_nonzero(np.any(maps != consensus[None], axis=0)))
     return CaseSummary(float(np.prod(np.asarray(spacing, dtype=np.float64))), consensus_voxels,
                        [[int(v) for v in np.diagonal(counts[s])] for s in range(len(structures))], mean_dice,

@@ -35,7 +35,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from nnunet_varaug.evaluation.voting import _vote, check_labels, normalised_entropy, voxel_maps  # noqa: F401
+from nnunet_varaug.evaluation.voting import vote_flat
 
 EMPTY_DICE = 1.0
 """Dice of two replicas' empty masks (the structure is absent from both): perfect agreement."""
@@ -103,7 +103,7 @@ def ignore_label(dataset_json: dict) -> Optional[int]:
 
 
 # ---- counting -------------------------------------------------------------------------------------------------
-def _mask(chunk: np.ndarray, labels: Tuple[int, ...]) -> np.ndarray:
+def structure_mask(chunk: np.ndarray, labels: Tuple[int, ...]) -> np.ndarray:
     """Boolean mask of ``chunk`` (any shape) being one of ``labels``."""
     out = chunk == labels[0]
     for v in labels[1:]:
@@ -147,14 +147,14 @@ def _count_chunk(out: np.ndarray, block: np.ndarray, structures: Sequence[Struct
     free_sub = [(np.take(row, differ), labels) for row, labels in free] if differ.size else []
     index = [0] * r + list(range(1, len(free) + 1))
     for s, st in enumerate(structures):
-        same = [_mask(block[0], st.labels) & agree] + [_mask(row, labels or st.labels) & agree
+        same = [structure_mask(block[0], st.labels) & agree] + [structure_mask(row, labels or st.labels) & agree
                                                        for row, labels in free]
         small = np.array([[np.count_nonzero(a & b) if i != j else np.count_nonzero(a)
                            for j, b in enumerate(same)] for i, a in enumerate(same)], dtype=np.int64)
         out[s] += small[np.ix_(index, index)]
         if sub is not None:
-            masks = np.concatenate([_mask(sub, st.labels)]
-                                   + [_mask(row, labels or st.labels)[None] for row, labels in free_sub])
+            masks = np.concatenate([structure_mask(sub, st.labels)]
+                                   + [structure_mask(row, labels or st.labels)[None] for row, labels in free_sub])
             out[s] += _gram(masks, bits)
 
 
@@ -348,7 +348,7 @@ def analyze_case(maps: np.ndarray, spacing: Sequence[float], structures: Sequenc
         differ = np.flatnonzero(~agree)
         if differ.size:  # the vote only where replicas differ; elsewhere it is their common label
             p = None if prob is None else np.take(prob[:, start:start + chunk], differ, axis=1)
-            m, e, d, ok, t, b = _vote(np.take(block, differ, axis=1), labels, p)
+            m, e, d, ok, t, b = vote_flat(np.take(block, differ, axis=1), labels, p)
             ties, by_prob = ties + t, by_prob + b
             if not ok:
                 check_labels(block, labels, "the label maps")

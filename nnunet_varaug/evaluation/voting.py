@@ -15,7 +15,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 
 
-def _vote(maps: np.ndarray, labels: Sequence[int], prob: Optional[np.ndarray] = None
+def vote_flat(maps: np.ndarray, labels: Sequence[int], prob: Optional[np.ndarray] = None
           ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, bool, int, int]:
     """Majority, entropy, disagreement of ``(K, n)`` maps, whether every value was one of ``labels``, the number of
     tied voxels and how many of them the probabilities decided.
@@ -55,7 +55,7 @@ def voxel_maps(maps: np.ndarray, labels: Sequence[int], probabilities: Optional[
     labels = sorted(int(v) for v in labels)
     k = maps.shape[0]
     prob = None if probabilities is None else probabilities.reshape(probabilities.shape[0], -1)
-    majority, entropy, disagreement, known, _, _ = _vote(maps.reshape(k, -1), labels, prob)
+    majority, entropy, disagreement, known, _, _ = vote_flat(maps.reshape(k, -1), labels, prob)
     if not known:
         check_labels(maps, labels, "the label maps")
     shape = maps.shape[1:]

@@ -7,7 +7,6 @@ reuses what is done.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import subprocess
@@ -19,16 +18,6 @@ from nnunet_varaug.utilities.errors import VarAugError
 
 DEMO_ID = 990
 BASE = "nnUNetTrainerTiny"
-
-
-def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-o", dest="output", default="nnunet_varaug_demo",
-                   help="folder for the demo's nnU-Net folders and report (default ./nnunet_varaug_demo)")
-    p.add_argument("-n", dest="num_replicas", type=int, default=3, help="number of seed replicas (default 3)")
-    p.add_argument("--epochs", type=int, default=10, help="epochs of each tiny training (default 10)")
-    p.add_argument("--iterations", type=int, default=25, help="iterations per epoch (default 25)")
-    p.add_argument("--cases", type=int, default=14, help="synthetic training cases (default 14)")
-    p.add_argument("--cohort", type=int, default=30, help="held-out cases for the downstream experiment (default 30)")
 
 
 def demo_env(out: str, epochs: int, iterations: int) -> dict:
@@ -75,29 +64,31 @@ def step(title: str, command: List[str], env: dict, extra_env: dict = None) -> s
     return proc.stdout
 
 
-def run(args: argparse.Namespace) -> int:
+def run_demo(output: str, num_replicas: int = 3, epochs: int = 10, iterations: int = 25, cases: int = 14,
+             cohort: int = 30) -> int:
+    """Run every stage under ``output`` (reusing what is done); returns 0."""
     from nnunet_varaug.experiments.datasets import make_synthetic_dataset
 
-    if args.num_replicas < 3:
+    if num_replicas < 3:
         raise VarAugError("the demo needs at least 3 replicas (-n 3): replica 0 plays the downstream experiment's "
                           "reference model and leaves the pool, which needs 2 more")
-    out = os.path.abspath(args.output)
-    env = demo_env(out, args.epochs, args.iterations)
+    out = os.path.abspath(output)
+    env = demo_env(out, epochs, iterations)
     for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         os.makedirs(env[key], exist_ok=True)
     t_start = time.time()
     print(f"nnunet_varaug demo: nnU-Net folders under {out} (nnUNet_raw, nnUNet_preprocessed, nnUNet_results)")
 
-    raw = make_synthetic_dataset(DEMO_ID, env["nnUNet_raw"], name="VarAugDemo", num_cases=args.cases,
-                                 num_test_cases=args.cohort, seed=2026)
-    print(f"\n== synthetic dataset: {raw} ({args.cases} cases of 32^3 voxels: organ + low-contrast lesion)")
+    raw = make_synthetic_dataset(DEMO_ID, env["nnUNet_raw"], name="VarAugDemo", num_cases=cases,
+                                 num_test_cases=cohort, seed=2026)
+    print(f"\n== synthetic dataset: {raw} ({cases} cases of 32^3 voxels: organ + low-contrast lesion)")
     d, c, f = str(DEMO_ID), "3d_fullres", "0"
-    flags = ["-d", d, "-c", c, "-f", f, "-n", str(args.num_replicas), "-tr", BASE]
+    flags = ["-d", d, "-c", c, "-f", f, "-n", str(num_replicas), "-tr", BASE]
     plans = os.path.join(env["nnUNet_preprocessed"], os.path.basename(raw), "nnUNetPlans.json")
     if not os.path.isfile(plans):
         step("plan and preprocess", ["nnUNetv2_plan_and_preprocess", "-d", d, "-c", c, "-np", "1", "-npfp", "1"], env,
              {"nnUNet_n_proc_DA": "1"})
-    print(step(f"{args.num_replicas} seed replicas", ["nnunet_varaug", "replicas", *flags, "-device", "cpu"], env))
+    print(step(f"{num_replicas} seed replicas", ["nnunet_varaug", "replicas", *flags, "-device", "cpu"], env))
 
     samples_flags = [*flags, "-device", "cpu", "--no-tta"]  # the demo skips mirroring TTA after training
     print(last_line(step("variability samples of the training cases", ["nnunet_varaug", "samples", *samples_flags],
@@ -108,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     report = os.path.join(out, "report")
     print(step("variability report on the validation cases",
                ["nnunet_varaug", "analyze", *flags, "-device", "cpu", "--quiet", "-o", report], env))
-    print(validation_table(env["nnUNet_results"], os.path.basename(raw), args.num_replicas))
+    print(validation_table(env["nnUNet_results"], os.path.basename(raw), num_replicas))
 
     cohort = os.path.join(out, "cohort")
     print(step("replica volumes of a held-out cohort (features for the downstream experiment)",

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 from nnunet_varaug.utilities.errors import VarAugError
-from nnunet_varaug.training.experiment import Experiment, require_env
+from nnunet_varaug.training.experiment import Experiment
+from nnunet_varaug.utilities.paths import require_env
 
 
 @dataclass

@@ -8,7 +8,6 @@ through :func:`nnunet_varaug.launch.runner.run_logged`, like the local launchers
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -137,7 +136,7 @@ def active_submission(exp: "Experiment", name: str) -> Optional[str]:
     return record["job_id"] if state in _ACTIVE_SLURM_STATES else None
 
 
-def slurm_executor(folder: str, args: argparse.Namespace, num_jobs: int, name: str = "varaug"):
+def slurm_executor(folder: str, args, num_jobs: int, name: str = "varaug"):
     """A submitit executor for the replicas: SLURM, or submitit's local executor (``--slurm-executor local``),
     which runs the very same pickled job array on this machine."""
     import submitit
@@ -159,7 +158,7 @@ def slurm_executor(folder: str, args: argparse.Namespace, num_jobs: int, name: s
     return executor
 
 
-def run_slurm(exp: "Experiment", jobs: List[TrainJob], args: argparse.Namespace) -> Dict[str, str]:
+def run_slurm(exp: "Experiment", jobs: List[TrainJob], args) -> Dict[str, str]:
     """Submit ``jobs`` as one job array; wait for them unless ``--no-wait``. Returns each replica's outcome for
     the status table (only for replicas that are not known to have finished)."""
     outcome: Dict[str, str] = {}

@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from nnunet_varaug.evaluation import variability, volume_stats
+from nnunet_varaug.evaluation import variability, volume_stats, voting
 from nnunet_varaug.utilities.fileio import replacing, write_text
 from nnunet_varaug.report.figures import make_figures  # noqa: F401
 from nnunet_varaug.report.tables import build_tables, compare_kinds, format_summary, format_volume  # noqa: F401
@@ -93,7 +93,7 @@ class ReportStage:
         """``maps/<stem>_entropy`` (bits), ``_entropy_norm`` (bits / log2 K), ``_majority``, ``_disagreement``
         ``.nii.gz`` of one case."""
         write_map(result.entropy, self.path("maps", f"{stem}_entropy.nii.gz"), properties)
-        write_map(variability.normalised_entropy(result.entropy, result.num_replicas),
+        write_map(voting.normalised_entropy(result.entropy, result.num_replicas),
                   self.path("maps", f"{stem}_entropy_norm.nii.gz"), properties)
         write_map(result.majority, self.path("maps", f"{stem}_majority.nii.gz"), properties)
         write_map(result.disagreement, self.path("maps", f"{stem}_disagreement.nii.gz"), properties)

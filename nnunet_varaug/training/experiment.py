@@ -1,13 +1,12 @@
 """One replica experiment: dataset, configuration, fold, plans, base trainer, kind and K — checked once.
 
 Every command (``replicas``, ``samples``, ``analyze``, ``benchmark``) starts by building an ``Experiment`` from
-its ``-d -c -f -p -tr -n`` flags (declared once, by ``add_experiment_arguments``). The checks run before anything
+its ``-d -c -f -p -tr -n`` flags (declared once, in :mod:`nnunet_varaug.commands.flags`). The checks run before anything
 is written, and each error names the command that fixes it. Names and paths come from :mod:`nnunet_varaug.utilities.paths`;
 this is command-layer code, never imported by the trainers.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from dataclasses import dataclass, field
@@ -17,39 +16,7 @@ from nnunet_varaug.utilities import paths
 from nnunet_varaug.utilities import names
 from nnunet_varaug.training import registry
 from nnunet_varaug.utilities.errors import VarAugError
-from nnunet_varaug.utilities.paths import dataset_id_of, samples_folder_for  # noqa: F401  (names older code imports from here)
-
-
-def require_env(name: str, what: str) -> str:
-    value = os.environ.get(name)
-    if not value:
-        raise VarAugError(f"{name} is not set: {what}. Set it, e.g. `export {name}=/data/{name}` (see nnU-Net's "
-                          f"documentation/setting_up_paths.md).")
-    return value
-
-
-def dataset_name(dataset: Union[int, str]) -> str:
-    """``4`` / ``"4"`` / ``"Dataset004_Hippocampus"`` -> ``"Dataset004_Hippocampus"``, with a clear error."""
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
-    try:
-        return maybe_convert_to_dataset_name(dataset)
-    except (RuntimeError, ValueError, AssertionError) as e:
-        raise VarAugError(f"unknown dataset '{dataset}': no such dataset in nnUNet_raw, nnUNet_preprocessed or "
-                          f"nnUNet_results ({str(e).splitlines()[0]}). Convert it to nnU-Net's format first "
-                          f"(e.g. `nnUNetv2_convert_MSD_dataset -i TaskXX_Name`).") from None
-
-
-def parse_fold(fold: Union[int, str]) -> Union[int, str]:
-    if str(fold) == "all":
-        return "all"
-    try:
-        value = int(fold)
-    except ValueError:
-        raise VarAugError(f"fold must be an integer or 'all', got '{fold}'") from None
-    if value < 0:
-        raise VarAugError(f"fold must be >= 0, got {value}")
-    return value
+from nnunet_varaug.utilities.paths import dataset_id_of, dataset_name, parse_fold, require_env, samples_folder_for
 
 
 @dataclass
@@ -205,22 +172,3 @@ class Experiment:
                               f"{self.configuration} fold {self.fold}: {', '.join(missing)}. Run "
                               f"`nnunet_varaug replicas {self.flags}`")
         return self.replica_names
-
-
-def add_experiment_arguments(p: argparse.ArgumentParser, kind: bool = True, fold_help: Optional[str] = None) -> None:
-    """The flags that name an :class:`Experiment` in replicas, samples, analyze: -d -c -f -n [-p] [-tr] [--kind].
-
-    ``fold_help``: -f is optional (default None) with this help text, for a command that checks it itself.
-    """
-    p.add_argument("-d", dest="dataset", required=True, help="dataset name or id")
-    p.add_argument("-c", dest="configuration", required=True, help="nnU-Net configuration, e.g. 3d_fullres")
-    if fold_help is None:
-        p.add_argument("-f", dest="fold", required=True, help="fold (0..4 or 'all')")
-    else:
-        p.add_argument("-f", dest="fold", default=None, help=fold_help)
-    p.add_argument("-n", dest="num_replicas", type=int, required=True, help="number of replicas K")
-    p.add_argument("-tr", dest="base", default="nnUNetTrainer", help="base trainer (default nnUNetTrainer)")
-    p.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
-    if kind:
-        p.add_argument("--kind", default="seed", choices=["seed", "mca"],
-                       help="seed replicas (_seed<K>) or numerical replicas (_mca<K>)")

@@ -60,3 +60,35 @@ def samples_command(dataset_id: int, configuration: str, fold: Fold, num_replica
     """The exact ``nnunet_varaug samples …`` command line, for error messages."""
     flags = experiment_flags(dataset_id, configuration, fold, num_replicas, base, kind, plans, start)
     return f"nnunet_varaug samples {flags}{' --force' if force else ''}"
+
+
+def require_env(name: str, what: str) -> str:
+    value = os.environ.get(name)
+    if not value:
+        raise VarAugError(f"{name} is not set: {what}. Set it, e.g. `export {name}=/data/{name}` (see nnU-Net's "
+                          f"documentation/setting_up_paths.md).")
+    return value
+
+
+def dataset_name(dataset: Union[int, str]) -> str:
+    """``4`` / ``"4"`` / ``"Dataset004_Hippocampus"`` -> ``"Dataset004_Hippocampus"``, with a clear error."""
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    try:
+        return maybe_convert_to_dataset_name(dataset)
+    except (RuntimeError, ValueError, AssertionError) as e:
+        raise VarAugError(f"unknown dataset '{dataset}': no such dataset in nnUNet_raw, nnUNet_preprocessed or "
+                          f"nnUNet_results ({str(e).splitlines()[0]}). Convert it to nnU-Net's format first "
+                          f"(e.g. `nnUNetv2_convert_MSD_dataset -i TaskXX_Name`).") from None
+
+
+def parse_fold(fold: Union[int, str]) -> Union[int, str]:
+    if str(fold) == "all":
+        return "all"
+    try:
+        value = int(fold)
+    except ValueError:
+        raise VarAugError(f"fold must be an integer or 'all', got '{fold}'") from None
+    if value < 0:
+        raise VarAugError(f"fold must be >= 0, got {value}")
+    return value

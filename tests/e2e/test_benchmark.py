@@ -13,7 +13,7 @@ import SimpleITK as sitk
 import torch
 
 from conftest import BENCH_DATASET as DATASET, BENCH_ID as DATASET_ID, TINY, bench_args, device_span, run_cli
-from nnunet_varaug.experiments.benchmark import STAGES, STATE_FILE
+from nnunet_varaug.experiments.benchmark.stages import STAGES, STATE_FILE
 from nnunet_varaug.experiments.datasets import make_msd_task
 
 pytestmark = pytest.mark.e2e
@@ -293,7 +293,8 @@ def test_stages_made_from_a_replica_that_changed_are_stale(hippocampus):
     """Staleness is judged by content (sha256), like samples and analyze: a retrained replica (seed0 carrying
     seed1's weights) makes the sample set and the evaluation stale; a checkpoint merely touched does not."""
     from conftest import weights_of
-    from nnunet_varaug.experiments.benchmark import Benchmark, read_msd_task
+    from nnunet_varaug.experiments.benchmark.stages import Benchmark
+    from nnunet_varaug.experiments.benchmark.task import read_msd_task
 
     bench = Benchmark(read_msd_task(hippocampus["msd"]), hippocampus["out"], DATASET_ID, num_replicas=2, base=TINY,
                       device="cpu", num_processes=1, devices="0,1", num_folds=2,

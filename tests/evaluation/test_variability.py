@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from nnunet_varaug.evaluation import variability as v
-from nnunet_varaug.evaluation import volume_stats
+from nnunet_varaug.evaluation import volume_stats, voting
 
 pytestmark = pytest.mark.unit
 
@@ -101,7 +101,7 @@ def test_majority_entropy_disagreement_on_hand_made_voxels():
                      [0, 1, 0, 1, 1],
                      [0, 1, 2, 2, 2],
                      [0, 0, 2, 1, 3]], dtype=np.uint8)
-    maj, ent, dis = v.voxel_maps(maps, [0, 1, 2, 3])
+    maj, ent, dis = voting.voxel_maps(maps, [0, 1, 2, 3])
     np.testing.assert_array_equal(maj, [0, 1, 0, 1, 0])  # ties go to the smaller label
     h31 = -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25))
     np.testing.assert_allclose(ent, [0.0, h31, 1.0, 1.0, 2.0], atol=1e-6)
@@ -114,7 +114,7 @@ def test_analyze_case_chunks_agree_and_majority_row_is_the_vote():
     chunked = v.analyze_case(maps, (1, 1, 1), LABELS, [0, 1, 2, 3], gt=gt, chunk=101)
     np.testing.assert_array_equal(whole.overlap, chunked.overlap)
     np.testing.assert_array_equal(whole.majority, chunked.majority)
-    maj, ent, _ = v.voxel_maps(maps, [0, 1, 2, 3])
+    maj, ent, _ = voting.voxel_maps(maps, [0, 1, 2, 3])
     np.testing.assert_array_equal(whole.majority, maj)
     np.testing.assert_allclose(whole.entropy, ent)
     for s, st in enumerate(LABELS):
@@ -264,9 +264,9 @@ def test_tie_resolved_by_mean_probability_by_hand():
     prob = np.array([[0.40, 0.10, 0.45, 0.90],
                      [0.55, 0.60, 0.10, 0.05],
                      [0.05, 0.30, 0.45, 0.05]], dtype=np.float32)
-    maj, _, _ = v.voxel_maps(maps, [0, 1, 2], prob)
+    maj, _, _ = voting.voxel_maps(maps, [0, 1, 2], prob)
     np.testing.assert_array_equal(maj, [1, 1, 0, 2])
-    maj_plain, _, _ = v.voxel_maps(maps, [0, 1, 2])
+    maj_plain, _, _ = voting.voxel_maps(maps, [0, 1, 2])
     np.testing.assert_array_equal(maj_plain, [0, 1, 0, 2])  # without probabilities: smallest label
     res = v.analyze_case(maps[:, None, :], (1, 1), [v.Structure("x", (1,))], [0, 1, 2],
                          probabilities=prob[:, None, :], chunk=3)
@@ -276,8 +276,8 @@ def test_tie_resolved_by_mean_probability_by_hand():
 
 def test_normalised_entropy_divides_by_log2_k():
     maps = np.array([[0, 0], [1, 0], [2, 0], [3, 1]], dtype=np.uint8)  # K = 4: all differ / 3-1
-    _, ent, _ = v.voxel_maps(maps, [0, 1, 2, 3])
-    np.testing.assert_allclose(v.normalised_entropy(ent, 4), [1.0, ent[1] / 2.0], rtol=1e-6)
+    _, ent, _ = voting.voxel_maps(maps, [0, 1, 2, 3])
+    np.testing.assert_allclose(voting.normalised_entropy(ent, 4), [1.0, ent[1] / 2.0], rtol=1e-6)
 
 
 def test_dice_to_reference_model():

@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import run_cli
-from nnunet_varaug.experiments.benchmark import read_msd_task
+from nnunet_varaug.experiments.benchmark.task import read_msd_task
 from nnunet_varaug.experiments.datasets import make_msd_task, synthetic_case
 from nnunet_varaug.training.experiment import VarAugError
 

@@ -28,13 +28,6 @@ The package: :mod:`~nnunet_varaug.experiments.benchmark.task` (the Decathlon fol
 :mod:`~nnunet_varaug.experiments.benchmark.stages` (the stage machine and its state), :mod:`~nnunet_varaug.experiments.benchmark.holdout`
 (the test split and the folds), :mod:`~nnunet_varaug.experiments.benchmark.variants` (the compared models),
 :mod:`~nnunet_varaug.experiments.benchmark.evaluation` and :mod:`~nnunet_varaug.experiments.benchmark.testset` (Dice, stability),
-:mod:`~nnunet_varaug.experiments.benchmark.results` (results.md) and :mod:`~nnunet_varaug.experiments.benchmark.cli` (the command line);
-this file only names what they export.
+:mod:`~nnunet_varaug.experiments.benchmark.results` (results.md); the command line is
+:mod:`nnunet_varaug.commands.benchmark`.
 """
-from nnunet_varaug.experiments.benchmark.cli import configure_parser, parse_stages, run
-from nnunet_varaug.experiments.benchmark.results import PUBLISHED_DICE, render_results, write_results
-from nnunet_varaug.experiments.benchmark.stages import REQUIRES, STAGES, STATE_FILE, Benchmark, StageFailed
-from nnunet_varaug.experiments.benchmark.task import MsdTask, read_msd_task
-
-__all__ = ["Benchmark", "MsdTask", "PUBLISHED_DICE", "REQUIRES", "STAGES", "STATE_FILE", "StageFailed",
-           "configure_parser", "parse_stages", "read_msd_task", "render_results", "run", "write_results"]

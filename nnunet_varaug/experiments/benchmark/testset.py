@@ -72,7 +72,7 @@ def predict_folder(model_folder: str, fold, images: str, output: str, device: st
 def majority_vote(folders: Sequence[str], cases: Sequence[str], output: str, reader_writer, ending: str,
                   labels: Sequence[int]) -> str:
     """Per voxel the label most of ``folders``' predictions give (ties: the smaller label), one file per case."""
-    from nnunet_varaug.evaluation.variability import voxel_maps
+    from nnunet_varaug.evaluation.voting import voxel_maps
 
     shutil.rmtree(output, ignore_errors=True)
     os.makedirs(output)

@@ -9,7 +9,8 @@ import types
 
 import pytest
 
-from nnunet_varaug.experiments.benchmark import StageFailed, variants
+from nnunet_varaug.experiments.benchmark import variants
+from nnunet_varaug.experiments.benchmark.stages import StageFailed
 from nnunet_varaug.launch.runner import TrainJob
 
 pytestmark = pytest.mark.unit

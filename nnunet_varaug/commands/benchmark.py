@@ -1,7 +1,5 @@
-"""The ``nnunet_varaug benchmark`` command line: flags, stage selection, and the run.
-
-See :mod:`nnunet_varaug.experiments.benchmark` for the stages and what they write.
-"""
+"""``nnunet_varaug benchmark``: the Medical Segmentation Decathlon benchmark, stage by stage — its flags, the stage
+selection and the run (the stages and what they write: :mod:`nnunet_varaug.experiments.benchmark`)."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +10,7 @@ from typing import List, Optional
 from nnunet_varaug.experiments.benchmark.stages import STAGES, Benchmark
 from nnunet_varaug.experiments.benchmark.task import read_msd_task
 from nnunet_varaug.utilities.errors import VarAugError
-from nnunet_varaug.training.experiment import require_env
+from nnunet_varaug.utilities.paths import require_env
 
 
 def parse_stages(text: Optional[str]) -> List[str]:
