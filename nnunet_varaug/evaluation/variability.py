@@ -35,7 +35,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from nnunet_varaug.evaluation.voting import vote_flat
+from nnunet_varaug.evaluation.voting import check_labels, vote_flat
 
 EMPTY_DICE = 1.0
 """Dice of two replicas' empty masks (the structure is absent from both): perfect agreement."""

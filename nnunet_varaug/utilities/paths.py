@@ -1,14 +1,16 @@
 """Names of things on disk and on the command line, as pure functions of an experiment's settings.
 
 Where a fold's sample set lives, where nnU-Net keeps a trainer's checkpoints, the flags that name an experiment
-and the exact ``nnunet_varaug samples`` command that (re)builds a sample set. No checks, no imports beyond the
-standard library: :class:`nnunet_varaug.training.experiment.Experiment` and the trainers that run inside
-``nnUNetv2_train`` both derive their paths and messages from here.
+and the exact ``nnunet_varaug samples`` command that (re)builds a sample set; the nnU-Net environment variables, dataset
+names and folds as the user gives them, checked. :class:`nnunet_varaug.training.experiment.Experiment` and the trainers
+that run inside ``nnUNetv2_train`` both derive their paths and messages from here.
 """
 from __future__ import annotations
 
 import os
 from typing import Union
+
+from nnunet_varaug.utilities.errors import VarAugError
 
 Fold = Union[int, str]
 

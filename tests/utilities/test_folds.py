@@ -8,7 +8,6 @@ import pytest
 
 from nnunet_varaug.utilities import folds
 from nnunet_varaug.utilities import names
-from nnunet_varaug.training import registry
 from nnunet_varaug.training.experiment import VarAugError
 
 pytestmark = pytest.mark.unit

@@ -156,7 +156,6 @@ class Benchmark:
     def stability_names(self, source: str) -> List[str]:
         """``--stability``: K seed replicas of the source's varaug trainer, ``<varaug>_seed0…K-1``."""
         from nnunet_varaug.utilities import names
-        from nnunet_varaug.training import registry
 
         return [names.replica_name(self.varaug_for(source), "seed", k) for k in range(self.num_replicas)]
 
