@@ -15,175 +15,29 @@ checkpoint changed. Tables (``volumes.csv``, ``review.csv``, ``calibration.csv``
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import os
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import numpy as np
 
-from nnunet_varaug.evaluation import calibration, uncertainty, variability
-from nnunet_varaug.report import overlays, variability_report as report
-from nnunet_varaug.inference.cases import Case, list_cases
-from nnunet_varaug.utilities.errors import VarAugError
 from nnunet_varaug.commands.flags import add_device, add_disable_tta, add_experiment_arguments, add_quiet
+from nnunet_varaug.evaluation import uncertainty, variability
+from nnunet_varaug.inference.cases import Case
+from nnunet_varaug.inference.ensemble import Weights, check_inputs, ensemble_case, load_predictor
+from nnunet_varaug.report import overlays, variability_report as report
+from nnunet_varaug.report.prediction import write_outputs
 from nnunet_varaug.training.experiment import Experiment
-from nnunet_varaug.utilities.fileio import file_sha256, replacing, write_json, write_text
-from nnunet_varaug.inference.predictor import make_predictor, torch_device
+from nnunet_varaug.utilities.errors import VarAugError
+from nnunet_varaug.utilities.fileio import file_sha256, replacing, write_json
 
 STATE = "varaug_predict.json"
 UNCERTAINTY = "uncertainty"
 FORMAT_VERSION = 1
-ENSEMBLE = "ensemble"
-WEIGHT_CACHE_BYTES = 256 << 20
-"""Replica weights are kept in memory when all checkpoints together are smaller; else read per case."""
 
-
-# ---- checks (nothing is written before they pass) ----------------------------------------------------------------
-def _same_folder_or_nested(a: str, b: str) -> bool:
-    a, b = os.path.realpath(a), os.path.realpath(b)
-    return a == b or a.startswith(b + os.sep) or b.startswith(a + os.sep)
-
-
-def check_replicas(exp: Experiment, checkpoint: str) -> List[str]:
-    """Checkpoint paths of the K replicas; all must exist and share the first replica's plans and dataset.json."""
-    names = exp.replica_names
-    paths = [os.path.join(exp.fold_folder(n), checkpoint) for n in names]
-    missing = [n for n, p in zip(names, paths) if not os.path.isfile(p)]
-    if missing:
-        raise VarAugError(f"{len(missing)} of {len(names)} replicas have no {checkpoint} for {exp.dataset} "
-                          f"{exp.configuration} fold {exp.fold}: {', '.join(missing)}. Train them with "
-                          f"`nnunet_varaug replicas {exp.flags}`, or lower -n")
-    ref = None
-    for name in names:
-        folder = exp.model_folder(name)
-        with open(os.path.join(folder, "plans.json")) as f:
-            plans = json.load(f)
-        with open(os.path.join(folder, "dataset.json")) as f:
-            labels = json.load(f)["labels"]
-        key = (plans.get("plans_name"), json.dumps(plans["configurations"].get(exp.configuration), sort_keys=True),
-               plans.get("transpose_forward"), json.dumps(labels, sort_keys=True))
-        if ref is None:
-            ref = (name, key)
-        elif key != ref[1]:
-            raise VarAugError(f"replica {name} was trained with other plans, configuration or labels than "
-                              f"{ref[0]} ({os.path.join(folder, 'plans.json')} differs): the replicas of one "
-                              f"ensemble must share them. Retrain it: delete {exp.fold_folder(name)} and run "
-                              f"`nnunet_varaug replicas {exp.flags}`")
-    return paths
-
-
-def _check_headers(cases: List[Case], channels: int) -> None:
-    """Images with one component per file (nnU-Net's convention) and labels on their grid (header reads only)."""
-    import SimpleITK as sitk
-
-    def info(path: str):
-        r = sitk.ImageFileReader()
-        r.SetFileName(path)
-        r.ReadImageInformation()
-        return r.GetNumberOfComponents(), r.GetSize()
-
-    for case in cases:
-        if not case.images[0].endswith((".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")):
-            return  # other formats: nnU-Net's reader checks them
-        for path in case.images:
-            comps, size = info(path)
-            if comps != 1:
-                raise VarAugError(f"{path} holds {comps} channels in one file; nnU-Net expects one file per channel "
-                                  f"(<case>_0000, <case>_0001, ...; this dataset has {channels}). Split it into "
-                                  f"one file per channel")
-        if case.label is not None and info(case.label)[1] != info(case.images[0])[1]:
-            raise VarAugError(f"label {case.label} has size {info(case.label)[1]}, its image "
-                              f"{info(case.images[0])[1]}: it is not the label of {case.name}. Fix -l")
-
-
-def check_inputs(exp: Experiment, images: str, labels: Optional[str], output: str, checkpoint: str):
-    """(cases, checkpoint paths): every bad input raises VarAugError naming the fix; nothing is written."""
-    dj = exp.dataset_json
-    if dj.get("regions_class_order") is not None:
-        raise VarAugError(f"{exp.dataset} is region-based: predict's consensus and entropy are defined for "
-                          f"label-based (softmax) datasets only")
-    if not os.path.isdir(images or ""):
-        raise VarAugError(f"-i {images}: no such folder of images (<case>_XXXX{dj['file_ending']})")
-    for flag, folder in (("-i", images), ("-l", labels)):
-        if folder is not None and _same_folder_or_nested(output, folder):
-            raise VarAugError(f"-o {output} is (or overlaps) the input folder {flag} {folder}: predictions must "
-                              f"not mix with inputs. Choose another output folder, e.g. -o {os.path.abspath(images)}"
-                              f"_predictions")
-    paths = check_replicas(exp, checkpoint)
-    cases = list_cases(exp, images, labels)
-    _check_headers(cases, len(dj.get("channel_names", dj.get("modality", {}))))
-    return cases, paths
-
-
-# ---- the predictor ------------------------------------------------------------------------------------------------
-def load_predictor(exp: Experiment, first: str, checkpoint: str, device: str, tta: bool, step_size: float):
-    """nnU-Net's ``nnUNetPredictor`` for the first replica's folder (its plans, preprocessing and network), with
-    ``nnUNetv2_predict``'s CPU thread setting."""
-    import torch
-
-    dev = torch_device(device)
-    if dev.type == "cpu":  # as nnUNetv2_predict does
-        import multiprocessing
-
-        torch.set_num_threads(multiprocessing.cpu_count())
-    return make_predictor(exp, first, dev, tta=tta, who="predict", checkpoint=checkpoint, step_size=step_size)
-
-
-class Weights:
-    """Replica weights, all in memory when small (:data:`WEIGHT_CACHE_BYTES`), else read from disk when used."""
-
-    def __init__(self, paths: List[str]) -> None:
-        self.paths = paths
-        self.cache = {} if sum(os.path.getsize(p) for p in paths) <= WEIGHT_CACHE_BYTES else None
-
-    def __getitem__(self, k: int) -> dict:
-        import torch
-
-        if self.cache is not None and k in self.cache:
-            return self.cache[k]
-        w = torch.load(self.paths[k], map_location="cpu", weights_only=False)["network_weights"]
-        if self.cache is not None:
-            self.cache[k] = w
-        return w
 
 
 # ---- one case -----------------------------------------------------------------------------------------------------
-def ensemble_case(predictor, weights: Weights, case: Case, names: List[str], gt: Optional[np.ndarray] = None,
-                  ignore: Optional[int] = None):
-    """Preprocess once, predict with each replica, accumulate. Returns (ensemble, mean probability, consensus,
-    properties, calibration counts or None)."""
-    import torch
-    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
-
-    pm, cm, dj, lm = predictor.plans_manager, predictor.configuration_manager, predictor.dataset_json, \
-        predictor.label_manager
-    with contextlib.redirect_stdout(io.StringIO()):
-        data, _, props = cm.preprocessor_class(verbose=False).run_case(case.images, None, pm, cm, dj)
-    data = torch.from_numpy(data)
-    cal = None if gt is None else calibration.CalibrationCounts(lm.all_labels)
-    ens = uncertainty.RunningEnsemble()
-    for k, name in enumerate(names):
-        predictor.list_of_parameters = [weights[k]]
-        try:
-            logits = predictor.predict_logits_from_preprocessed_data(data).cpu()
-        except RuntimeError as e:
-            raise VarAugError(f"predicting {case.name} with {name} failed: {str(e).splitlines()[0]}") from None
-        seg, probs = convert_predicted_logits_to_segmentation_with_correct_shape(logits, pm, cm, lm, props, True)
-        del logits
-        ens.add(probs, seg)
-        if cal is not None:
-            cal.add(name, probs, gt, ignore)
-        del probs, seg
-    mean = ens.mean()
-    consensus = lm.convert_probabilities_to_segmentation(mean)
-    consensus = np.asarray(consensus.cpu().numpy() if hasattr(consensus, "cpu") else consensus)
-    if cal is not None:
-        cal.add(ENSEMBLE, mean, gt, ignore)
-    return ens, mean, consensus, props, cal
-
-
 def predict_case(predictor, weights: Weights, case: Case, out: str, structures, names: List[str],
                  gt_reader=None, ignore: Optional[int] = None) -> dict:
     """Predict, accumulate and export one case; returns its record for the state file."""
@@ -260,101 +114,6 @@ def predict_folder(exp: Experiment, images: str, output: str, labels: Optional[s
     write_outputs(exp, output, records, structures, names, flag_above, pictures)
     return {"predicted": [c.name for c in todo], "skipped": [c.name for c in cases if c not in todo],
             "output": output}
-
-
-def format_volume(mm3: float) -> str:
-    """Volumes as people write them: mL from 1 mL up (569.4 mL), else mm³."""
-    return f"{mm3 / 1000:.1f} mL" if abs(mm3) >= 1000 else f"{mm3:.0f} mm³"
-
-
-CALIBRATION_TITLE = "Calibration against the labels: single replicas and their ensemble"
-
-
-def calibration_html(counts: calibration.CalibrationCounts, out: str, names: List[str], structures) -> str:
-    """Write ``calibration.csv`` and ``figures/reliability.png`` into ``out``; return the report section's body."""
-    import pandas as pd
-
-    label_names = {0: "background", **{int(st.labels[0]): st.name for st in structures}}
-    cal = pd.DataFrame(counts.rows(label_names))
-    write_text(os.path.join(out, "calibration.csv"), cal.to_csv(index=False, float_format="%.10g"))
-    png = calibration.reliability_diagram(counts, os.path.join(out, "figures", "reliability.png"), ENSEMBLE,
-                                          label_names)
-    wide = cal[cal["label"] != "all"].pivot(index="model", columns="name", values="ece").reindex(names + [ENSEMBLE])
-    brier = cal[cal["label"] == "all"].set_index("model")["brier"].reindex(names + [ENSEMBLE])
-    table = wide.add_prefix("ECE ").assign(**{"Brier (all labels)": brier}).reset_index()
-    return (f"<p class=\"note\">Voxel-wise, every voxel of the image grid except the ignore label. ECE: "
-            f"{counts.bins} equal-width bins, one-vs-rest per label (Guo et al. 2017); Brier: multi-class, the sum "
-            f"over labels of the one-vs-rest mean squared error. See docs/inference.md.</p>"
-            + table.to_html(index=False, float_format=lambda v: f"{v:.4f}", border=0)
-            + overlays.embed_png(png, "reliability diagram"))
-
-
-def add_calibration_section(exp: Experiment, cases: List[Case], report_dir: str, device: str = "cuda") -> bool:
-    """``analyze --calibration``: calibration of the replicas and their ensemble on the labelled ``cases`` (one more
-    prediction pass with probabilities), into report_dir's calibration.csv and report.html. False: no labels."""
-    labelled = [c for c in cases if c.label]
-    if not labelled:
-        return False
-    names = exp.replica_names
-    predictor = load_predictor(exp, names[0], "checkpoint_final.pth", device, True, 0.5)
-    weights, reader = Weights(check_replicas(exp, "checkpoint_final.pth")), \
-        predictor.plans_manager.image_reader_writer_class()
-    counts = None
-    for case in labelled:
-        gt = reader.read_seg(case.label)[0][0]
-        cal = ensemble_case(predictor, weights, case, names, gt, variability.ignore_label(exp.dataset_json))[-1]
-        counts = cal if counts is None else (counts.merge(cal) or counts)
-    structures = variability.structures_from_dataset_json(exp.dataset_json)
-    report.add_html_section(report_dir, "calibration", CALIBRATION_TITLE,
-                            calibration_html(counts, report_dir, names, structures))
-    return True
-
-
-def write_outputs(exp: Experiment, out: str, records: Dict[str, dict], structures, names: List[str],
-                  flag_above: Optional[float], pictures: int) -> None:
-    """volumes.csv, review.csv, calibration.csv (with labels) and report.html from the per-case records."""
-    import pandas as pd
-
-    summaries = {c: uncertainty.CaseSummary.from_json(r["summary"]) for c, r in records.items()}
-    volumes = pd.DataFrame([row for c, s in summaries.items() for row in uncertainty.volume_rows(c, s, structures)])
-    review = pd.DataFrame(uncertainty.review_rows(summaries, structures, flag_above))
-    review = review[["rank", "case", "score", "flagged", "least_agreeing_structure", "min_mean_pairwise_dice",
-                     "uncertain_volume_mm3"]]
-    write_text(os.path.join(out, "volumes.csv"), volumes.to_csv(index=False, float_format="%.10g"))
-    write_text(os.path.join(out, "review.csv"), review.to_csv(index=False, float_format="%.10g"))
-    cal_html = ""
-    if records and all(r.get("calibration") for r in records.values()):
-        counts = None
-        for r in records.values():
-            c = calibration.CalibrationCounts.from_json(r["calibration"])
-            counts = c if counts is None else (counts.merge(c) or counts)
-        cal_html = report.section("calibration", CALIBRATION_TITLE, calibration_html(counts, out, names, structures))
-    shown = review.assign(score=review["score"].map("{:.4f}".format),
-                          min_mean_pairwise_dice=review["min_mean_pairwise_dice"].map("{:.4f}".format),
-                          uncertain_volume=review["uncertain_volume_mm3"].map(format_volume)).drop(
-        columns=["uncertain_volume_mm3"])
-    vol = volumes.assign(**{c: volumes[c].map(format_volume) for c in volumes.columns if c.endswith("_mm3")})
-    vol.columns = [c.replace("_mm3", "") for c in vol.columns]
-    flag_note = "" if flag_above is None else f" Flagged: score above {flag_above}."
-    top = [(f"#{r['rank']} {r['case']} (score {r['score']:.3f})", os.path.join(out, records[r["case"]]["picture"]))
-           for _, r in review.head(pictures).iterrows()]
-    sections = [
-        report.section("overview", "Prediction", f"<p>{exp.dataset}, <code>{exp.configuration}</code>, fold "
-                       f"{exp.fold}, plans <code>{exp.plans}</code>: ensemble of {len(names)} {exp.kind} replicas "
-                       f"({', '.join(names)}), {len(records)} case(s). Consensus = argmax of the mean probability "
-                       f"(as <code>nnUNetv2_ensemble</code>). See docs/inference.md.</p>"),
-        report.section("review", "Review list (most doubtful first)",
-                       "<p class=\"note\">Score = 1 − mean pairwise Dice of the replicas on the structure that agrees "
-                       f"least; uncertain volume: where any replica differs from the consensus.{flag_note}</p>"
-                       + shown.to_html(index=False, border=0)),
-        report.section("volumes", "Volumes: consensus and replicas", vol.to_html(index=False, border=0)),
-        cal_html,
-        report.section("pictures", "Where the replicas disagree",
-                       overlays.section_html(top, overlays.PICTURE_NOTE.format(what="consensus"))),
-    ]
-    write_text(os.path.join(out, report.REPORT),
-               report.page(f"Replica ensemble prediction — {exp.dataset} {exp.configuration} fold {exp.fold}",
-                           [s for s in sections if s]))
 
 
 # ---- command line ---------------------------------------------------------------------------------------------------

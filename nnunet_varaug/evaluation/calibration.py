@@ -110,35 +110,3 @@ class CalibrationCounts:
             rows.append({"model": model, "label": "all", "name": "all labels", "voxels": int(voxels),
                          "ece": float("nan"), "brier": float(np.nansum(brier))})
         return rows
-
-
-def reliability_diagram(counts: CalibrationCounts, path: str, ensemble: str, names: Optional[Dict[int, str]] = None,
-                        ) -> str:
-    """One panel per foreground label: each replica (thin grey) and the ensemble (bold) against the diagonal."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = names or {}
-    labels = [(i, v) for i, v in enumerate(counts.labels) if v != 0] or list(enumerate(counts.labels))
-    fig, axes = plt.subplots(1, len(labels), figsize=(3.2 * len(labels) + 0.4, 3.4), squeeze=False)
-    for ax, (i, label) in zip(axes[0], labels):
-        ax.plot([0, 1], [0, 1], "k:", lw=1)
-        for model in counts.data:
-            conf, freq, _ = counts.reliability(model, i)
-            if model == ensemble:
-                ax.plot(conf, freq, "o-", color="C3", lw=2, ms=4, label=f"ensemble (ECE {counts.ece(model)[i]:.4f})",
-                        zorder=5)
-            else:
-                ax.plot(conf, freq, "-", color="0.6", lw=1, alpha=0.8)
-        ax.plot([], [], "-", color="0.6", lw=1, label="single replicas")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_xlabel("mean predicted probability (bin)")
-        ax.set_ylabel("observed frequency")
-        ax.set_title(f"{names.get(label, label)} ({label}), {counts.bins} bins", fontsize=9)
-        ax.legend(fontsize=7, loc="upper left")
-    from nnunet_varaug.report.overlays import save_figure
-
-    return save_figure(fig, path)

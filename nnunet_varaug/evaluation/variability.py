@@ -385,8 +385,6 @@ def analyze_case(maps: np.ndarray, spacing: Sequence[float], structures: Sequenc
 
 
 # ---- over cases -----------------------------------------------------------------------------------------------
-# significant digits and volume spread live in volume_stats (one job per module); re-exported for callers
-from nnunet_varaug.evaluation.volume_stats import significant_digits, volume_spread  # noqa: E402,F401
 
 
 def pearson(x: Sequence[float], y: Sequence[float]) -> float:

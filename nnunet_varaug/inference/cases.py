@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
+from nnunet_varaug.evaluation import voting
 from nnunet_varaug.utilities.errors import VarAugError
 from nnunet_varaug.training.experiment import Experiment
 from nnunet_varaug.utilities.paths import require_env
@@ -89,3 +90,14 @@ def list_cases(exp: Experiment, images: Optional[str] = None, labels: Optional[s
     if nolabel:
         raise VarAugError(f"ground truth missing for {len(nolabel)} case(s): {', '.join(nolabel[:5])}")
     return cases
+
+
+def check_ground_truth(rw, cases: Sequence[Case], allowed: Sequence[int]) -> None:
+    """Every ground-truth file holds only labels of dataset.json (checked before any prediction is made)."""
+    for case in cases:
+        if case.label is None:
+            continue
+        try:
+            voting.check_labels(rw.read_seg(case.label)[0], allowed, case.label)
+        except ValueError as e:
+            raise VarAugError(f"{e}. Fix the label map, or the labels in dataset.json") from None

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from nnunet_varaug.utilities.errors import VarAugError, require_single_stage
-from nnunet_varaug.training.experiment import Experiment, add_experiment_arguments
+from nnunet_varaug.training.experiment import Experiment
 from nnunet_varaug.utilities.fileio import file_sha256, write_json
 from nnunet_varaug.inference.predictor import make_predictor, torch_device
 from nnunet_varaug.training.sampleset import (MANIFEST, PARTIAL, PARTIAL_SUFFIX, SAMPLE_DTYPE, build_manifest, read_manifest,

@@ -6,16 +6,8 @@ from typing import List
 
 import numpy as np
 
+from nnunet_varaug.report.png import save_figure
 from nnunet_varaug.report.tables import compare_kinds
-
-
-def _figure_to_png(fig, path: str) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-
 
 
 def _per_label_axes(fig, ax, ticks, ylabel: str, title: str, path: str) -> str:
@@ -24,7 +16,7 @@ def _per_label_axes(fig, ax, ticks, ylabel: str, title: str, path: str) -> str:
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=8)
-    _figure_to_png(fig, path)
+    save_figure(fig, path, dpi=110)
     return path
 
 
@@ -59,7 +51,7 @@ def make_figures(folder: str, pairs, cases, majority, summary, experiments) -> L
     ax.set_title("Agreement between replicas (all cases and pairs)", fontsize=10)
     ax.legend(fontsize=8)
     written.append(os.path.join(folder, "pairwise_dice.png"))
-    _figure_to_png(fig, written[-1])
+    save_figure(fig, written[-1], dpi=110)
 
     fig, ax = plt.subplots(figsize=(max(5.0, 1.6 + 1.4 * len(labels)), 3.4))
     for i, kind in enumerate(kinds):
@@ -102,7 +94,7 @@ def make_figures(folder: str, pairs, cases, majority, summary, experiments) -> L
         ax.set_ylabel(f"mean pairwise Dice, {b} replicas")
         ax.set_title(f"Per structure (Pearson r = {comparison.attrs['pearson_r']:.3f})")
         written.append(os.path.join(folder, "kinds.png"))
-        _figure_to_png(fig, written[-1])
+        save_figure(fig, written[-1], dpi=110)
     return written
 
 

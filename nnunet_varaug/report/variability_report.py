@@ -10,7 +10,6 @@ made of marked sections (``<!-- section:ID -->…<!-- /section:ID -->``); other 
 """
 from __future__ import annotations
 
-import base64
 import html as html_lib
 import math
 import os
@@ -22,9 +21,10 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from nnunet_varaug.evaluation import variability, volume_stats, voting
+from nnunet_varaug.report.png import embed_png
 from nnunet_varaug.utilities.fileio import replacing, write_text
-from nnunet_varaug.report.figures import make_figures  # noqa: F401
-from nnunet_varaug.report.tables import build_tables, compare_kinds, format_summary, format_volume  # noqa: F401
+from nnunet_varaug.report.figures import make_figures
+from nnunet_varaug.report.tables import build_tables, compare_kinds, format_volume
 
 REPORT = "report.html"
 OWN_SECTIONS = ("overview", "summary", "comparison", "figures", "cases", "files", "pictures", "calibration")
@@ -146,12 +146,6 @@ def page(title: str, sections: Sequence[str]) -> str:
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html_lib.escape(title)}"
             f"</title>\n<style>{_STYLE}</style></head>\n<body>\n<h1>{html_lib.escape(title)}</h1>\n"
             + "".join(sections) + f"{_END}\n</body></html>\n")
-
-
-def _img(path: str, alt: str) -> str:
-    with open(path, "rb") as f:
-        data = base64.b64encode(f.read()).decode("ascii")
-    return f'<img alt="{html_lib.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
 def _table(df, digits: int = 4) -> str:
@@ -294,7 +288,7 @@ def build_html(experiments, summary, comparison, figures: Sequence[str], cases, 
         sections.append(section("comparison", f"{a} vs {b} replicas",
                                 f"<p>Pearson correlation across structures of the mean pairwise Dice: "
                                 f"<b>{comparison.attrs['pearson_r']:.4f}</b></p>\n" + _table(comparison)))
-    sections.append(section("figures", "Figures", "\n".join(_img(f, os.path.basename(f)) for f in figures)))
+    sections.append(section("figures", "Figures", "\n".join(embed_png(f, os.path.basename(f)) for f in figures)))
     kind_of = {n: e.kind for e in experiments for n in e.replica_names}
     per_case = replicas.assign(kind=replicas["replica"].map(kind_of)).groupby(
         ["case", "kind", "label"], sort=False).agg(volume_mean_mm3=("volume_mm3", "mean"),

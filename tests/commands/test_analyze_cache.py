@@ -3,7 +3,7 @@ import types
 
 import pytest
 
-from nnunet_varaug.commands.analyze import FINGERPRINT, _prediction_state
+from nnunet_varaug.inference.cache import FINGERPRINT, prediction_state
 from nnunet_varaug.inference.cases import Case
 from nnunet_varaug.utilities.fileio import write_json
 
@@ -22,12 +22,12 @@ def test_predictions_made_with_the_other_tta_setting_are_predicted_again(tmp_pat
     image.write_bytes(b"")
     (folder / "case.nii.gz").write_bytes(b"")
     cases = [Case("case", [str(image)])]
-    with_tta, record, todo = _prediction_state(exp, "R_seed0", str(folder), cases, ".nii.gz", tta=True)
+    with_tta, record, todo = prediction_state(exp, "R_seed0", str(folder), cases, ".nii.gz", tta=True)
     assert [c.name for c in todo] == ["case"]  # nothing recorded yet
     record["cases"]["case"] = [str(image)]
     write_json(str(folder / FINGERPRINT), record)
 
-    again, _, todo = _prediction_state(exp, "R_seed0", str(folder), cases, ".nii.gz", tta=True)
+    again, _, todo = prediction_state(exp, "R_seed0", str(folder), cases, ".nii.gz", tta=True)
     assert todo == [] and again == with_tta
-    without, _, todo = _prediction_state(exp, "R_seed0", str(folder), cases, ".nii.gz", tta=False)
+    without, _, todo = prediction_state(exp, "R_seed0", str(folder), cases, ".nii.gz", tta=False)
     assert [c.name for c in todo] == ["case"] and without != with_tta

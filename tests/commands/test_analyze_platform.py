@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from nnunet_varaug.commands.analyze import platform_warning
+from nnunet_varaug.training.platforms import platform_warning
 
 pytestmark = pytest.mark.unit
 EPYC = {"cpu": "AMD EPYC", "simd": "avx512f", "torch_threads": 2, "os": "Linux-6.18", "python": "3.11.7",

@@ -287,7 +287,7 @@ def test_analyze_calibration_section_matches_predict(predicted, tmp_path):
     from nnunet_varaug.report import variability_report as report
     from nnunet_varaug.inference.cases import list_cases
     from nnunet_varaug.training.experiment import Experiment
-    from nnunet_varaug.commands.predict import add_calibration_section
+    from nnunet_varaug.report.calibration import add_calibration_section
 
     exp = Experiment.from_args(101, "3d_fullres", 0, 3, TINY)
     import torch

@@ -71,12 +71,3 @@ def test_ensemble_of_identical_replicas_has_the_replicas_calibration():
     counts.add("ensemble", ens.mean(), gt)
     np.testing.assert_allclose(counts.ece("ensemble"), counts.ece("r0"), atol=1e-6)
     np.testing.assert_allclose(counts.brier("ensemble"), counts.brier("r0"), atol=1e-7)
-
-
-def test_reliability_diagram_is_a_png(tmp_path):
-    counts = calibration.CalibrationCounts([0, 1])
-    p1 = np.linspace(0, 1, 50, dtype=np.float32)
-    counts.add("r0", np.stack([1 - p1, p1]), (p1 > 0.5).astype(int))
-    counts.add("ensemble", np.stack([1 - p1, p1]), (p1 > 0.5).astype(int))
-    path = calibration.reliability_diagram(counts, str(tmp_path / "r.png"), "ensemble", {1: "fg"})
-    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

@@ -153,7 +153,7 @@ def test_significant_digits_equal_direct_significantdigits_call():
 
     rng = np.random.default_rng(2)
     volumes = rng.normal(1000, [1, 10, 100], size=(8, 3))
-    bits, digits = v.significant_digits(volumes)
+    bits, digits = volume_stats.significant_digits(volumes)
     ref = volumes.mean(axis=0)
     for basis, got in ((2, bits), (10, digits)):
         direct = sd.significant_digits(volumes, reference=ref, axis=0, basis=basis, method="General",
@@ -165,7 +165,7 @@ def test_significant_digits_equal_direct_significantdigits_call():
 
 def test_volume_spread_and_absent_structure():
     volumes = np.array([[10.0, 0.0], [12.0, 0.0], [14.0, 0.0]])
-    spread = v.volume_spread(volumes)
+    spread = volume_stats.volume_spread(volumes)
     np.testing.assert_allclose(spread["mean"], [12.0, 0.0])
     np.testing.assert_allclose(spread["std"], [2.0, 0.0])
     assert spread["cv"][0] == pytest.approx(2.0 / 12.0)
@@ -320,7 +320,7 @@ def test_significant_bits_never_exceed_the_voxel_cap():
     for n in (7, 100, 1000, 1023, 1024, 5000, 65537):
         for ones in (1, 5):
             voxels = np.array([[n + 1.0]] * ones + [[float(n)]] * (10 - ones))
-            bits, _ = v.significant_digits(voxels)
+            bits, _ = volume_stats.significant_digits(voxels)
             assert bits[0] <= volume_stats.bits_cap(voxels)[0]
         if math.floor(math.log2(n)) == math.floor(math.log2(n + 1)):
             assert bits[0] == volume_stats.bits_cap(voxels)[0]  # 5 vs 5 reaches it: the cap is tight

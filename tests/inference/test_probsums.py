@@ -27,7 +27,7 @@ def test_mean_is_stored_and_tied_to_the_replicas_checkpoints(tmp_path):
 
 
 def test_analyze_uses_the_ieee_model_when_its_checkpoint_exists(tmp_path, monkeypatch, capsys):
-    from nnunet_varaug.commands.analyze import reference_model
+    from nnunet_varaug.inference.cache import reference_model
     from nnunet_varaug.training.experiment import Experiment
 
     monkeypatch.setenv("nnUNet_results", str(tmp_path))

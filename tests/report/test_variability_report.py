@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from nnunet_varaug.report import variability_report as report
+from nnunet_varaug.report import tables, variability_report as report
 from nnunet_varaug.evaluation import variability
 from nnunet_varaug.training.experiment import Experiment
 
@@ -40,7 +40,7 @@ def _results(seed: int, cases=("c0", "c1", "c2"), reference: bool = False):
 def test_tables_match_independent_computation():
     exp = _experiment("seed")
     results = {"seed": _results(0)}
-    cases, pairs, majority, summary = report.build_tables([exp], results)
+    cases, pairs, majority, summary = tables.build_tables([exp], results)
     assert list(cases.columns) == ["case", "label", "replica", "role", "volume_mm3", "dice_to_gt",
                                    "dice_to_reference"]
     assert list(pairs.columns) == ["case", "label", "replica_a", "replica_b", "dice", "both_empty"]
@@ -71,7 +71,7 @@ def test_empty_structures_follow_each_convention():
     gt = rng.integers(0, 2, (6, 7, 8), dtype=np.uint8)  # no label 2
     maps = np.stack([np.where(rng.random(gt.shape) < 0.2, 1 - gt, gt) for _ in range(3)]).astype(np.uint8)
     results["c0"] = variability.analyze_case(maps, SPACING, STRUCTURES, [0, 1, 2], gt=gt)
-    cases, pairs, majority, summary = report.build_tables([exp], {"seed": results})
+    cases, pairs, majority, summary = tables.build_tables([exp], {"seed": results})
     lesion = summary[summary["label"] == "2"].iloc[0]
     p = pairs[pairs["label"] == "2"]
     assert lesion["both_empty_pairs"] == 3 and p["both_empty"].sum() == 3
@@ -90,7 +90,7 @@ def test_reference_model_rows_dice_and_significant_digits_reference():
 
     exp = _experiment("seed")
     results = _results(3, reference=True)
-    cases, _, _, summary = report.build_tables([exp], {"seed": results}, reference="nnUNetTrainerTiny_ieee")
+    cases, _, _, summary = tables.build_tables([exp], {"seed": results}, reference="nnUNetTrainerTiny_ieee")
     ref_rows = cases[cases["role"] == "reference"]
     assert set(ref_rows["replica"]) == {"nnUNetTrainerTiny_ieee"} and len(ref_rows) == 3 * 2  # once per case, label
     organ = summary[summary["label"] == "1"].iloc[0]
@@ -120,8 +120,8 @@ def test_html_headlines_say_what_they_average_and_volumes_read_in_ml(tmp_path):
     assert "e+0" not in html.split("<!-- section:figures -->")[0]  # no exponent notation in the tables
     csv = pd.read_csv(os.path.join(out, "summary.csv"))
     assert csv["volume_mean_mm3"].iloc[0] == pytest.approx(summary["volume_mean_mm3"].iloc[0])
-    assert report.format_volume(569_400.0) == "569.4 mL" and report.format_volume(212.44) == "212.4 mm³"
-    assert report.format_volume(1_895.67) == "1.896 mL" and report.format_volume(1.2e6) == "1,200 mL"
+    assert tables.format_volume(569_400.0) == "569.4 mL" and tables.format_volume(212.44) == "212.4 mm³"
+    assert tables.format_volume(1_895.67) == "1.896 mL" and tables.format_volume(1.2e6) == "1,200 mL"
 
 
 
@@ -160,8 +160,8 @@ def test_write_report_files_html_and_two_kind_correlation(tmp_path):
     assert summary.attrs["pearson_r"] == pytest.approx(expected)
     html = open(os.path.join(out, "report.html")).read()
     assert html.count("data:image/png;base64,") == 4 and "<img" in html and 'src="figures' not in html
-    assert "correlation across structures" in report.format_summary(summary)
-    text = report.format_summary(summary)
+    assert "correlation across structures" in tables.format_summary(summary)
+    text = tables.format_summary(summary)
     assert "organ (1) [seed]" in text and "lesion (2) [mca]" in text
 
 

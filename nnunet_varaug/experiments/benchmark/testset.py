@@ -111,10 +111,11 @@ def group_variability(folders: Sequence[str], cases: Sequence[str], reader_write
 
     Per case: the mean Dice over the K(K-1)/2 pairs of models, and the coefficient of variation (sd with ddof=1
     over mean) and sd of the structure's volume in mm³ across the K models; then the mean over cases. The same
-    metrics as ``analyze`` (``variability.pairwise_dice``, ``variability.volume_spread``). Returns
+    metrics as ``analyze`` (``variability.pairwise_dice``, ``volume_stats.volume_spread``). Returns
     ``{structure key: {"name", "pairwise_dice", "min_pairwise_dice", "volume_cv", "volume_sd_mm3"}}``.
     """
-    from nnunet_varaug.evaluation.variability import pair_indices, pairwise_dice, structures_from_dataset_json, volume_spread
+    from nnunet_varaug.evaluation.variability import pair_indices, pairwise_dice, structures_from_dataset_json
+    from nnunet_varaug.evaluation.volume_stats import volume_spread
 
     structures = structures_from_dataset_json(dataset_json)
     dice, low, cv, sd = [], [], [], []

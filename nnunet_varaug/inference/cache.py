@@ -1,0 +1,178 @@
+"""The replicas' predictions of a set of cases, cached in a folder: ``OUT/predictions/<replica>/<case><ending>``.
+
+Each replica's folder holds ``varaug_predictions.json``: the checkpoint's sha256, the test-time augmentation
+setting, and per case the input files it was predicted from; a prediction is made again when any of them
+changes. Every case is preprocessed once with nnU-Net's preprocessor and predicted by each replica in turn with
+nnU-Net's ``nnUNetPredictor`` (its weights swapped in), then exported exactly as ``nnUNetv2_predict`` exports it.
+Each kind's mean predicted probabilities per case are kept for majority-vote ties (:mod:`.probsums`).
+``analyze`` reads its predictions from here; so can any command that compares replicas.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import sys
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+
+from nnunet_varaug.evaluation import variability
+from nnunet_varaug.inference import probsums
+from nnunet_varaug.inference.cases import Case
+from nnunet_varaug.inference.predictor import make_predictor, torch_device
+from nnunet_varaug.training.experiment import Experiment
+from nnunet_varaug.utilities import names
+from nnunet_varaug.utilities.errors import VarAugError
+from nnunet_varaug.utilities.fileio import file_sha256, replacing, write_json
+
+PREDICTIONS = "predictions"
+FINGERPRINT = "varaug_predictions.json"
+
+
+def prediction_state(exp: Experiment, name: str, folder: str, cases: Sequence[Case], ending: str,
+                      tta: bool = True) -> tuple:
+    """(identity, fingerprint dict, cases still to predict). Stale predictions (other checkpoint, or made with the
+    other test-time augmentation setting) go. The identity is the checkpoint's sha256, marked when TTA is off, so
+    that the mean probabilities of :mod:`probsums` are tied to both."""
+    sha = file_sha256(exp.final_checkpoint(name))
+    path = os.path.join(folder, FINGERPRINT)
+    record = {"checkpoint_sha256": sha, "tta": tta, "trainer": name, "cases": {}}
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old.get("checkpoint_sha256") == sha and old.get("tta", True) == tta:
+            record["cases"] = old.get("cases", {})
+    todo = [c for c in cases if record["cases"].get(c.name) != [os.path.abspath(p) for p in c.images]
+            or not os.path.isfile(os.path.join(folder, c.name + ending))]
+    return (sha if tta else f"{sha}+no-tta"), record, todo
+
+
+def predict_replicas(experiments: Sequence[Experiment], cases: Sequence[Case], output: str, device: str = "cuda",
+            progress: bool = True, reference: Optional[str] = None, tta: bool = True) -> Dict[str, str]:
+    """Predict every replica on every case with nnU-Net's ``nnUNetPredictor``, reusing valid cached predictions.
+
+    Also keeps each kind's mean predicted probabilities per case (:mod:`probsums`, for the vote's tie-break;
+    not for region-based datasets) and predicts the ``reference`` model (``<Base>_ieee``) if given. ``tta``:
+    mirroring test-time augmentation, on by default as in ``nnUNetv2_predict`` (``--disable_tta`` turns it off).
+
+    Returns ``replica -> folder`` of its predictions (``OUT/predictions/<replica>/<case><file_ending>``), in the
+    input image's grid exactly as ``nnUNetv2_predict`` writes them.
+    """
+    import torch
+    from tqdm import tqdm
+
+    ending = experiments[0].dataset_json["file_ending"]
+    keep_probs = not variability.has_regions(experiments[0].dataset_json)
+    folders, plans = {}, []
+    for i, exp in enumerate(experiments):
+        state = {}
+        for name in exp.replica_names + ([reference] if reference and i == 0 else []):
+            folders[name] = os.path.join(output, PREDICTIONS, name)
+            sha, record, todo = prediction_state(exp, name, folders[name], cases, ending, tta)
+            state[name] = (folders[name], record, {c.name for c in todo}, sha)
+        shas = {n: state[n][3] for n in exp.replica_names}
+        stale = {c.name for c in cases if keep_probs and not probsums.is_current(output, exp.kind, c.name, shas)}
+        for n in exp.replica_names:  # the probability sum needs every replica of the case
+            state[n][2].update(stale)
+        jobs = {n: st for n, st in state.items() if st[2]}
+        if jobs:
+            plans.append((exp, jobs, stale, shas))
+    total = sum(len(t[2]) for _, jobs, _, _ in plans for t in jobs.values())
+    bar = tqdm(total=total, desc="predicting", unit="prediction", disable=not progress or total == 0)
+    dev = torch_device(device) if total else None
+    for exp, jobs, stale, shas in plans:
+        predictor = make_predictor(exp, exp.replica_names[0], dev, tta=tta, who="analyze")
+        weights = {n: torch.load(exp.final_checkpoint(n), map_location="cpu",
+                                 weights_only=False)["network_weights"] for n in jobs}
+        for folder, record, _, _ in jobs.values():
+            os.makedirs(folder, exist_ok=True)
+            write_json(os.path.join(folder, FINGERPRINT), record)  # drops entries of a stale checkpoint first
+        preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
+        for case in cases:
+            names = [n for n in jobs if case.name in jobs[n][2]]
+            if not names:
+                continue
+            with contextlib.redirect_stdout(io.StringIO()):
+                data, _, props = preprocessor.run_case(case.images, None, predictor.plans_manager,
+                                                       predictor.configuration_manager, predictor.dataset_json)
+            data = torch.from_numpy(data)
+            summed = None
+            for name in names:
+                folder, record, _, _ = jobs[name]
+                want = case.name in stale and name in shas
+                probs = predict_one(predictor, weights[name], data, props, folder, case.name, ending, want)
+                if want:
+                    summed = probs if summed is None else summed + probs
+                record["cases"][case.name] = [os.path.abspath(p) for p in case.images]
+                write_json(os.path.join(folder, FINGERPRINT), record)
+                bar.update(1)
+            if summed is not None:
+                probsums.save(output, exp.kind, case.name, summed, shas)
+    bar.close()
+    return folders
+
+
+def predict_one(predictor, weights: dict, data, props: dict, folder: str, case: str, ending: str,
+                 probabilities: bool = False) -> Optional[np.ndarray]:
+    """Write one prediction as ``nnUNetv2_predict`` does (``export_prediction_from_logits``' two steps); return
+    the probabilities in the image's grid when asked."""
+    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+
+    predictor.list_of_parameters = [weights]
+    try:
+        logits = predictor.predict_logits_from_preprocessed_data(data).cpu()
+    except RuntimeError as e:
+        raise VarAugError(f"predicting {case} failed: {str(e).splitlines()[0]}") from None
+    label_manager = predictor.plans_manager.get_label_manager(predictor.dataset_json)
+    out = convert_predicted_logits_to_segmentation_with_correct_shape(
+        logits, predictor.plans_manager, predictor.configuration_manager, label_manager, props,
+        return_probabilities=probabilities)
+    seg, probs = out if probabilities else (out, None)
+    with replacing(os.path.join(folder, case + ending), ending) as tmp:
+        predictor.plans_manager.image_reader_writer_class().write_seg(seg, tmp, props)
+    return None if probs is None else np.asarray(probs, dtype=np.float32)
+
+
+def reader_for(dataset_json: dict, example: str):
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return determine_reader_writer_from_dataset_json(dataset_json, example, verbose=False)()
+
+
+def load_maps(rw, files: Sequence[str], case: str, out: str):
+    """``(K, *spatial)`` label maps of one case, the first file's properties; shapes must agree.
+
+    Each map is narrowed to uint8/uint16 as soon as it is read (readers return float32: 4x the memory).
+    """
+    arrays, props = [], None
+    for f in files:
+        seg, p = rw.read_seg(f)
+        seg = seg[0]
+        if props is None:
+            props = p
+        if seg.size and (seg.min() < 0 or not np.array_equal(seg, np.rint(seg))):
+            raise VarAugError(f"{f} is not a label map (it holds negative or non-integer values); delete it and "
+                              f"run the command again to predict it again")
+        arrays.append(seg.astype(np.uint8 if seg.size == 0 or seg.max() < 256 else np.uint16))
+    shapes = {tuple(a.shape) for a in arrays}
+    if len(shapes) > 1:
+        listing = ", ".join(f"{os.path.relpath(f, out)} {tuple(a.shape)}" for f, a in zip(files, arrays))
+        raise VarAugError(f"the replicas' predictions of {case} have different shapes ({listing}); delete the wrong "
+                          f"one(s) and run the command again to predict them again")
+    return np.stack(arrays), props
+
+
+def reference_model(exp: Experiment, kinds: Sequence[str]) -> Optional[str]:
+    """``<Base>_ieee`` when its final checkpoint exists (the unperturbed twin of numerical replicas), else None;
+    with ``--kind mca`` and no such model, a note says how to train it."""
+    name = names.replica_name(exp.base, "ieee")
+    if os.path.isfile(exp.final_checkpoint(name)):
+        return name
+    if "mca" in kinds:
+        print(f"note: no {name} model (fold {exp.fold}): significant digits use the replicas' mean as reference; "
+              f"train it with `nnUNetv2_train {exp.dataset} {exp.configuration} {exp.fold} -tr {name}`",
+              file=sys.stderr)
+    return None
