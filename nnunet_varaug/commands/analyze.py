@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 from nnunet_varaug.commands.flags import add_device, add_disable_tta, add_experiment_arguments, add_quiet
 from nnunet_varaug.evaluation import variability
@@ -67,7 +67,42 @@ def analyze_experiment(experiments: Union[Experiment, Sequence[Experiment]], out
         VarAugError: fewer than 2 replicas, unfinished replicas, bad or inconsistent inputs. Nothing of an
             earlier report is changed then.
     """
-    experiments = [experiments] if isinstance(experiments, Experiment) else list(experiments)
+    experiments = check_experiments([experiments] if isinstance(experiments, Experiment) else list(experiments))
+    first = experiments[0]
+    if output is None:
+        require_env("nnUNet_results", "the default report folder lies there (or pass -o)")
+        output = default_output(experiments)
+    output = os.path.abspath(output)
+    dj = first.dataset_json
+    cases = list_cases(first, images, labels)
+    rw = reader_for(dj, cases[0].images[0])
+    ignore = variability.ignore_label(dj)
+    check_ground_truth(rw, cases, variability.label_values(dj) + ([] if ignore is None else [ignore]))
+
+    os.makedirs(output, exist_ok=True)
+    reference = reference_model(first, [e.kind for e in experiments])
+    folders = predict_replicas(experiments, cases, output, device, progress, reference, tta)
+    stage = report.ReportStage(output)
+    try:
+        results = analyze_cases(experiments, cases, folders, reference, rw, stage, progress)
+        summary = report.write_report(stage, experiments, results, reference)
+    except BaseException:
+        stage.abort()
+        raise
+    overlays.add_report_section(output, cases, rw)
+    if calibrate:
+        add_calibration_section(first, cases, output, device)
+    elif os.path.exists(os.path.join(output, "calibration.csv")):  # from an earlier --calibration run
+        os.remove(os.path.join(output, "calibration.csv"))
+    summary.attrs["report_dir"] = output
+    summary.attrs["report_html"] = os.path.join(output, "report.html")
+    write_source_comparison_for(experiments[0], output)  # sources.csv, when both sample sets of the fold exist
+    return summary
+
+
+def check_experiments(experiments: List[Experiment]) -> List[Experiment]:
+    """The experiments analyzed together: at least 2 replicas each, one configuration, each kind once, every replica
+    finished; a warning when they were trained on different platforms."""
     if not experiments:
         raise VarAugError("nothing to analyze: no experiment given")
     first = experiments[0]
@@ -85,62 +120,40 @@ def analyze_experiment(experiments: Union[Experiment, Sequence[Experiment]], out
     warning = platform_warning(experiments)
     if warning:
         print(f"nnunet_varaug analyze: warning: {warning}", file=sys.stderr)
-    if output is None:
-        require_env("nnUNet_results", "the default report folder lies there (or pass -o)")
-        output = default_output(experiments)
-    output = os.path.abspath(output)
-    dj = first.dataset_json
-    structures = variability.structures_from_dataset_json(dj)
-    values = variability.label_values(dj)
-    ignore = variability.ignore_label(dj)
-    cases = list_cases(first, images, labels)
+    return experiments
 
-    ending = dj["file_ending"]
-    rw = reader_for(dj, cases[0].images[0])
-    check_ground_truth(rw, cases, values + ([] if ignore is None else [ignore]))
 
-    os.makedirs(output, exist_ok=True)
-    reference = reference_model(first, [e.kind for e in experiments])
-    folders = predict_replicas(experiments, cases, output, device, progress, reference, tta)
-
+def analyze_cases(experiments: List[Experiment], cases, folders: Dict[str, str], reference: Optional[str], rw,
+                  stage, progress: bool) -> Dict[str, dict]:
+    """Per kind and case, the variability of the cached predictions (:func:`variability.analyze_case`); the voxel
+    maps go to the staging folder, only the counts stay in memory."""
     from tqdm import tqdm
 
-    stage = report.ReportStage(output)
+    dj = experiments[0].dataset_json
+    ending, output = dj["file_ending"], stage.output
+    structures, values = variability.structures_from_dataset_json(dj), variability.label_values(dj)
+    ignore = variability.ignore_label(dj)
     results = {e.kind: {} for e in experiments}
-    try:
-        for case in tqdm(cases, desc="analyzing", unit="case", disable=not progress):
-            gt = None if case.label is None else rw.read_seg(case.label)[0][0]
-            ref = None if reference is None else load_maps(
-                rw, [os.path.join(folders[reference], case.name + ending)], case.name, output)[0][0]
-            for i, exp in enumerate(experiments):
-                files = [os.path.join(folders[n], case.name + ending) for n in exp.replica_names]
-                maps, props = load_maps(rw, files, case.name, output)
-                if gt is not None and gt.shape != maps.shape[1:]:
-                    raise VarAugError(f"ground truth {case.label} has shape {gt.shape}, the predictions of "
-                                      f"{case.name} {maps.shape[1:]}: it does not belong to this image")
-                try:
-                    res = variability.analyze_case(maps, props["spacing"], structures, values, gt, ignore,
-                                                   probabilities=probsums.load(output, exp.kind, case.name),
-                                                   reference=ref)
-                except ValueError as e:
-                    raise VarAugError(f"{case.name} ({exp.kind} replicas): {e}") from None
-                suffix = "" if i == 0 else f"_{exp.kind}"
-                stage.write_maps(case.name + suffix, res, props)
-                res.majority = res.entropy = res.disagreement = None  # keep only the counts in memory
-                results[exp.kind][case.name] = res
-        summary = report.write_report(stage, experiments, results, reference)
-    except BaseException:
-        stage.abort()
-        raise
-    overlays.add_report_section(output, cases, rw)
-    if calibrate:
-        add_calibration_section(first, cases, output, device)
-    elif os.path.exists(os.path.join(output, "calibration.csv")):  # from an earlier --calibration run
-        os.remove(os.path.join(output, "calibration.csv"))
-    summary.attrs["report_dir"] = output
-    summary.attrs["report_html"] = os.path.join(output, "report.html")
-    write_source_comparison_for(experiments[0], output)  # sources.csv, when both sample sets of the fold exist
-    return summary
+    for case in tqdm(cases, desc="analyzing", unit="case", disable=not progress):
+        gt = None if case.label is None else rw.read_seg(case.label)[0][0]
+        ref = None if reference is None else load_maps(
+            rw, [os.path.join(folders[reference], case.name + ending)], case.name, output)[0][0]
+        for i, exp in enumerate(experiments):
+            files = [os.path.join(folders[n], case.name + ending) for n in exp.replica_names]
+            maps, props = load_maps(rw, files, case.name, output)
+            if gt is not None and gt.shape != maps.shape[1:]:
+                raise VarAugError(f"ground truth {case.label} has shape {gt.shape}, the predictions of "
+                                  f"{case.name} {maps.shape[1:]}: it does not belong to this image")
+            try:
+                res = variability.analyze_case(maps, props["spacing"], structures, values, gt, ignore,
+                                               probabilities=probsums.load(output, exp.kind, case.name),
+                                               reference=ref)
+            except ValueError as e:
+                raise VarAugError(f"{case.name} ({exp.kind} replicas): {e}") from None
+            stage.write_maps(case.name + ("" if i == 0 else f"_{exp.kind}"), res, props)
+            res.majority = res.entropy = res.disagreement = None  # keep only the counts in memory
+            results[exp.kind][case.name] = res
+    return results
 
 
 # ---- command line -----------------------------------------------------------------------------------------------
