@@ -28,7 +28,8 @@ from torch.utils._pytree import tree_map
 
 from nnunet_varaug.training.numerics import reductions as red
 from nnunet_varaug.training.numerics.ops import plan_for
-from nnunet_varaug.training.numerics.rounding import HIGH, PRECISION, PrecisionError, check_virtual_bits, stochastic_round
+from nnunet_varaug.training.numerics.rounding import (HIGH, PRECISION, PrecisionError, check_virtual_bits, random_round,
+                                                      stochastic_round, words_per_rounding)
 from nnunet_varaug.training.seeding import derive_seed
 
 GRANULARITIES = ("op", "instruction")
@@ -98,7 +99,13 @@ class MonteCarloArithmetic(TorchDispatchMode):
         if self.virtual_bits is not None:
             check_virtual_bits(self.virtual_bits, dtype)
         self.perturbed_elements += high.numel()
-        return stochastic_round(high, dtype, self._generator(high.device), self.virtual_bits)
+        t = check_virtual_bits(self.virtual_bits, dtype)
+        per = words_per_rounding(dtype, self.virtual_bits)
+        words = torch.randint(0, 2 ** 32, (high.numel(), per), generator=self._generator(high.device),
+                              device=high.device)
+        if per == 1:
+            return stochastic_round(high, dtype, words[:, 0])
+        return random_round(high, dtype, t, words)
 
     def _rounder(self, dtype: torch.dtype):
         if dtype != torch.float32:
