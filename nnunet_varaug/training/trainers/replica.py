@@ -1,18 +1,23 @@
 """``<Base>_seed<K>``: a seed replica, every random number generator of training derived from K, and the
-GPU's kernels made deterministic (see :mod:`nnunet_varaug.training.seeding`)."""
+GPU's kernels made deterministic (see :mod:`nnunet_varaug.training.seeding`). Its random numbers come from four
+streams (:meth:`SeedReplicaMixin.stream_seed`), all K here; a one-source replica
+(:mod:`nnunet_varaug.training.trainers.one_source`) changes one of them."""
 # no "from __future__ import annotations": the constructor's signature stays nnUNetTrainer's, annotations included
 
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 import torch
 
-from nnunet_varaug.training.seeding import (NondeterminismRecorder, compile_decision, configure_cublas, derive_seed,
-                                   make_deterministic, platform_record, seed_everything, seeded_augmenters,
-                                   untimed_gaussian_blur)
+from nnunet_varaug.training.seeding import (STREAM_LAYOUT, NondeterminismRecorder, compile_decision,
+                                            configure_cublas, derive_seed, make_deterministic, platform_record,
+                                            seed_everything, seeded_augmenters, untimed_gaussian_blur)
 from nnunet_varaug.training.trainers.common import RecordSettingsMixin
+from nnunet_varaug.training.preemption import PreemptibleTrainingMixin
 
 
-class SeedReplicaMixin(RecordSettingsMixin):
+# Preemption hook (issue 24, nnunet_varaug/training/preemption.py): a checkpoint after every epoch, a clean exit on
+# SIGTERM/SIGUSR2, each epoch seeded from (replica_seed, epoch) so that --c ends as an uninterrupted run.
+class SeedReplicaMixin(PreemptibleTrainingMixin, RecordSettingsMixin):
     """Seeds python, numpy, torch and CUDA from ``replica_seed`` before the network is built, and gives the
     augmentation workers seeds derived from it (order-deterministic), and its Gaussian blur is never chosen by
     timing (:func:`~nnunet_varaug.training.seeding.untimed_gaussian_blur`). Arithmetic stays plain IEEE. For the GPU:
@@ -22,10 +27,26 @@ class SeedReplicaMixin(RecordSettingsMixin):
     debug.json and in every checkpoint, with the machine and software the weights depend on (``platform``)."""
 
     replica_seed: int = 0
+    #: The random streams of a training, for :meth:`stream_seed`: the network's initial weights, the batches' cases
+    #: and patch locations (nnU-Net's sampling), their augmentation, and the rest of the run ("train": the training
+    #: loop's own draws and the key of the augmenters' runs).
+    STREAMS: Tuple[str, ...] = ("init", "order", "aug", "train")
 
     @staticmethod
     def class_attributes(settings: dict) -> dict:
         return {"replica_seed": settings["seed"]}
+
+    def stream_seed(self, stream: str) -> int:
+        """The index of ``stream`` (one of :attr:`STREAMS`): K for ``<Base>_seed<K>``. The hook a one-source
+        replica overrides for its own stream; every other stream stays ``<Base>_seed0``'s."""
+        if stream not in self.STREAMS:
+            raise ValueError(f"unknown stream '{stream}': one of {', '.join(self.STREAMS)}")
+        return self.replica_seed
+
+    def configure_kernels(self) -> Dict[str, Any]:
+        """Set torch's kernel choices at train start and return them for the record: deterministic here; the
+        hook ``<Base>_nondet<K>`` overrides."""
+        return make_deterministic()
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -52,18 +73,19 @@ class SeedReplicaMixin(RecordSettingsMixin):
         if hasattr(self, "varaug_determinism"):
             self.varaug_determinism["nondeterministic_ops"] = list(self.varaug_nondeterminism.messages)
             record["determinism"] = dict(self.varaug_determinism)
+        record["streams"] = {"layout": STREAM_LAYOUT, **{s: self.stream_seed(s) for s in self.STREAMS}}
         return record
 
     def initialize(self):
-        seed_everything(derive_seed(self.replica_seed, "network"))
+        seed_everything(derive_seed(self.stream_seed("init"), "network"))
         super().initialize()
 
     def on_train_start(self):
-        self.varaug_determinism.update(make_deterministic())
+        self.varaug_determinism.update(self.configure_kernels())
         self.varaug_determinism["platform"] = platform_record(self.device)  # after nnUNetv2_train set the threads
         self.varaug_nondeterminism.install()
         # Seeded per start epoch: a fresh run and a run resumed at epoch e are each reproducible.
-        seed_everything(derive_seed(self.replica_seed, "train", self.current_epoch))
+        seed_everything(derive_seed(self.stream_seed("train"), "train", self.current_epoch))
         super().on_train_start()
 
     def on_train_end(self):
@@ -74,6 +96,6 @@ class SeedReplicaMixin(RecordSettingsMixin):
             self.varaug_update_debug_record()
 
     def get_dataloaders(self):
-        with seeded_augmenters(derive_seed(self.replica_seed, "augmentation", self.current_epoch)), \
-                untimed_gaussian_blur():
+        with seeded_augmenters(derive_seed(self.stream_seed("train"), "augmentation", self.current_epoch),
+                               self.stream_seed("order"), self.stream_seed("aug")), untimed_gaussian_blur():
             return super().get_dataloaders()
