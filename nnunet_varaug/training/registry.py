@@ -11,7 +11,7 @@ import os
 import threading
 from typing import Dict, Optional
 
-from nnunet_varaug.utilities.names import GRAMMAR, TrainerNameError, entry_point_names, parse
+from nnunet_varaug.utilities.names import GRAMMAR, ONE_SOURCE_KINDS, TrainerNameError, entry_point_names, parse
 
 LOOKUP_FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_lookup")
 
@@ -54,6 +54,10 @@ def _mixin_for(kind: str) -> type:
     if kind == "ieee":
         from nnunet_varaug.training.trainers.ieee import IEEEReplicaMixin
         return IEEEReplicaMixin
+    if kind in ONE_SOURCE_KINDS:
+        from nnunet_varaug.training.trainers import one_source
+        return {"init": one_source.InitReplicaMixin, "order": one_source.OrderReplicaMixin,
+                "aug": one_source.AugReplicaMixin, "nondet": one_source.NondetReplicaMixin}[kind]
     from nnunet_varaug.training.trainers.varaug import VarAugMixin
     return VarAugMixin
 

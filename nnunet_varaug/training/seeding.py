@@ -22,7 +22,7 @@ import random
 import re
 import warnings
 import zlib
-from typing import Dict, Iterator, List, MutableMapping, Optional, Tuple
+from typing import Dict, Iterator, List, Mapping, MutableMapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -87,6 +87,19 @@ def make_deterministic() -> Dict[str, object]:
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
+    return {"deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
+            "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+            "cudnn_benchmark": bool(torch.backends.cudnn.benchmark)}
+
+
+def allow_nondeterminism() -> Dict[str, object]:
+    """What nnU-Net's own training leaves the GPU free to do: deterministic algorithms off, cuDNN
+    non-deterministic with benchmark mode on (kernels chosen by timing). Returns the settings as torch reports
+    them afterwards, as :func:`make_deterministic` does."""
+    torch.use_deterministic_algorithms(False)
+    torch.backends.cudnn.deterministic = False
+    torch.backends.cudnn.benchmark = True
     return {"deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
             "warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
             "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
@@ -159,31 +172,99 @@ class NondeterminismRecorder:
             self._show = None
 
 
-class SeededWorkerLoader:
-    """Wraps an nnU-Net data loader so that each augmentation worker seeds python, numpy and torch, and runs
-    torch single-threaded.
+STREAM_LAYOUT = 2
+"""How a replica's batches are drawn, recorded as ``streams.layout`` in debug.json and checkpoints. 1 (records
+without ``streams``): each augmentation worker (or, without workers, the training process) drew the batch's cases
+and patch locations and its augmentation from one generator, interleaved. 2: they come from two separate streams
+(:class:`SeededWorkerLoader`), so that a one-source replica can change one and keep the other."""
 
-    batchgenerators' producer seeds numpy only, then calls ``set_thread_id``; we seed all three there, and call
-    ``torch.set_num_threads(1)`` first, as the producer of nnU-Net's own ``NonDetMultiThreadedAugmenter`` does:
-    ``nnUNetv2_train -device cpu`` gives torch one thread per core, the workers are forked from that process, and a
-    forked worker whose torch op uses the inherited OpenMP thread pool waits forever (it hung every time here).
+
+class RandomStream:
+    """One stream of random numbers for python's ``random``, numpy's global generator and torch's CPU generator.
+
+    While :meth:`active`, the three global generators hold the stream's states; afterwards the stream keeps where
+    it got to and the globals are back as they were. Code that draws from the globals (nnU-Net's sampling,
+    batchgeneratorsv2's transforms) thus draws from the stream, whatever else draws in between."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.reseed(seed)
+
+    def reseed(self, seed: int) -> None:
+        self.python = random.Random(seed).getstate()
+        self.numpy = np.random.RandomState(seed).get_state()
+        self.torch = torch.Generator().manual_seed(seed).get_state()
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        random.setstate(self.python)
+        np.random.set_state(self.numpy)
+        torch.set_rng_state(self.torch)
+        try:
+            yield
+        finally:
+            self.python, self.numpy, self.torch = random.getstate(), np.random.get_state(), torch.get_rng_state()
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
+
+
+class StreamedTransform:
+    """A transform (batchgeneratorsv2's, called with the sample's arrays as keywords) run on a stream of its own."""
+
+    def __init__(self, transform, stream: RandomStream) -> None:
+        self.transform = transform
+        self.stream = stream
+
+    def __call__(self, **data):
+        with self.stream.active():
+            return self.transform(**data)
+
+
+class SeededWorkerLoader:
+    """Wraps an nnU-Net data loader: its batches are drawn from a sampling stream (which cases, which patch
+    locations, foreground oversampling included) and every call of its transforms from an augmentation stream
+    (:class:`RandomStream`); per worker thread ``t``, the streams are ``derive_seed(sampling, "sampling", seed, t)``
+    and ``derive_seed(augmentation, "augmentation", seed, t)``. ``seed`` keys the run (replica, augmenter, epoch);
+    ``sampling`` and ``augmentation`` are the stream indices, which a one-source replica changes one at a time.
+    Without workers (nnU-Net's ``SingleThreadedAugmenter``) the loader runs as thread 0, in the training process.
+
+    batchgenerators' producer seeds numpy only, then calls ``set_thread_id``; there we run torch single-threaded, as
+    the producer of nnU-Net's own ``NonDetMultiThreadedAugmenter`` does (``nnUNetv2_train -device cpu`` gives torch
+    one thread per core, the workers are forked from that process, and a forked worker whose torch op uses the
+    inherited OpenMP thread pool waits forever), seed the worker's globals, and restart both streams for the thread.
     The wrapper lives in this importable module so that it pickles under any start method.
     """
 
-    def __init__(self, loader, seed: int):
+    def __init__(self, loader, seed: int, sampling: int = 0, augmentation: int = 0):
         self.loader = loader
         self.seed = seed
+        self.indices = (int(sampling), int(augmentation))
+        self.thread_id = 0
+        self.sampling, self.augmentation = RandomStream(), RandomStream()
+        if getattr(loader, "transforms", None) is not None:  # nnU-Net >= 2.6 augments inside its loader
+            loader.transforms = StreamedTransform(loader.transforms, self.augmentation)
+        self.restart(seed)
+
+    def restart(self, seed: int) -> None:
+        """Both streams from the start again, keyed by ``seed`` (e.g. a new epoch's), for the current thread."""
+        self.seed = seed
+        self.sampling.reseed(derive_seed(self.indices[0], "sampling", seed, self.thread_id))
+        self.augmentation.reseed(derive_seed(self.indices[1], "augmentation", seed, self.thread_id))
 
     def set_thread_id(self, thread_id: int) -> None:
         torch.set_num_threads(1)
         seed_everything(derive_seed(self.seed, thread_id))
+        self.thread_id = thread_id
+        self.restart(self.seed)
         self.loader.set_thread_id(thread_id)
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        return next(self.loader)
+        with self.sampling.active():
+            return next(self.loader)
 
     def __getattr__(self, item):
         if item == "loader":  # not yet set (e.g. during unpickling)
@@ -212,29 +293,79 @@ def untimed_gaussian_blur() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def seeded_augmenters(seed: int) -> Iterator[None]:
-    """While active, nnU-Net's trainer builds seeded, order-deterministic augmenters.
+def seeded_augmenters(seed: int, sampling: int = 0, augmentation: int = 0) -> Iterator[None]:
+    """While active, nnU-Net's trainer builds order-deterministic augmenters over :class:`SeededWorkerLoader`.
 
-    The first augmenter built is the training one, the second the validation one; each gets its own stream.
+    With workers, batchgenerators' ``MultiThreadedAugmenter`` (batches in a fixed order) replaces nnU-Net's
+    ``NonDetMultiThreadedAugmenter``; without, nnU-Net's ``SingleThreadedAugmenter`` gets the wrapped loader. The
+    first augmenter built is the training one, the second the validation one; each is keyed by
+    ``derive_seed(seed, "augmenter", index)``. ``sampling`` and ``augmentation``: the stream indices.
     """
     from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
     from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as trainer_module
 
     built = []
+    single_threaded = trainer_module.SingleThreadedAugmenter
+
+    def streamed(data_loader, transform):
+        stream = derive_seed(seed, "augmenter", len(built))
+        built.append(stream)
+        loader = SeededWorkerLoader(data_loader, stream, sampling, augmentation)
+        return loader, None if transform is None else StreamedTransform(transform, loader.augmentation), stream
 
     def deterministic_augmenter(data_loader, transform, num_processes, num_cached=2, seeds=None,
                                 pin_memory=False, wait_time=0.02, **_):
-        stream = derive_seed(seed, "augmenter", len(built))
-        built.append(stream)
+        loader, transform, stream = streamed(data_loader, transform)
         per_queue = max(2, num_cached // max(1, num_processes))
-        return MultiThreadedAugmenter(SeededWorkerLoader(data_loader, stream), transform, num_processes,
-                                      num_cached_per_queue=per_queue,
+        return MultiThreadedAugmenter(loader, transform, num_processes, num_cached_per_queue=per_queue,
                                       seeds=[derive_seed(stream, i) for i in range(num_processes)],
                                       pin_memory=pin_memory, wait_time=wait_time)
 
+    def single_threaded_augmenter(data_loader, transform):
+        loader, transform, _ = streamed(data_loader, transform)
+        return single_threaded(loader, transform)
+
     original = trainer_module.NonDetMultiThreadedAugmenter
     trainer_module.NonDetMultiThreadedAugmenter = deterministic_augmenter
+    trainer_module.SingleThreadedAugmenter = single_threaded_augmenter
     try:
         yield
     finally:
         trainer_module.NonDetMultiThreadedAugmenter = original
+        trainer_module.SingleThreadedAugmenter = single_threaded
+
+
+def record_layout(record: Optional[Mapping]) -> Optional[int]:
+    """The stream layout of a replica's ``nnunet_varaug`` record (debug.json or checkpoint): ``streams.layout``;
+    1 for a seed or numerical replica recorded before layouts were (it has ``determinism``, ``seed``, ``mca`` or
+    ``ieee`` but no ``streams``); None for anything else (no record, a trainer that seeds nothing)."""
+    if not isinstance(record, Mapping):
+        return None
+    streams = record.get("streams")
+    if isinstance(streams, Mapping) and "layout" in streams:
+        return int(streams["layout"])
+    return 1 if any(k in record for k in ("determinism", "seed", "mca", "ieee")) else None
+
+
+def layout_warning(records: Mapping[str, Optional[Mapping]]) -> Optional[str]:
+    """A warning when the replicas compared were trained with different stream layouts, else None.
+
+    Args:
+        records: replica name -> its ``nnunet_varaug`` record (``debug.json["nnunet_varaug"]`` or the
+            checkpoint's), or None when it has none; those, and records without a layout, are left out.
+    """
+    groups: Dict[int, List[str]] = {}
+    for name, record in records.items():
+        layout = record_layout(record)
+        if layout is not None:
+            groups.setdefault(layout, []).append(name)
+    if len(groups) < 2:
+        return None
+    described = "; ".join(f"layout {layout}: {', '.join(names)}" for layout, names in sorted(groups.items()))
+    old = ", ".join(n for layout, names in sorted(groups.items()) if layout != max(groups) for n in names)
+    return (f"the replicas compared were trained with different random-stream layouts ({described}). Since layout "
+            f"2 a replica draws its batches' cases and patch locations and their augmentation from separate streams, "
+            f"so a replica trained before draws other batches than the same name trained now, and a one-source "
+            f"replica (_init, _order, _aug) differs from _seed0 in its source alone only if both share a layout. "
+            f"Train {old} again with this version (move their fold folders away, then rerun the command that "
+            f"trained them)")

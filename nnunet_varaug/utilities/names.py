@@ -9,6 +9,10 @@ Grammar (suffixes read from the right; the rest is the base, itself any resolvab
     <Base>_seed<K>                  seed replica K
     <Base>_mca<K>[_t<T>][_instr]    numerical replica K (noise stream K, T virtual bits, _instr: per instruction)
     <Base>_ieee                     the IEEE twin of the _mca replicas (their training path, no noise)
+    <Base>_init<K>                  <Base>_seed0 with the network's initial weights from stream K
+    <Base>_order<K>                 <Base>_seed0 with the batches' cases and patch locations from stream K
+    <Base>_aug<K>                   <Base>_seed0 with the augmentation parameters from stream K
+    <Base>_nondet<K>                <Base>_seed0 with non-deterministic GPU kernels (K labels the run; GPU only)
     <Base>_varaug[_p<NN>][_oof]     trained with variability samples, p = NN/100 (default 0.5); ``_oof``: from
                                     the out-of-fold sample set instead of the fold's own (in-fold) one
 """
@@ -22,6 +26,7 @@ ENTRY_POINT_GROUP = "nnunet_varaug.trainers"
 
 GRAMMAR = (
     "trainer names follow <Base>_seed<K> | <Base>_mca<K>[_t<T>][_instr] | <Base>_ieee | "
+    "<Base>_init<K> | <Base>_order<K> | <Base>_aug<K> | <Base>_nondet<K> | "
     "<Base>_varaug[_p<NN>][_oof], where <Base> is a "
     "trainer nnU-Net can find (built in, in an nnUNet_extTrainer folder, or in the entry-point group "
     f"'{ENTRY_POINT_GROUP}'), K is a non-negative integer without leading zeros, T is 1..24 virtual bits (float32 training), "
@@ -32,10 +37,14 @@ _SUFFIX_RULES = (
     ("seed", re.compile(r"^(?P<base>.+?)_seed(?P<k>0|[1-9]\d*)$")),
     ("mca", re.compile(r"^(?P<base>.+?)_mca(?P<k>0|[1-9]\d*)(?:_t(?P<t>[1-9]\d?))?(?P<instr>_instr)?$")),
     ("ieee", re.compile(r"^(?P<base>.+?)_ieee$")),
+    *((kind, re.compile(rf"^(?P<base>.+?)_{kind}(?P<k>0|[1-9]\d*)$")) for kind in ("init", "order", "aug", "nondet")),
     ("varaug", re.compile(r"^(?P<base>.+?)_varaug(?:_p(?P<p>\d{1,3}))?(?P<oof>_oof)?$")),
 )
-# A name that contains one of these tokens claims to be ours; if no rule parses it, it is malformed.
-_TOKENS = re.compile(r"_(seed|mca|varaug|ieee)")
+#: The one-source replicas' suffixes (``<Base>_init<K>`` ...): each changes one source of randomness of _seed0.
+ONE_SOURCE_KINDS = ("init", "order", "aug", "nondet")
+# A name that contains one of these tokens claims to be ours; if no rule parses it, it is malformed. The one-source
+# tokens count only when no letter follows (``MyTrainer_augmented`` stays the user's).
+_TOKENS = re.compile(r"_(seed|mca|varaug|ieee)|_(init|order|aug|nondet)(?![A-Za-z])")
 
 class TrainerNameError(ValueError):
     """A trainer name that is malformed or whose base cannot be found (not an AttributeError on purpose:
@@ -67,6 +76,10 @@ def parse(name: str) -> Optional[Tuple[str, str, dict]]:
             return base, kind, settings
         if kind == "ieee":
             return base, kind, {}
+        if kind == "nondet":
+            return base, kind, {"run": int(m.group("k"))}
+        if kind in ONE_SOURCE_KINDS:
+            return base, kind, {"stream": int(m.group("k"))}
         p = int(m.group("p")) if m.group("p") is not None else 50
         if p > 100:
             raise TrainerNameError(f"'{name}': p={p}/100 is outside [0, 1]; {GRAMMAR}")
@@ -93,8 +106,9 @@ def replica_name(base: str, kind: str, k: int = 0, virtual_bits: Optional[int] =
 
     Args:
         base: the base trainer name, e.g. ``nnUNetTrainer``.
-        kind: 'seed' (``<base>_seed<k>``), 'mca' (``<base>_mca<k>[_t<T>][_instr]``) or 'ieee' (``<base>_ieee``,
-            the IEEE twin of the mca replicas; ``k`` is ignored).
+        kind: 'seed' (``<base>_seed<k>``), 'mca' (``<base>_mca<k>[_t<T>][_instr]``), 'ieee' (``<base>_ieee``,
+            the IEEE twin of the mca replicas; ``k`` is ignored), or a one-source kind, 'init', 'order', 'aug' or
+            'nondet' (``<base>_<kind><k>``).
         k: the replica index (seed or noise stream).
         virtual_bits: 'mca' only: T, or None for float32's own 24 bits.
         granularity: 'mca' only: 'op' or 'instruction' (``_instr``).
@@ -103,16 +117,16 @@ def replica_name(base: str, kind: str, k: int = 0, virtual_bits: Optional[int] =
         ValueError: an unknown kind or granularity, or settings the kind does not take.
         TrainerNameError: the resulting name breaks the grammar (e.g. T outside 1..24).
     """
-    if kind not in ("seed", "mca", "ieee"):
-        raise ValueError(f"unknown replica kind '{kind}': use 'seed', 'mca' or 'ieee'")
+    if kind not in ("seed", "mca", "ieee") + ONE_SOURCE_KINDS:
+        raise ValueError(f"unknown replica kind '{kind}': use one of seed, mca, ieee, {', '.join(ONE_SOURCE_KINDS)}")
     if granularity not in ("op", "instruction"):
         raise ValueError(f"unknown granularity '{granularity}': use 'op' or 'instruction'")
     if kind != "mca" and (virtual_bits is not None or granularity != "op"):
         raise ValueError(f"virtual_bits and granularity apply to 'mca' replicas, not '{kind}'")
     if kind == "ieee":
         name = f"{base}_ieee"
-    elif kind == "seed":
-        name = f"{base}_seed{int(k)}"
+    elif kind == "seed" or kind in ONE_SOURCE_KINDS:
+        name = f"{base}_{kind}{int(k)}"
     else:
         name = (f"{base}_mca{int(k)}" + (f"_t{int(virtual_bits)}" if virtual_bits is not None else "")
                 + ("_instr" if granularity == "instruction" else ""))

@@ -69,6 +69,8 @@ def test_seed_is_recorded_in_debug_json_and_checkpoint(seed_replicas):
     expected = {"trainer": f"{TINY}_seed1", "base": TINY, "seed": {"seed": 1}}
     for record in (debug["nnunet_varaug"], ckpt["nnunet_varaug"]):
         determinism = record.pop("determinism")
+        # every stream from K = 1, drawn the way this version draws them (tests/training/test_streams.py)
+        assert record.pop("streams") == {"layout": 2, "init": 1, "order": 1, "aug": 1, "train": 1}
         assert record == expected
         # what a GPU run relies on, arranged (and recorded) on the CPU too; nnunet_env sets nnUNet_compile=f
         assert determinism["deterministic_algorithms"] and determinism["warn_only"]

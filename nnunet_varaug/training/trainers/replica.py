@@ -18,10 +18,11 @@ from nnunet_varaug.training.preemption import PreemptibleTrainingMixin
 # Preemption hook (issue 24, nnunet_varaug/training/preemption.py): a checkpoint after every epoch, a clean exit on
 # SIGTERM/SIGUSR2, each epoch seeded from (replica_seed, epoch) so that --c ends as an uninterrupted run.
 class SeedReplicaMixin(PreemptibleTrainingMixin, RecordSettingsMixin):
-    """Seeds python, numpy, torch and CUDA from ``replica_seed`` before the network is built, and gives the
-    augmentation workers seeds derived from it (order-deterministic), and its Gaussian blur is never chosen by
-    timing (:func:`~nnunet_varaug.training.seeding.untimed_gaussian_blur`). Arithmetic stays plain IEEE. For the GPU:
-    deterministic algorithms (warn-only, the warnings recorded), cuDNN deterministic and benchmark off,
+    """Seeds python, numpy, torch and CUDA from ``replica_seed`` before the network is built, draws each batch's
+    cases and patch locations and its augmentation from two streams of their own (order-deterministic, with or
+    without augmentation workers; the streams' indices recorded under ``streams``), and its Gaussian blur is never
+    chosen by timing (:func:`~nnunet_varaug.training.seeding.untimed_gaussian_blur`). Arithmetic stays plain IEEE.
+    For the GPU: deterministic algorithms (warn-only, the warnings recorded), cuDNN deterministic and benchmark off,
     ``CUBLAS_WORKSPACE_CONFIG`` set in ``__init__`` (before ``nnUNetv2_train`` initialises CUDA), ``torch.compile``
     off unless the user sets ``nnUNet_compile``. What was arranged is recorded under ``determinism`` in
     debug.json and in every checkpoint, with the machine and software the weights depend on (``platform``)."""
