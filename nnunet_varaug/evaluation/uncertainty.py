@@ -16,82 +16,180 @@ resampled to the input grid exactly as ``nnUNetv2_predict --save_probabilities``
   :mod:`nnunet_varaug.evaluation.variability`). Ties are broken by the uncertain volume (voxels where any replica
   disagrees with the consensus, in mm³).
 
-Only one replica's probabilities, the running sums (C float32 maps + one float32 entropy sum) and K uint8 label
-maps are held at a time: never K probability maps.
+Region-based datasets (nnU-Net's ``regions_class_order``: one sigmoid output per region) get the same per
+region ``r``: ``p̄_r = (1/K) Σ_k p_{k,r}``, the **binary entropy** ``H_2[p̄_r] = -p̄_r log2 p̄_r - (1-p̄_r) log2 (1-p̄_r)``
+(at most 1 bit), ``MI_r = H_2[p̄_r] - (1/K) Σ_k H_2[p_{k,r}]``, and the disagreement per region: the share of
+replicas whose label map, read as that region (label in the region's labels), differs from the consensus's.
+
+Memory: the running sum (C float32 maps), the entropy sums (one float32 map, or one per region) and, in
+:class:`~nnunet_varaug.evaluation.chunked.LabelMaps` on disk, the K label maps; every computation runs in row
+chunks (:mod:`nnunet_varaug.evaluation.chunked`), and the mean is the sum divided in place.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from nnunet_varaug.evaluation import variability
+from nnunet_varaug.evaluation.chunked import CHUNK_VALUES, LabelMaps, add_into, row_chunks
+
+def _entropy_terms(q: np.ndarray) -> np.ndarray:
+    """``q log2 q`` (0 where q <= 0), float32, one new array of q's shape."""
+    t = np.zeros(q.shape, dtype=np.float32)
+    np.log2(q, out=t, where=q > 0)
+    t *= q
+    return t
 
 
-def entropy_bits(p: np.ndarray, axis: int = 0) -> np.ndarray:
-    """``-Σ p log2 p`` along ``axis`` (the class axis), with ``0 log 0 = 0``; float32."""
-    p = np.asarray(p, dtype=np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        terms = np.where(p > 0, p * np.log2(np.where(p > 0, p, 1.0)), 0.0)
-    return np.abs(-terms.sum(axis=axis, dtype=np.float32)).astype(np.float32)
+def entropy_bits(p: np.ndarray, axis: int = 0, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """``-Σ_c p_c log2 p_c`` over ``axis`` (the class axis), ``0 log 0 = 0``; float32, computed in chunks."""
+    p = np.moveaxis(np.asarray(p), axis, 0) if axis else np.asarray(p)
+    out = np.empty(p.shape[1:], dtype=np.float32) if out is None else out
+    if p.ndim == 1:
+        out[...] = np.abs(_entropy_terms(p.astype(np.float32)).sum(dtype=np.float32))
+        return out
+    for a, b in row_chunks(p.shape[1:], p.shape[0]):
+        s = _entropy_terms(np.asarray(p[:, a:b], dtype=np.float32)).sum(axis=0, dtype=np.float32)
+        np.abs(s, out=out[a:b])  # every term is <= 0: abs is the negation, without -0.0
+    return out
+
+
+def binary_entropy_bits(p: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """``-(p log2 p + (1-p) log2 (1-p))`` elementwise (a region's sigmoid probability), float32, in chunks."""
+    p = np.asarray(p)
+    out = np.empty(p.shape, dtype=np.float32) if out is None else out
+    flat_p, flat_o = p.reshape(-1), out.reshape(-1)
+    for a in range(0, flat_p.size, CHUNK_VALUES):
+        q = np.asarray(flat_p[a:a + CHUNK_VALUES], dtype=np.float32)
+        t = _entropy_terms(q)
+        t += _entropy_terms(np.float32(1) - q)
+        np.abs(t, out=flat_o[a:a + CHUNK_VALUES])
+    return out
+
+
+Maps = Union[np.ndarray, LabelMaps]
+
+
+def map_chunks(maps: Maps, members: Optional[Sequence[int]] = None):
+    """``(a, b, (len(members), b - a, ...))`` row chunks of K label maps (an array or a
+    :class:`~nnunet_varaug.evaluation.chunked.LabelMaps`)."""
+    if isinstance(maps, LabelMaps):
+        yield from maps.chunks(members)
+        return
+    members = list(range(maps.shape[0])) if members is None else list(members)
+    for a, b in row_chunks(maps.shape[1:], len(members)):
+        yield a, b, maps[members, a:b]
 
 
 class RunningEnsemble:
     """Accumulates K replicas' probability maps of one case, one at a time.
 
-    Call :meth:`add` once per replica with its ``(C, *spatial)`` float32 probabilities and its label map, then
-    :meth:`mean`, :meth:`entropy`, :meth:`mutual_information`, :meth:`disagreement`.
+    Call :meth:`add` once per replica with its ``(C, *spatial)`` float32 probabilities (softmax, or sigmoid per
+    region with ``regions=True``) and its label map, then :meth:`finish` (the mean, in place), :meth:`entropy`,
+    :meth:`mutual_information`, :meth:`disagreement`. ``maps``: where the label maps go (default: a list in memory;
+    predict passes a :class:`LabelMaps` file so that memory does not grow with K).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, regions: bool = False, maps: Optional[LabelMaps] = None) -> None:
+        self.regions = regions
         self.sum: Optional[np.ndarray] = None
         self.entropy_sum: Optional[np.ndarray] = None
-        self.maps: List[np.ndarray] = []
+        self.maps = LabelMaps() if maps is None else maps
+        self.count = 0
+        self.finished = False
 
-    @property
-    def count(self) -> int:
-        return len(self.maps)
-
-    def add(self, probabilities: np.ndarray, segmentation: np.ndarray) -> None:
-        """Add one replica. ``probabilities`` is not kept (it is copied into the sum on the first call)."""
-        if self.sum is None:
-            self.sum = np.array(probabilities, dtype=np.float32, copy=True)  # as average_probabilities: float32
-            self.entropy_sum = np.zeros(self.sum.shape[1:], dtype=np.float32)
+    def add(self, probabilities: np.ndarray, segmentation: np.ndarray, own: bool = False) -> None:
+        """Add one replica. With ``own`` the first replica's float32 array becomes the sum (no copy; the caller
+        gives it up); otherwise ``probabilities`` is only read."""
+        p = probabilities
+        if self.finished:
+            raise ValueError("the ensemble is finished (its sum is now the mean)")
+        if self.sum is not None and p.shape != self.sum.shape:
+            raise ValueError(f"replica probabilities of shape {p.shape}, expected {self.sum.shape}")
+        h = np.empty(p.shape if self.regions else p.shape[1:], dtype=np.float32)
+        if self.regions:
+            binary_entropy_bits(p, out=h)
         else:
-            if probabilities.shape != self.sum.shape:
-                raise ValueError(f"replica probabilities of shape {probabilities.shape}, expected {self.sum.shape}")
-            self.sum += probabilities
-        self.entropy_sum += entropy_bits(probabilities)
-        self.maps.append(np.asarray(segmentation).astype(np.uint8 if segmentation.max(initial=0) < 256 else np.uint16))
+            entropy_bits(p, out=h)
+        if self.sum is None:  # as average_probabilities: float32, the first replica's values
+            if own and p.dtype == np.float32 and p.flags.writeable:
+                self.sum = p
+            else:
+                self.sum = np.empty(p.shape, dtype=np.float32)
+                np.copyto(self.sum, p)
+            self.entropy_sum = h
+        else:
+            add_into(self.sum, p)
+            self.entropy_sum += h
+        del h
+        self.maps.append(segmentation)
+        self.count += 1
 
-    def mean(self) -> np.ndarray:
-        """``(C, *spatial)`` mean probability, float32 (sum divided by K, as ``nnUNetv2_ensemble``)."""
+    def finish(self) -> np.ndarray:
+        """The mean probability, float32: the sum divided by K in place, as ``nnUNetv2_ensemble`` does."""
         if self.sum is None:
             raise ValueError("no replica added")
+        if not self.finished:
+            self.sum /= self.count
+            self.finished = True
+        return self.sum
+
+    def mean(self) -> np.ndarray:
+        """``(C, *spatial)`` mean probability, a new float32 array (sum divided by K, as ``nnUNetv2_ensemble``)."""
+        if self.sum is None:
+            raise ValueError("no replica added")
+        if self.finished:
+            return self.sum.copy()
         out = self.sum.copy()
         out /= self.count
         return out
 
-    def entropy(self, mean: Optional[np.ndarray] = None) -> np.ndarray:
-        """Predictive entropy of the mean probability, bits."""
-        return entropy_bits(self.mean() if mean is None else mean)
+    def entropy(self, mean: Optional[np.ndarray] = None, channel: Optional[int] = None) -> np.ndarray:
+        """Predictive entropy of the mean probability, bits: over classes, or per region (all regions, or only
+        region ``channel``) for region-based ensembles."""
+        mean = self.finish() if mean is None else mean
+        if not self.regions:
+            return entropy_bits(mean)
+        return binary_entropy_bits(mean if channel is None else mean[channel])
 
-    def mutual_information(self, entropy: np.ndarray) -> np.ndarray:
-        """``entropy - mean replica entropy``, bits, clipped at 0."""
-        return np.maximum(entropy - self.entropy_sum / np.float32(self.count), 0).astype(np.float32)
+    def mutual_information(self, entropy: np.ndarray, channel: Optional[int] = None,
+                           in_place: bool = False) -> np.ndarray:
+        """``entropy - mean replica entropy``, bits, clipped at 0 (of region ``channel`` when given). ``in_place``
+        writes it over the entropy sums (no new array; the sums are gone afterwards)."""
+        sums = self.entropy_sum if channel is None else self.entropy_sum[channel]
+        out = sums if in_place else np.empty(sums.shape, dtype=np.float32)
+        k = np.float32(self.count)
+        if entropy.shape != out.shape:
+            raise ValueError(f"entropy of shape {entropy.shape}, the entropy sums {out.shape}")
+        for a, b in row_chunks(out.shape):
+            np.divide(sums[a:b], k, out=out[a:b])
+            np.subtract(entropy[a:b], out[a:b], out=out[a:b])
+            np.maximum(out[a:b], 0, out=out[a:b])
+        return out
 
-    def disagreement(self, consensus: np.ndarray) -> np.ndarray:
-        """Share of replicas whose label differs from ``consensus``, float32 in [0, 1]."""
-        return disagreement(np.stack(self.maps), consensus)
+    def disagreement(self, consensus: np.ndarray, structure: Optional[variability.Structure] = None) -> np.ndarray:
+        """Share of replicas whose label (or, with ``structure``, whose mask of it) differs from ``consensus``."""
+        return disagreement(self.maps, consensus, structure)
 
 
-def disagreement(maps: np.ndarray, consensus: np.ndarray) -> np.ndarray:
-    """``(K, *spatial)`` label maps, ``spatial`` consensus -> share of maps differing from it, float32."""
+def disagreement(maps: Maps, consensus: np.ndarray, structure: Optional[variability.Structure] = None) -> np.ndarray:
+    """``(K, *spatial)`` label maps (or :class:`LabelMaps`), ``spatial`` consensus -> share of maps differing from it
+    (as label maps, or as masks of ``structure``), float32, in row chunks."""
     out = np.zeros(consensus.shape, dtype=np.float32)
-    for m in maps:
-        out += m != consensus
-    return out / np.float32(len(maps))
+    count = 0
+    for a, b, block in map_chunks(maps):
+        count = block.shape[0]
+        c = consensus[a:b]
+        if structure is None:
+            differ = block != c[None]
+        else:
+            differ = variability.structure_mask(block, structure.labels) != variability.structure_mask(
+                c, structure.labels)[None]
+        out[a:b] = differ.sum(axis=0, dtype=np.float32)
+    out /= np.float32(count or (maps.count if isinstance(maps, LabelMaps) else maps.shape[0]))
+    return out
 
 
 @dataclass
@@ -121,19 +219,58 @@ class CaseSummary:
         return self.uncertain_voxels * self.voxel_volume
 
 
-def summarize_case(maps: np.ndarray, consensus: np.ndarray, spacing: Sequence[float],
-                   structures: Sequence[variability.Structure]) -> CaseSummary:
-    """Volumes and pairwise Dice of ``(K, *spatial)`` replica label maps and their consensus, one chunked pass."""
-    counts = variability.overlap_counts(maps, structures)  # (S, K, K)
-    k = maps.shape[0]
-    dice = variability.dice_matrix(counts)
-    pairs = variability.pair_indices(k)
-    mean_dice = [float(np.mean([dice[s, a, b] for a, b in pairs])) if pairs else 1.0 for s in range(len(structures))]
-    consensus_voxels = [int(np.count_nonzero(variability.structure_mask(consensus, st.labels))) for st in structures]
-    uncertain = int(np.count_nonzero(np.any(maps != consensus[None], axis=0)))
-    return CaseSummary(float(np.prod(np.asarray(spacing, dtype=np.float64))), consensus_voxels,
-                       [[int(v) for v in np.diagonal(counts[s])] for s in range(len(structures))], mean_dice,
-                       uncertain)
+def _summary(counts: np.ndarray, members: Sequence[int], consensus_voxels: List[int], uncertain: int,
+             voxel_volume: float) -> CaseSummary:
+    sub = counts[:, members][:, :, members]
+    dice = variability.dice_matrix(sub)
+    pairs = variability.pair_indices(len(members))
+    mean_dice = [float(np.mean([dice[s, a, b] for a, b in pairs])) if pairs else 1.0 for s in range(len(sub))]
+    return CaseSummary(voxel_volume, list(consensus_voxels), [[int(v) for v in np.diagonal(sub[s])]
+                                                              for s in range(len(sub))], mean_dice, int(uncertain))
+
+
+def summarize_case(maps: Maps, consensus: np.ndarray, spacing: Sequence[float],
+                   structures: Sequence[variability.Structure],
+                   groups: Optional[Sequence[Sequence[int]]] = None
+                   ) -> Union[CaseSummary, Tuple[CaseSummary, List[CaseSummary]]]:
+    """Volumes and pairwise Dice of K replica label maps (``(K, *spatial)`` or :class:`LabelMaps`) and their
+    consensus, in one pass over row chunks. With ``groups`` (lists of map indices, e.g. one per fold) also each
+    group's own summary (its pairwise Dice, its volumes, where any of its maps differs from the consensus):
+    returns ``(summary, [group summaries])``."""
+    count = maps.count if isinstance(maps, LabelMaps) else maps.shape[0]
+    counts = np.zeros((len(structures), count, count), dtype=np.int64)
+    uncertain = np.zeros(1 + len(groups or ()), dtype=np.int64)
+    consensus_voxels = [0] * len(structures)
+    for a, b, block in map_chunks(maps):
+        counts += variability.overlap_counts(block, structures)
+        c = consensus[a:b]
+        differ = block != c[None]
+        uncertain[0] += np.count_nonzero(differ.any(axis=0))
+        for g, members in enumerate(groups or ()):
+            uncertain[g + 1] += np.count_nonzero(differ[list(members)].any(axis=0))
+        for i, st in enumerate(structures):
+            consensus_voxels[i] += int(np.count_nonzero(variability.structure_mask(c, st.labels)))
+    voxel_volume = float(np.prod(np.asarray(spacing, dtype=np.float64)))
+    summary = _summary(counts, list(range(count)), consensus_voxels, uncertain[0], voxel_volume)
+    if groups is None:
+        return summary
+    return summary, [_summary(counts, list(m), consensus_voxels, uncertain[g + 1], voxel_volume)
+                     for g, m in enumerate(groups)]
+
+
+def fold_rows(case: str, folds: Sequence, summaries: Sequence[CaseSummary],
+              structures: Sequence[variability.Structure]) -> List[Dict]:
+    """folds.csv rows of one case: per fold and structure, the agreement of that fold's replicas (mean pairwise
+    Dice, volumes) and the volume where any of them differs from the consensus of all folds."""
+    rows = []
+    for fold, s in zip(folds, summaries):
+        for i, st in enumerate(structures):
+            v = np.asarray(s.replica_voxels[i], dtype=np.float64) * s.voxel_volume
+            rows.append({"case": case, "fold": str(fold), "label": st.key, "name": st.name,
+                         "mean_pairwise_dice": s.mean_pairwise_dice[i], "replica_mean_mm3": float(v.mean()),
+                         "replica_std_mm3": float(v.std(ddof=1)) if v.size > 1 else 0.0,
+                         "uncertain_volume_mm3": s.uncertain_volume_mm3})
+    return rows
 
 
 def volume_rows(case: str, summary: CaseSummary, structures: Sequence[variability.Structure]) -> List[Dict]:
