@@ -335,6 +335,24 @@ def seeded_augmenters(seed: int, sampling: int = 0, augmentation: int = 0) -> It
         trainer_module.SingleThreadedAugmenter = single_threaded
 
 
+def restart_streams(augmenter, seed: int) -> bool:
+    """Restart the sampling and augmentation streams of an augmenter built under :func:`seeded_augmenters`, keyed by
+    ``seed`` (e.g. ``derive_seed(K, "augmenter", index, "epoch", e)``, so that a run continued at epoch e draws
+    what an uninterrupted one draws from e on). A ``MultiThreadedAugmenter``'s workers restart (the batches they
+    had prepared are dropped); a ``SingleThreadedAugmenter``'s loader restarts in place. Returns False, doing
+    nothing, for any other augmenter."""
+    loader = getattr(augmenter, "generator", None) or getattr(augmenter, "data_loader", None)
+    if not isinstance(loader, SeededWorkerLoader):
+        return False
+    if hasattr(augmenter, "restart"):
+        loader.seed = seed
+        augmenter.seeds = [derive_seed(seed, i) for i in range(augmenter.num_processes)]
+        augmenter.restart()
+    else:
+        loader.restart(seed)
+    return True
+
+
 def record_layout(record: Optional[Mapping]) -> Optional[int]:
     """The stream layout of a replica's ``nnunet_varaug`` record (debug.json or checkpoint): ``streams.layout``;
     1 for a seed or numerical replica recorded before layouts were (it has ``determinism``, ``seed``, ``mca`` or
