@@ -251,3 +251,16 @@ def test_a_private_import_and_a_private_attribute_are_seen(tmp_path):
                            "inference/other.py": "from pkg.inference import samples as s\ns._remove_stale()\n"})
     found = private_imports(pkg, "pkg", module_names(pkg))
     assert len(found) == 2 and "_remove_stale" in found[0] and "_remove_stale" in found[1]
+
+
+def test_the_documented_python_names_import_from_the_package_root_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, nnunet_varaug; assert 'torch' not in sys.modules; "
+            "from nnunet_varaug import MonteCarloArithmetic, VariabilitySampleTransform; "
+            "from nnunet_varaug.training.numerics.mode import MonteCarloArithmetic as M; "
+            "from nnunet_varaug.training.transforms import VariabilitySampleTransform as V; "
+            "assert MonteCarloArithmetic is M and VariabilitySampleTransform is V")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

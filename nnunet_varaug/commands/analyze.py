@@ -23,7 +23,7 @@ from nnunet_varaug.evaluation import variability
 from nnunet_varaug.inference import probsums
 from nnunet_varaug.inference.cache import load_maps, predict_replicas, reader_for, reference_model
 from nnunet_varaug.inference.cases import check_ground_truth, list_cases
-from nnunet_varaug.inference.outoffold_samples import write_source_comparison_for
+from nnunet_varaug.inference.sample_sources import write_source_comparison_for
 from nnunet_varaug.report import overlays, variability_report as report
 from nnunet_varaug.report.calibration import add_calibration_section
 from nnunet_varaug.report.tables import format_summary

@@ -7,7 +7,8 @@ import os
 import re
 from typing import List, Optional
 
-from nnunet_varaug.experiments.benchmark.stages import STAGES, Benchmark
+from nnunet_varaug.experiments.benchmark import stages as benchmark_stages
+from nnunet_varaug.experiments.benchmark.state import STAGES, Benchmark
 from nnunet_varaug.experiments.benchmark.task import read_msd_task
 from nnunet_varaug.utilities.errors import VarAugError
 from nnunet_varaug.utilities.paths import require_env
@@ -76,4 +77,4 @@ def run(args: argparse.Namespace) -> int:
     bench = Benchmark(task, out, args.dataset_id, args.configuration, args.fold, args.num_replicas, args.base,
                       args.plans, args.planner, args.device, args.num_processes, args.p, args.devices,
                       args.test_fraction, args.test_seed, args.num_folds, args.sources, args.stability)
-    return bench.run(stages)
+    return benchmark_stages.run(bench, stages)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 
 from nnunet_varaug.commands.flags import add_device, add_experiment_arguments
-from nnunet_varaug.inference.outoffold_samples import write_out_of_fold_samples
-from nnunet_varaug.inference.samples import write_samples
+from nnunet_varaug.inference.samples import write_out_of_fold_samples, write_samples
 from nnunet_varaug.training.experiment import Experiment
 from nnunet_varaug.utilities.errors import VarAugError
 

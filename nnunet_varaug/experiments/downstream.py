@@ -12,7 +12,6 @@ neighbourhood and gets worse (the paper's KNN went from 9.32 to 15.04 years). Th
 """
 from __future__ import annotations
 
-import base64
 import html as html_lib
 import json
 import os
@@ -22,16 +21,11 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 import pandas as pd
 
-from nnunet_varaug.experiments.downstream_data import (CASES_COLUMNS, IEEE_SUFFIX, Design, choose_reference,  # noqa: F401
-                                           features_from_cases, is_cases_table, natural_key, prepare, read_csv,
-                                           target_column)
-from nnunet_varaug.experiments.downstream_protocol import (ARM_LABELS, ARMS, KNN_NEIGHBOURS, METRICS, MODEL_NAMES,  # noqa: F401
-                                               MODELS, TEST_FEATURES, Options, correlated_copies, group_splits,
-                                               make_model, metrics, noise_covariance, noise_scale,
-                                               replica_combinations, run_protocol, summarize, describe_test_subjects,
-                                               training_rows)
-from nnunet_varaug.utilities.errors import VarAugError
-from nnunet_varaug.utilities.fileio import replacing, write_text
+from nnunet_varaug.experiments.downstream_data import Design, prepare
+from nnunet_varaug.experiments.downstream_protocol import ARM_LABELS, ARMS, METRICS, MODEL_NAMES, Options, run_protocol, summarize
+from nnunet_varaug.report.png import embed_png, save_figure
+from nnunet_varaug.report.variability_report import add_html_section
+from nnunet_varaug.utilities.fileio import write_text
 
 # A relative MAE change smaller than this (in either direction) is reported as "no clear effect".
 VERDICT_TOLERANCE = 0.02
@@ -131,20 +125,13 @@ def plot_mae(summary: pd.DataFrame, path: str) -> None:
     ax.set_title(f"Downstream regression, {MODEL_NAMES.get(model, model)}")
     ax.set_xticks(xs_all if n_top <= 20 else np.linspace(1, n_top, 10).round().astype(int))
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    try:
-        with replacing(path, ".png") as tmp:
-            fig.savefig(tmp, format="png")
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
 
 
 def section_html(summary: pd.DataFrame, verdict: str, design: Design, options: Options, figure: str) -> str:
     """The report section: what was run, the verdict, the figure (embedded, like the report's own) and the summary
     table."""
     esc = html_lib.escape
-    with open(figure, "rb") as f:
-        png = base64.b64encode(f.read()).decode("ascii")
     table = summary[["arm", "N", "combinations", "rows_per_subject"]].copy()
     for m in METRICS:
         table[m] = [f"{a:.4g} ± {b:.2g}" for a, b in zip(summary[f"{m}_mean"], summary[f"{m}_std"])]
@@ -158,7 +145,7 @@ def section_html(summary: pd.DataFrame, verdict: str, design: Design, options: O
             f"{esc(MODEL_NAMES[options.model])}; test subjects described by {esc(test)}; seed "
             f"{options.seed}. MAE is the mean over test subjects, then over combinations and splits.</p>"
             f"<ul>{arms}</ul><ul>{lines}</ul>"
-            f"<img alt=\"MAE against N\" src=\"data:image/png;base64,{png}\">"
+            + embed_png(figure, "MAE against N")
             + table.to_html(index=False, escape=True, border=0))
 
 
@@ -228,9 +215,4 @@ def run_experiment(features: pd.DataFrame, targets: pd.DataFrame, out: str, prog
 
 def add_report_section(report_dir: str, html: str) -> None:
     """Add the downstream section to ``report_dir/report.html`` through ``report.add_html_section``."""
-    try:
-        from nnunet_varaug.report.variability_report import add_html_section
-    except ImportError as e:
-        raise VarAugError(f"cannot add a section to {report_dir}/report.html: nnunet_varaug.report.variability_report is unavailable "
-                          f"({e}); the outputs are in {report_dir}/downstream/") from None
     add_html_section(report_dir, "downstream", "Downstream augmentation (replica rows)", html)

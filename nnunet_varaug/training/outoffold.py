@@ -15,8 +15,9 @@ A ``<Base>_varaug[_p<NN>]_oof`` trainer of fold F reads the maps of F's training
 whose maps do not come from the folds that validate those cases under the current splits.
 
 This module is the set's reading side, safe inside ``nnUNetv2_train`` (no command-layer imports): its folder, the
-commands its errors name, the trainer's checks, and the in-fold versus out-of-fold comparison that ``analyze``
-writes. The writer behind ``samples --source out-of-fold`` is :mod:`nnunet_varaug.inference.outoffold_samples`.
+commands its errors name and the trainer's checks. The writer behind ``samples --source out-of-fold`` is
+:mod:`nnunet_varaug.inference.samples`; the in-fold versus out-of-fold comparison that ``analyze`` writes is
+:mod:`nnunet_varaug.inference.sample_sources`.
 
 The leak: the teachers of fold F's training cases (replicas of the other folds) were trained on fold F's
 validation cases, so fold F's validation Dice of an out-of-fold model is optimistic; compare models on a test split
@@ -25,9 +26,8 @@ that no training saw (``benchmark --test-fraction``).
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
-import numpy as np
 
 from nnunet_varaug.utilities import folds as folds_module
 from nnunet_varaug.utilities import paths
@@ -42,13 +42,6 @@ SOURCES = (IN_FOLD, OUT_OF_FOLD)
 def out_of_fold_folder(preprocessed_base: str, plans: str, configuration: str) -> str:
     """``<preprocessed_base>/varaug/<plans>__<configuration>__out-of-fold``: one set for every fold."""
     return os.path.join(preprocessed_base, "varaug", f"{plans}__{configuration}__{OUT_OF_FOLD}")
-
-
-def samples_command(dataset_id: int, configuration: str, num_replicas: int, base: str = "nnUNetTrainer",
-                    kind: str = "seed", plans: str = "nnUNetPlans", start: int = 0) -> str:
-    """The exact ``nnunet_varaug samples … --source out-of-fold`` command (no -f: the set covers every fold)."""
-    flags = paths.experiment_flags(dataset_id, configuration, 0, num_replicas, base, kind, plans, start)
-    return f"nnunet_varaug samples {flags.replace(' -f 0', '')} --source {OUT_OF_FOLD}"
 
 
 def replicas_commands(dataset_id: int, configuration: str, folds: Sequence[int], num_replicas: int,
@@ -89,7 +82,7 @@ def trainer_fix_command(dataset: str, plans: str, configuration: str, base: str,
             k += 1
         k = k or 10
     dataset_id = paths.dataset_id_of(dataset)
-    command = samples_command(dataset_id, configuration, k, base, kind, plans, start)
+    command = paths.samples_command(dataset_id, configuration, None, k, base, kind, plans, start, source=OUT_OF_FOLD)
     if bare:
         return command
     missing = [f for f in range(num_folds) if not all(finished(f, start + j) for j in range(k))]
@@ -154,55 +147,3 @@ def validate_out_of_fold_set(folder: str, *, plans: str, configuration: str, fol
             raise VarAugError(f"variability samples of case {case} were made from another version of its "
                               f"preprocessed segmentation (preprocessed again?): rebuild them with {fix}")
     return manifest
-
-
-# ---- what in-sample prediction hides ----------------------------------------------------------------------------
-def compare_sources(in_fold: str, out_of_fold: str, dataset_json: dict,
-                    cases: Optional[Sequence[str]] = None) -> List[dict]:
-    """Per label, the replicas' mean pairwise Dice on the same cases in the in-fold and the out-of-fold set.
-
-    ``cases`` defaults to every case both sets hold. Voxels outside the nonzero mask (-1) are equal in every map
-    and belong to no label, so they do not count. Returns one row per structure: ``label``, ``name``, ``cases``,
-    ``pairwise_dice_in_fold``, ``pairwise_dice_out_of_fold`` and their difference.
-    """
-    from nnunet_varaug.training import sampleset as S
-    from nnunet_varaug.evaluation.variability import pair_indices, pairwise_dice, structures_from_dataset_json
-
-    a, b = S.read_manifest(in_fold), S.read_manifest(out_of_fold)
-    if a is None or b is None:
-        raise VarAugError(f"comparing sources needs both sample sets: {in_fold if a is None else out_of_fold} has no "
-                          f"manifest")
-    shared = sorted(set(a["cases"]) & set(b["cases"])) if cases is None else sorted(cases)
-    if not shared:
-        raise VarAugError(f"{in_fold} and {out_of_fold} hold no case in common")
-    structures = structures_from_dataset_json(dataset_json)
-    sums = np.zeros((2, len(structures)))
-    for case in shared:
-        for i, folder in enumerate((in_fold, out_of_fold)):
-            maps = S.read_sample_array(S.sample_file(folder, case))
-            dice = pairwise_dice(maps, structures)
-            pairs = pair_indices(maps.shape[0])
-            sums[i] += np.array([np.mean([dice[s, p, q] for p, q in pairs]) for s in range(len(structures))])
-    means = sums / len(shared)
-    return [{"label": s.key, "name": s.name, "cases": len(shared), "pairwise_dice_in_fold": float(means[0, j]),
-             "pairwise_dice_out_of_fold": float(means[1, j]),
-             "difference": float(means[0, j] - means[1, j])} for j, s in enumerate(structures)]
-
-
-def write_source_comparison(in_fold: str, out_of_fold: str, dataset_json: dict, cases: Optional[Sequence[str]],
-                            output: str) -> Optional[str]:
-    """``output/sources.csv`` from :func:`compare_sources` when both sets exist; None (nothing written) otherwise.
-    Called by ``analyze``."""
-    from nnunet_varaug.training import sampleset as S
-    from nnunet_varaug.utilities.fileio import write_text
-
-    if not all(os.path.isfile(os.path.join(f, S.MANIFEST)) for f in (in_fold, out_of_fold)):
-        return None
-    rows = compare_sources(in_fold, out_of_fold, dataset_json, cases)
-    head = list(rows[0])
-    lines = [",".join(head)] + [",".join(str(r[k]) for k in head) for r in rows]
-    path = os.path.join(output, "sources.csv")
-    write_text(path, "\n".join(lines) + "\n")
-    return path
-
-

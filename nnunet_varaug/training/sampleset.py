@@ -290,18 +290,23 @@ class VariabilitySampleDataset(_dataset_base()):
 
 # ---- writing the format ----------------------------------------------------------------------------------------
 def sample_set_identity(dataset: str, plans: str, configuration: str, fold, replicas: List[dict],
-                        tta: bool) -> dict:
+                        tta: bool, replicas_by_fold: Optional[Dict[str, List[dict]]] = None) -> dict:
     """What determines the content of a sample set: two runs with equal identity write equal files.
 
-    ``replicas`` lists ``{"name", "checkpoint", "sha256"}`` per replica, in channel order.
+    ``replicas`` lists ``{"name", "checkpoint", "sha256"}`` per replica, in channel order. An out-of-fold set
+    (``fold`` = ``"out-of-fold"``) also gives ``replicas_by_fold``: those records for each fold's replicas.
     """
-    return {"format": FORMAT_VERSION, "dataset": dataset, "plans": plans, "configuration": configuration,
-            "fold": str(fold), "replicas": list(replicas), "tta": bool(tta)}
+    identity = {"format": FORMAT_VERSION, "dataset": dataset, "plans": plans, "configuration": configuration,
+                "fold": str(fold), "replicas": list(replicas), "tta": bool(tta)}
+    if replicas_by_fold is not None:
+        identity.update({"source": "out-of-fold", "replicas_by_fold": dict(replicas_by_fold),
+                         "num_folds": len(replicas_by_fold)})
+    return identity
 
 
 def build_manifest(identity: dict, cases: Dict[str, dict], *, base: str, kind: str, start: int,
                    patch_size: Sequence[int], ignore_label: Optional[int], regions: bool, command: str) -> dict:
-    """A complete manifest: ``identity`` (see ``_identity``) plus the case entries ``{case: {shape, sha256,
+    """A complete manifest: ``identity`` (:func:`sample_set_identity`) plus the case entries ``{case: {shape, sha256,
     bytes}}`` and what the reading side and the error messages need."""
     from importlib.metadata import version
 
@@ -324,6 +329,32 @@ def save_manifest(folder: str, manifest: dict) -> None:
     write_json(os.path.join(folder, MANIFEST), manifest, indent=1)
 
 
+def write_case(folder: str, case: str, maps: np.ndarray, patch_size: Sequence[int],
+               seg_sha256: Optional[str] = None, **extra) -> dict:
+    """Store one case's ``(K, X, Y, Z)`` maps (int8) and return its manifest entry (``shape``, ``sha256``,
+    ``bytes``, ``seg_sha256`` when known, and ``extra`` fields such as an out-of-fold set's ``fold``)."""
+    path = sample_file(folder, case)
+    digest = save_sample_array(np.asarray(maps).astype(SAMPLE_DTYPE, copy=False), path, patch_size)
+    entry = {"shape": [int(s) for s in np.shape(maps)], "sha256": digest, "bytes": os.path.getsize(path)}
+    if seg_sha256 is not None:  # ties the maps to the segmentation they were made from
+        entry["seg_sha256"] = seg_sha256
+    entry.update(extra)
+    return entry
+
+
+def finish_set(folder: str, identity: dict, entries: Dict[str, dict], **manifest_fields) -> dict:
+    """The last steps of writing a set: arrays of cases no longer in it removed, the manifest written (atomically,
+    last), the partial record removed. ``manifest_fields``: :func:`build_manifest`'s keywords."""
+    for f in os.listdir(folder):
+        if f.endswith(".b2nd") and f[:-len(".b2nd")] not in entries:
+            os.remove(os.path.join(folder, f))
+    manifest = build_manifest(identity, entries, **manifest_fields)
+    save_manifest(folder, manifest)
+    if os.path.isfile(os.path.join(folder, PARTIAL)):
+        os.remove(os.path.join(folder, PARTIAL))
+    return manifest
+
+
 def write_sample_set(folder: str, maps: Dict[str, np.ndarray], *, dataset: str, plans: str, configuration: str,
                      fold, replica_names: Sequence[str], patch_size: Sequence[int], ignore_label: Optional[int] = None,
                      regions: bool = False, base: str = "nnUNetTrainer", kind: str = "seed", command: str = "",
@@ -341,17 +372,11 @@ def write_sample_set(folder: str, maps: Dict[str, np.ndarray], *, dataset: str, 
         os.remove(manifest_path)
     entries = {}
     for case in sorted(maps):
-        array = np.asarray(maps[case])
-        if array.shape[0] != len(replica_names):
-            raise ValueError(f"{case}: {array.shape[0]} maps for {len(replica_names)} replica names")
-        path = sample_file(folder, case)
-        digest = save_sample_array(array.astype(SAMPLE_DTYPE, copy=False), path, patch_size)
-        entries[case] = {"shape": [int(s) for s in array.shape], "sha256": digest, "bytes": os.path.getsize(path)}
-        if preprocessed_folder is not None:  # ties the maps to the segmentation they were made from
-            entries[case]["seg_sha256"] = seg_digest(preprocessed_folder, case)
+        if np.shape(maps[case])[0] != len(replica_names):
+            raise ValueError(f"{case}: {np.shape(maps[case])[0]} maps for {len(replica_names)} replica names")
+        digest = None if preprocessed_folder is None else seg_digest(preprocessed_folder, case)
+        entries[case] = write_case(folder, case, maps[case], patch_size, digest)
     identity = sample_set_identity(dataset, plans, configuration, fold,
                                    [{"name": n, "checkpoint": None, "sha256": None} for n in replica_names], False)
-    manifest = build_manifest(identity, entries, base=base, kind=kind, start=0, patch_size=patch_size,
-                              ignore_label=ignore_label, regions=regions, command=command)
-    save_manifest(folder, manifest)
-    return manifest
+    return finish_set(folder, identity, entries, base=base, kind=kind, start=0, patch_size=patch_size,
+                      ignore_label=ignore_label, regions=regions, command=command)

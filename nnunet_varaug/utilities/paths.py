@@ -8,7 +8,7 @@ that run inside ``nnUNetv2_train`` both derive their paths and messages from her
 from __future__ import annotations
 
 import os
-from typing import Union
+from typing import Optional, Union
 
 from nnunet_varaug.utilities.errors import VarAugError
 
@@ -45,23 +45,29 @@ def latest_checkpoint_in(fold_folder: str) -> str:
     return os.path.join(fold_folder, "checkpoint_latest.pth")
 
 
-def experiment_flags(dataset_id: int, configuration: str, fold: Fold, num_replicas: int,
+def experiment_flags(dataset_id: int, configuration: str, fold: Optional[Fold], num_replicas: int,
                      base: str = "nnUNetTrainer", kind: str = "seed", plans: str = "nnUNetPlans",
                      start: int = 0) -> str:
-    """The ``-d -c -f -n [-p] [-tr] [--kind] [--start]`` flags that name an experiment, defaults left out."""
+    """The ``-d -c -f -n [-p] [-tr] [--kind] [--start]`` flags that name an experiment, defaults left out
+    (``fold`` None: no ``-f``)."""
     extra = "" if plans == "nnUNetPlans" else f" -p {plans}"
     extra += "" if base == "nnUNetTrainer" else f" -tr {base}"
     extra += "" if kind == "seed" else f" --kind {kind}"
     extra += "" if int(start) == 0 else f" --start {int(start)}"
-    return f"-d {int(dataset_id)} -c {configuration} -f {fold} -n {int(num_replicas)}{extra}"
+    fold_flag = "" if fold is None else f" -f {fold}"
+    return f"-d {int(dataset_id)} -c {configuration}{fold_flag} -n {int(num_replicas)}{extra}"
 
 
-def samples_command(dataset_id: int, configuration: str, fold: Fold, num_replicas: int,
+def samples_command(dataset_id: int, configuration: str, fold: Optional[Fold], num_replicas: int,
                     base: str = "nnUNetTrainer", kind: str = "seed", plans: str = "nnUNetPlans", start: int = 0,
-                    force: bool = False) -> str:
-    """The exact ``nnunet_varaug samples …`` command line, for error messages."""
+                    force: bool = False, source: str = "in-fold") -> str:
+    """The exact ``nnunet_varaug samples …`` command line, for error messages: in-fold for ``fold``, or
+    ``--source out-of-fold`` (no ``-f``: that set covers every fold)."""
+    if source == "out-of-fold":
+        fold = None
     flags = experiment_flags(dataset_id, configuration, fold, num_replicas, base, kind, plans, start)
-    return f"nnunet_varaug samples {flags}{' --force' if force else ''}"
+    return (f"nnunet_varaug samples {flags}" + (f" --source {source}" if source != "in-fold" else "")
+            + (" --force" if force else ""))
 
 
 def require_env(name: str, what: str) -> str:

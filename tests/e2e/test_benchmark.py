@@ -13,7 +13,7 @@ import SimpleITK as sitk
 import torch
 
 from conftest import BENCH_DATASET as DATASET, BENCH_ID as DATASET_ID, TINY, bench_args, device_span, run_cli
-from nnunet_varaug.experiments.benchmark.stages import STAGES, STATE_FILE
+from nnunet_varaug.experiments.benchmark.state import STAGES, STATE_FILE
 from nnunet_varaug.experiments.datasets import make_msd_task
 
 pytestmark = pytest.mark.e2e
@@ -293,16 +293,17 @@ def test_stages_made_from_a_replica_that_changed_are_stale(hippocampus):
     """Staleness is judged by content (sha256), like samples and analyze: a retrained replica (seed0 carrying
     seed1's weights) makes the sample set and the evaluation stale; a checkpoint merely touched does not."""
     from conftest import weights_of
-    from nnunet_varaug.experiments.benchmark.stages import Benchmark
+    from nnunet_varaug.experiments.benchmark import stages
+    from nnunet_varaug.experiments.benchmark.state import Benchmark
     from nnunet_varaug.experiments.benchmark.task import read_msd_task
 
     bench = Benchmark(read_msd_task(hippocampus["msd"]), hippocampus["out"], DATASET_ID, num_replicas=2, base=TINY,
                       device="cpu", num_processes=1, devices="0,1", num_folds=2,
                       sources=["in-fold", "out-of-fold"], stability=True)
     checkpoint = os.path.join(fold0(f"{TINY}_seed0"), "checkpoint_final.pth")
-    assert bench.done("samples") and bench.done("evaluate")
+    assert stages.done(bench, "samples") and stages.done(bench, "evaluate")
     with weights_of(checkpoint, os.path.join(fold0(f"{TINY}_seed1"), "checkpoint_final.pth")):
-        assert not bench.done("samples") and not bench.done("evaluate")
-        assert bench.done("replicas")  # still trained: only what was made from the old weights is stale
+        assert not stages.done(bench, "samples") and not stages.done(bench, "evaluate")
+        assert stages.done(bench, "replicas")  # still trained: only what was made from the old weights is stale
     os.utime(checkpoint)  # same bytes, new mtime
-    assert bench.done("samples") and bench.done("evaluate")
+    assert stages.done(bench, "samples") and stages.done(bench, "evaluate")

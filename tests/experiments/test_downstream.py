@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from nnunet_varaug.experiments import downstream, downstream_protocol
+from nnunet_varaug.experiments import downstream, downstream_data, downstream_protocol
 from nnunet_varaug.utilities.errors import VarAugError
 
 from conftest import run_cli
@@ -86,7 +86,7 @@ def test_no_subject_on_both_sides_of_any_fit(tmp_path, monkeypatch):
 
 def test_group_splits_asserts_on_indices():
     groups = np.repeat(np.arange(20), 5)
-    for train, test in downstream.group_splits(groups, 0.25, seed=1, n_splits=4):
+    for train, test in downstream_protocol.group_splits(groups, 0.25, seed=1, n_splits=4):
         assert not set(groups[train]) & set(groups[test])
         assert len(np.unique(groups[test])) == 5 and len(train) + len(test) == 100
 
@@ -98,26 +98,26 @@ def test_rows_of_each_arm():
     X = rng.standard_normal((50, 5, 3)) * np.array([1.0, 2.0, 0.5])
     ref = rng.standard_normal((50, 3)) + 10.0
     y = np.arange(50.0)
-    scale = downstream.noise_scale(X)
+    scale = downstream_protocol.noise_scale(X)
     expected = np.sqrt(np.mean([[np.var(X[s, :, f], ddof=1) for f in range(3)] for s in range(50)], axis=0))
     np.testing.assert_allclose(scale, expected)
     np.testing.assert_allclose(scale, [1.0, 2.0, 0.5], rtol=0.15)
 
-    Xr, yr, g = downstream.training_rows(X, y, "replicas", (1, 3, 4), 3, ref, scale, rng)
+    Xr, yr, g = downstream_protocol.training_rows(X, y, "replicas", (1, 3, 4), 3, ref, scale, rng)
     assert Xr.shape == (150, 3) and np.array_equal(yr, np.repeat(y, 3)) and np.array_equal(g, np.repeat(y, 3))
     np.testing.assert_array_equal(Xr[3:6], X[1, [1, 3, 4]])
-    Xi, _, _ = downstream.training_rows(X, y, "ieee", (), 1, ref, scale, rng)
+    Xi, _, _ = downstream_protocol.training_rows(X, y, "ieee", (), 1, ref, scale, rng)
     np.testing.assert_array_equal(Xi, ref)
-    Xg, yg, _ = downstream.training_rows(X, y, "gaussian", (), 400, ref, scale, rng)
+    Xg, yg, _ = downstream_protocol.training_rows(X, y, "gaussian", (), 400, ref, scale, rng)
     per = Xg.reshape(50, 400, 3)
     np.testing.assert_array_equal(per[:, 0], ref)
     np.testing.assert_allclose((per[:, 1:] - ref[:, None]).std(axis=(0, 1)), scale, rtol=0.03)
-    Xc, _, _ = downstream.training_rows(X, y, "combined", (2, 4), 2, ref, scale, rng)
+    Xc, _, _ = downstream_protocol.training_rows(X, y, "combined", (2, 4), 2, ref, scale, rng)
     per = Xc.reshape(50, 3, 3)  # 2 replica rows + 1 noisy copy of the reference
     np.testing.assert_array_equal(per[:, :2], X[:, [2, 4]])
     assert not np.allclose(per[:, 2], ref)
-    cov = downstream.noise_covariance(X)
-    Xk, _, _ = downstream.training_rows(X, y, "gaussian_corr", (), 3, ref, scale, rng, cov, np.ones(3, bool))
+    cov = downstream_protocol.noise_covariance(X)
+    Xk, _, _ = downstream_protocol.training_rows(X, y, "gaussian_corr", (), 3, ref, scale, rng, cov, np.ones(3, bool))
     per = Xk.reshape(50, 3, 3)
     np.testing.assert_array_equal(per[:, 0], ref)
     assert (per >= 0).all() and not np.allclose(per[:, 1], ref)
@@ -125,9 +125,9 @@ def test_rows_of_each_arm():
 
 def test_combinations_all_or_m_distinct():
     rng = np.random.default_rng(0)
-    assert downstream.replica_combinations(5, 2, 10, rng) == [c for c in __import__("itertools").combinations(
+    assert downstream_protocol.replica_combinations(5, 2, 10, rng) == [c for c in __import__("itertools").combinations(
         range(5), 2)]
-    drawn = downstream.replica_combinations(15, 7, 10, rng)
+    drawn = downstream_protocol.replica_combinations(15, 7, 10, rng)
     assert len(drawn) == len(set(drawn)) == 10 and all(len(set(c)) == 7 for c in drawn)
 
 
@@ -143,7 +143,7 @@ def test_results_summary_and_files(tmp_path):
                                         test_size=0.25, splits=2)
     results = pd.read_csv(tmp_path / "results.csv")
     assert {"arm", "N", "combination", "MAE", "RMSE", "R2"} <= set(results.columns)
-    assert set(results["arm"]) == set(downstream.ARMS)
+    assert set(results["arm"]) == set(downstream_protocol.ARMS)
     # the ieee arm of split 0, recomputed by hand
     splits = pd.read_csv(tmp_path / "splits.csv")
     s0 = splits[splits.split == 0]
@@ -221,7 +221,7 @@ def test_features_from_cases_pivots_volumes():
     rows = [(f"case_{c}", label, f"nnUNetTrainerTiny_seed{k}", float(rng.uniform(100, 200)), 0.9)
             for c in range(4) for label in (1, 2) for k in (0, 1, 10)]
     cases = pd.DataFrame(rows, columns=["case", "label", "replica", "volume_mm3", "dice_to_gt"])
-    wide = downstream.features_from_cases(cases)
+    wide = downstream_data.features_from_cases(cases)
     assert list(wide.columns) == ["subject", "replica", "volume_1", "volume_2"]
     assert len(wide) == 12 and list(wide["replica"][:3]) == [f"nnUNetTrainerTiny_seed{k}" for k in (0, 1, 10)]
     for case, label, replica, volume, _ in rows:
@@ -280,7 +280,7 @@ def test_bad_input_is_a_clear_error(tmp_path, kind, message):
 def test_grid_tunes_with_group_kfold(tmp_path):
     from sklearn.model_selection import GroupKFold
 
-    model = downstream.make_model("knn", 0, grid=True, n_groups=12)
+    model = downstream_protocol.make_model("knn", 0, grid=True, n_groups=12)
     assert isinstance(model.cv, GroupKFold) and model.cv.n_splits == 5
     features, targets = synthetic(24, 3, 3, 0.2, 0.2, seed=0)
     summary = downstream.run_experiment(features, targets, str(tmp_path), model="knn", grid=True,
@@ -316,7 +316,7 @@ def test_cli_on_cases_csv_adds_report_section(tmp_path):
     assert "reference model nnUNetTrainerTiny_ieee (not in the replica pool)" in proc.stdout
     out = folder / "downstream"
     summary = pd.read_csv(out / "summary.csv")
-    assert set(summary["arm"]) == set(downstream.ARMS) and summary["N"].max() == 3
+    assert set(summary["arm"]) == set(downstream_protocol.ARMS) and summary["N"].max() == 3
     assert mae(summary, "ieee", 1) < 3.0  # the volumes carry the age: a working regression, in years
     html = (folder / "report.html").read_text()
     assert "<p>kept</p>" in html and "<!-- section:downstream -->" in html and "data:image/png;base64," in html
@@ -364,10 +364,10 @@ def test_reference_is_never_in_the_replica_pool(tmp_path, monkeypatch):
 
     monkeypatch.setattr(downstream_protocol, "training_rows", recording)
     downstream.run_experiment(features, targets, str(tmp_path), model="ridge", combinations=2, test_size=0.2)
-    design = downstream.prepare(features, targets)
+    design = downstream_data.prepare(features, targets)
     assert design.reference_name == "nnUNetTrainer_ieee" and "nnUNetTrainer_ieee" not in design.replicas
     assert design.X.shape[1] == 3 and (design.X[..., 0] < 100).all() and (design.X_ref[:, 0] >= 1000).all()
-    assert {arm for arm, _ in seen} == set(downstream.ARMS)
+    assert {arm for arm, _ in seen} == set(downstream_protocol.ARMS)
     for arm, X in seen:
         if arm == "replicas":
             assert (X[:, 0] < 100).all()
@@ -377,7 +377,7 @@ def test_reference_is_never_in_the_replica_pool(tmp_path, monkeypatch):
     used = {r for cell in results.loc[results.arm == "replicas", "replicas"] for r in str(cell).split(";")}
     assert used == {"nnUNetTrainer_seed0", "nnUNetTrainer_seed1", "nnUNetTrainer_seed2"}
     # named explicitly, a seed replica is taken out of the pool too
-    design = downstream.prepare(features, targets, "nnUNetTrainer_seed1")
+    design = downstream_data.prepare(features, targets, "nnUNetTrainer_seed1")
     assert design.replicas == ["nnUNetTrainer_ieee", "nnUNetTrainer_seed0", "nnUNetTrainer_seed2"]
 
 
@@ -420,19 +420,19 @@ def test_correlated_control_reproduces_the_training_covariance():
     s, k = 300, 6
     X = (np.array([1000.0, 500.0, 200.0]) + rng.normal(0, 50, (s, 1, 3))
          + rng.multivariate_normal(np.zeros(3), sigma, (s, k)))
-    cov = downstream.noise_covariance(X)
+    cov = downstream_protocol.noise_covariance(X)
     df = s * (k - 1)
     se = np.sqrt((sigma ** 2 + np.outer(np.diag(sigma), np.diag(sigma))) / df)  # Wishart entry SE
     assert (np.abs(cov - sigma) < 4 * se).all(), (cov, sigma)
     ref = X[:, 0]
-    copies = downstream.correlated_copies(ref, 200, cov, rng, np.ones(3, bool))
+    copies = downstream_protocol.correlated_copies(ref, 200, cov, rng, np.ones(3, bool))
     noise = (copies - ref[:, None]).reshape(-1, 3)
     got = np.cov(noise, rowvar=False)
     se_copies = np.sqrt((cov ** 2 + np.outer(np.diag(cov), np.diag(cov))) / noise.shape[0])
     assert (np.abs(got - cov) < 4 * se_copies).all(), (got, cov)
-    independent = (downstream.training_rows(X, np.zeros(s), "gaussian", (), 50, ref, downstream.noise_scale(X),
+    independent = (downstream_protocol.training_rows(X, np.zeros(s), "gaussian", (), 50, ref, downstream_protocol.noise_scale(X),
                                             rng)[0].reshape(s, 50, 3)[:, 1:] - ref[:, None]).reshape(-1, 3)
     assert abs(np.corrcoef(independent, rowvar=False)[0, 1]) < 0.02  # the other control: uncorrelated
     near_zero = np.full((2000, 1), 5.0)  # mean 5, noise sd 10: a plain Gaussian would go negative 31 % of the time
-    out = downstream.correlated_copies(near_zero, 1, np.array([[100.0]]), rng, np.array([True]))
+    out = downstream_protocol.correlated_copies(near_zero, 1, np.array([[100.0]]), rng, np.array([True]))
     assert (out > 0).all()

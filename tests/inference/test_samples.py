@@ -103,7 +103,7 @@ def test_interrupted_run_leaves_nothing_trusted(sample_set, monkeypatch, capsys)
     from nnunet_varaug.utilities.errors import VarAugError
 
     exp, folder = sample_set["exp"], sample_set["folder"]
-    real_save = samples.save_sample_array
+    real_save = sampleset.save_sample_array
     calls = []
 
     def dies_on_second_case(maps, path, patch_size):
@@ -114,7 +114,7 @@ def test_interrupted_run_leaves_nothing_trusted(sample_set, monkeypatch, capsys)
             raise KeyboardInterrupt
         return real_save(maps, path, patch_size)
 
-    monkeypatch.setattr(samples, "save_sample_array", dies_on_second_case)
+    monkeypatch.setattr(sampleset, "save_sample_array", dies_on_second_case)
     with pytest.raises(KeyboardInterrupt):
         samples.write_samples(exp, device="cpu", tta=False, force=True, progress=False)
     assert not os.path.exists(os.path.join(folder, sampleset.MANIFEST))
@@ -122,7 +122,7 @@ def test_interrupted_run_leaves_nothing_trusted(sample_set, monkeypatch, capsys)
     with pytest.raises(VarAugError, match="left no manifest\\): run `nnunet_varaug samples"):
         sampleset.validate_sample_set(folder, plans="nnUNetPlans", configuration="3d_fullres", fold=0, cases=cases,
                                       shapes={}, fix=COMMAND)
-    monkeypatch.setattr(samples, "save_sample_array", real_save)
+    monkeypatch.setattr(sampleset, "save_sample_array", real_save)
     samples.write_samples(exp, device="cpu", tta=False, progress=False)
     assert "wrote 7 case(s), kept 1" in capsys.readouterr().out
     assert not [f for f in os.listdir(folder) if "partial" in f]

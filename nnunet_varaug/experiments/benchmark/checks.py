@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Sequence
 from nnunet_varaug.utilities.errors import VarAugError
 
 if TYPE_CHECKING:
-    from nnunet_varaug.experiments.benchmark.stages import Benchmark
+    from nnunet_varaug.experiments.benchmark.state import Benchmark
 
 
 def check_trainers(bench: "Benchmark") -> None:
@@ -25,7 +25,7 @@ def check_trainers(bench: "Benchmark") -> None:
 
 def check_requirements(bench: "Benchmark", stage: str, planned: Sequence[str]) -> None:
     """A stage asked for before its inputs exist (and not about to be made by this run) is an error."""
-    from nnunet_varaug.experiments.benchmark.stages import REQUIRES
+    from nnunet_varaug.experiments.benchmark.state import REQUIRES
 
     for need in REQUIRES[stage]:
         if need in planned or bench.done(need):

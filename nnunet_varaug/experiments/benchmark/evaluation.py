@@ -23,7 +23,7 @@ from nnunet_varaug.utilities.errors import VarAugError
 from nnunet_varaug.utilities.fileio import write_json
 
 if TYPE_CHECKING:
-    from nnunet_varaug.experiments.benchmark.stages import Benchmark
+    from nnunet_varaug.experiments.benchmark.state import Benchmark
 
 
 def evaluate(bench: "Benchmark") -> dict:

@@ -96,16 +96,6 @@ def is_held_out(raw_folder: str, test_cases: Sequence[str], all_cases: Sequence[
 
 
 # ---- the benchmark's two stages before and after planning -----------------------------------------------------------
-def test_split_record(bench) -> dict:
-    """The benchmark's test split, chosen from the task's training cases by ``--test-fraction`` and
-    ``--test-seed`` (deterministic), as recorded in the state: ``{"fraction", "seed", "cases"}``."""
-    from nnunet_varaug.utilities import folds
-
-    cases = folds.choose_test_cases(bench.task.training_cases, bench.test_fraction, bench.test_seed,
-                                    min_remaining=bench.num_folds)
-    return {"fraction": bench.test_fraction, "seed": bench.test_seed, "cases": cases}
-
-
 def training_cases(bench) -> List[str]:
     """The task's cases that nnU-Net may plan, preprocess, train and validate on (all but the test split)."""
     test = set(bench.test_cases)

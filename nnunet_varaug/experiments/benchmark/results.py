@@ -10,11 +10,11 @@ import json
 import os
 from typing import TYPE_CHECKING, Dict, List, Sequence
 
-from nnunet_varaug.experiments.benchmark.stages import fmt_seconds
+from nnunet_varaug.experiments.benchmark.state import fmt_seconds
 from nnunet_varaug.utilities.fileio import write_text
 
 if TYPE_CHECKING:
-    from nnunet_varaug.experiments.benchmark.stages import Benchmark
+    from nnunet_varaug.experiments.benchmark.state import Benchmark
 
 # nnU-Net's published Dice for Decathlon tasks, by label name (lower case). What they are: Isensee et al. (arXiv
 # 1809.10486) report nnU-Net's results on the MSD phase-1 *online leaderboard*: the Decathlon's held-out test set,

@@ -15,7 +15,7 @@ from nnunet_varaug.utilities.fileio import file_sha256
 from nnunet_varaug.launch.runner import parse_devices, run_devices, train_job
 
 if TYPE_CHECKING:
-    from nnunet_varaug.experiments.benchmark.stages import Benchmark
+    from nnunet_varaug.experiments.benchmark.state import Benchmark
 
 
 def samples_current(bench: "Benchmark", source: str = "in-fold") -> bool:
@@ -48,8 +48,8 @@ def run_replicas(bench: "Benchmark") -> None:
     """K replicas of the benchmark's fold, and of every fold for out-of-fold samples (``replicas -f`` takes one
     fold: one call per fold)."""
     for fold in bench.replica_folds:
-        if not all(bench._trained(n, fold) for n in bench.replica_names):
-            bench._call("replicas", bench._command("replicas", bench.fold_layout(fold)) + bench._devices())
+        if not all(bench.trained(n, fold) for n in bench.replica_names):
+            bench.call("replicas", bench.command("replicas", bench.fold_layout(fold)) + bench.device_flags())
         _validate_finished(bench, "replicas", bench.replica_names, fold)
 
 
@@ -57,8 +57,8 @@ def _validate_finished(bench: "Benchmark", stage: str, names, fold=None) -> None
     """``replicas`` skips a replica whose training finished; one interrupted during nnU-Net's final validation has
     no ``validation/summary.json`` yet: validate it (``nnUNetv2_train … --val``)."""
     for name in names:
-        if not bench._trained(name, fold):
-            bench._train(stage, name, fold)
+        if not bench.trained(name, fold):
+            bench.train(stage, name, fold)
 
 
 def run_samples(bench: "Benchmark") -> None:
@@ -66,22 +66,22 @@ def run_samples(bench: "Benchmark") -> None:
     for source in bench.sources:
         if samples_current(bench, source):
             continue
-        command = bench._command("samples")
+        command = bench.command("samples")
         if source == "out-of-fold":
             i = command.index("-f")
             command = command[:i] + command[i + 2:] + ["--source", "out-of-fold"]
-        bench._call("samples", command)
+        bench.call("samples", command)
 
 
 def run_varaug(bench: "Benchmark") -> None:
     """Each variability-augmented model (in-fold and/or out-of-fold) trained; with ``--devices`` and both to
     train, side by side, one per device (as ``replicas --devices`` trains replicas)."""
-    todo = [trainer for trainer in bench.varaug_trainers if not bench._trained(trainer)]
+    todo = [trainer for trainer in bench.varaug_trainers if not bench.trained(trainer)]
     if bench.devices is not None and len(todo) > 1:
         train_side_by_side(bench, "varaug", todo)
     else:
         for trainer in todo:
-            bench._train("varaug", trainer)
+            bench.train("varaug", trainer)
 
 
 def train_side_by_side(bench: "Benchmark", stage: str, trainers) -> None:
@@ -89,12 +89,12 @@ def train_side_by_side(bench: "Benchmark", stage: str, trainers) -> None:
     ``--devices`` at a time, each seeing only its device. Each job's output goes to its own
     ``OUT/logs/<stage>.<trainer>.log``, which the stage log names; a failed job fails the stage after the others
     ended (what finished is kept, and the rerun continues the rest)."""
-    from nnunet_varaug.experiments.benchmark.stages import StageFailed
+    from nnunet_varaug.experiments.benchmark.state import StageFailed
 
     jobs = []
     for trainer in trainers:
         job = train_job(bench.layout, trainer, bench.device)
-        stage_log = bench._log(stage, job.command)
+        stage_log = bench.log(stage, job.command)
         job.log = os.path.join(os.path.dirname(stage_log), f"{stage}.{trainer}.log")
         jobs.append(job)
     with open(stage_log, "a") as log:
@@ -111,8 +111,8 @@ def train_side_by_side(bench: "Benchmark", stage: str, trainers) -> None:
 def run_stability(bench: "Benchmark") -> None:
     """K seed replicas ``<varaug>_seed<k>`` of each varaug trainer, through ``replicas -tr <varaug>``."""
     for source in bench.sources:
-        if not all(bench._trained(n) for n in bench.stability_names(source)):
+        if not all(bench.trained(n) for n in bench.stability_names(source)):
             layout = Experiment(bench.dataset, bench.configuration, bench.fold, bench.num_replicas,
                                 bench.varaug_for(source), "seed", bench.plans)
-            bench._call("stability", bench._command("replicas", layout) + bench._devices())
+            bench.call("stability", bench.command("replicas", layout) + bench.device_flags())
         _validate_finished(bench, "stability", bench.stability_names(source))

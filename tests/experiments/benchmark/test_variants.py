@@ -10,7 +10,7 @@ import types
 import pytest
 
 from nnunet_varaug.experiments.benchmark import variants
-from nnunet_varaug.experiments.benchmark.stages import StageFailed
+from nnunet_varaug.experiments.benchmark.state import StageFailed
 from nnunet_varaug.launch.runner import TrainJob
 
 pytestmark = pytest.mark.unit
