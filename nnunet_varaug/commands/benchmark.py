@@ -7,6 +7,7 @@ import os
 import re
 from typing import List, Optional
 
+from nnunet_varaug.commands.flags import add_device, add_trainer_arguments
 from nnunet_varaug.experiments.benchmark import stages as benchmark_stages
 from nnunet_varaug.experiments.benchmark.state import STAGES, Benchmark
 from nnunet_varaug.experiments.benchmark.task import read_msd_task
@@ -33,8 +34,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", dest="configuration", default="3d_fullres", help="nnU-Net configuration (default 3d_fullres)")
     p.add_argument("-f", dest="fold", default="0", help="fold (default 0)")
     p.add_argument("-n", dest="num_replicas", type=int, default=5, help="number of seed replicas K (default 5)")
-    p.add_argument("-tr", dest="base", default="nnUNetTrainer", help="base trainer (default nnUNetTrainer)")
-    p.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    add_trainer_arguments(p)
     p.add_argument("-pl", dest="planner", default="ExperimentPlanner",
                    help="planner for plan_preprocess (default ExperimentPlanner, which writes nnUNetPlans)")
     p.add_argument("--varaug-p", dest="p", type=int, default=None, metavar="NN",
@@ -45,7 +45,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "(default ./varaug_benchmark_<TaskNN_Name>)")
     p.add_argument("--stages", default=None,
                    help=f"comma-separated subset of {','.join(STAGES)} (default: all, in this order)")
-    p.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="as nnUNetv2_train's -device")
+    add_device(p, "nnUNetv2_train")
     p.add_argument("--devices", default=None, metavar="0,1,…",
                    help="GPUs to train on, one model per GPU at a time: the replicas (replicas --devices), the "
                         "stability replicas, and the in-fold and out-of-fold varaug models side by side")

@@ -50,6 +50,16 @@ def make_predictor(exp: "Experiment", trainer: str, device: "torch.device", tta:
     Raises:
         VarAugError: the configuration is a cascade stage.
     """
+    predictor = nnunet_predictor(exp.model_folder(trainer), exp.fold, device, tta, checkpoint, step_size)
+    require_single_stage(exp.configuration, predictor.configuration_manager.previous_stage_name, who)
+    return predictor
+
+
+def nnunet_predictor(model_folder: str, fold, device: "torch.device", tta: bool = True,
+                     checkpoint: str = "checkpoint_final.pth", step_size: float = 0.5) -> "nnUNetPredictor":
+    """nnU-Net's ``nnUNetPredictor`` for ``model_folder``'s ``fold`` with ``nnUNetv2_predict``'s settings (Gaussian
+    weighting, mirroring unless ``tta`` is off), the plugin's trainers findable by name. The one place where the
+    package builds an nnU-Net predictor."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     os.environ["nnUNet_extTrainer"] = registry.ext_trainer_value()
@@ -57,7 +67,5 @@ def make_predictor(exp: "Experiment", trainer: str, device: "torch.device", tta:
         predictor = nnUNetPredictor(tile_step_size=step_size, use_gaussian=True, use_mirroring=tta,
                                     perform_everything_on_device=device.type == "cuda", device=device,
                                     verbose=False, verbose_preprocessing=False, allow_tqdm=False)
-        predictor.initialize_from_trained_model_folder(exp.model_folder(trainer), use_folds=(exp.fold,),
-                                                       checkpoint_name=checkpoint)
-    require_single_stage(exp.configuration, predictor.configuration_manager.previous_stage_name, who)
+        predictor.initialize_from_trained_model_folder(model_folder, use_folds=(fold,), checkpoint_name=checkpoint)
     return predictor

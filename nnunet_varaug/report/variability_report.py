@@ -1,6 +1,6 @@
 """The variability report: tables, voxel maps, figures and one self-contained ``report.html``.
 
-Files of one report folder (DESIGN.md): ``cases.csv``, ``pairs.csv``, ``summary.csv``, ``majority.csv``,
+Files of one report folder (docs/design.md, "Files on disk"): ``cases.csv``, ``pairs.csv``, ``summary.csv``, ``majority.csv``,
 ``comparison.csv`` (only with two kinds),
 ``maps/<case>[_<kind>]_{entropy,entropy_norm,majority,disagreement}.nii.gz``,
 ``figures/*.png`` and ``report.html``. Everything is written into a staging folder first and moved into place

@@ -91,13 +91,6 @@ def check_cross_validation(splits: Splits, cases: Optional[Iterable[str]] = None
     return owner
 
 
-def teacher_folds(splits: Splits, fold: int) -> List[int]:
-    """The folds whose replicas make the out-of-fold maps of ``fold``'s training cases (every other fold that
-    validates one of them)."""
-    owner = validating_folds(splits)
-    return sorted({owner[c] for c in splits[fold]["train"] if c in owner})
-
-
 def choose_test_cases(cases: Sequence[str], fraction: float, seed: int = 0, min_remaining: int = 2) -> List[str]:
     """A held-out test split: ``round(fraction * n)`` cases (at least one) drawn without replacement.
 

@@ -27,7 +27,7 @@ from nnunet_varaug.utilities.errors import VarAugError
 def done(bench: Benchmark, stage: str) -> bool:
     """Whether ``stage``'s outputs are on disk and made from the current inputs (the truth is on disk)."""
     if stage == "convert":
-        held = os.path.join(bench.raw_folder, holdout.holdout.HELD_OUT_LABELS)
+        held = os.path.join(bench.raw_folder, holdout.HELD_OUT_LABELS)
         return (os.path.isfile(os.path.join(bench.raw_folder, "dataset.json"))
                 and len(nii_files(os.path.join(bench.raw_folder, "labelsTr")))
                 + (len(nii_files(held)) if os.path.isdir(held) else 0) == len(bench.task.training_cases))

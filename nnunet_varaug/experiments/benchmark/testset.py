@@ -22,6 +22,7 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
+from nnunet_varaug.inference.predictor import nnunet_predictor, torch_device
 from nnunet_varaug.utilities.fileio import file_sha256, write_json
 from nnunet_varaug.utilities.inprocess import pools_in_this_process
 
@@ -40,9 +41,6 @@ def predict_folder(model_folder: str, fold, images: str, output: str, device: st
 
     Skipped when ``output`` holds a prediction of every case made from the same checkpoint (sha256).
     """
-    import torch
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
     path = os.path.join(model_folder, f"fold_{fold}", checkpoint)
     stamp = {"checkpoint": path, "sha256": file_sha256(path), "images": os.path.abspath(images)}
     with open(os.path.join(model_folder, "dataset.json")) as f:
@@ -55,15 +53,8 @@ def predict_folder(model_folder: str, fold, images: str, output: str, device: st
                 return output
     shutil.rmtree(output, ignore_errors=True)
     os.makedirs(output)
-    from nnunet_varaug.training.registry import ext_trainer_value
-
-    os.environ["nnUNet_extTrainer"] = ext_trainer_value()  # the predictor finds the plugin's trainers by name
-    torch_device = torch.device(device)
+    predictor = nnunet_predictor(model_folder, fold, torch_device(device), checkpoint=checkpoint)
     with contextlib.redirect_stdout(io.StringIO()):
-        predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
-                                    perform_everything_on_device=torch_device.type == "cuda", device=torch_device,
-                                    verbose=False, verbose_preprocessing=False, allow_tqdm=False)
-        predictor.initialize_from_trained_model_folder(model_folder, use_folds=(fold,), checkpoint_name=checkpoint)
         predictor.predict_from_files_sequential(images, output, save_probabilities=False, overwrite=True)
     write_json(stamp_path, stamp)
     return output

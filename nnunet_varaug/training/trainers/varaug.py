@@ -3,7 +3,7 @@
 Per training sample the target is the ground truth with probability 1 - p, else the map of one replica chosen
 uniformly, cropped and augmented exactly like the image. Two equivalent data flows (``varaug_select_at_load``):
 
-* ``False`` (the flow of DESIGN.md): the training dataset (``VariabilitySampleDataset``) returns the ground truth
+* ``False`` (the flow first designed): the training dataset (``VariabilitySampleDataset``) returns the ground truth
   plus the K replica maps as extra segmentation channels, read lazily; nnU-Net's data loader crops all channels
   with one box, its spatial transform and mirroring move them together, and ``VariabilitySampleTransform(p, K)``,
   inserted right after nnU-Net's label-removal step (``RemoveLabelTransform(-1, 0)``) and before region conversion
