@@ -1,43 +1,41 @@
-"""``MonteCarloArithmetic``: the ``TorchDispatchMode`` that stochastically rounds every floating-point aten
-result while it is active (the one job of this module: dispatch; rounding and reductions live beside it).
+"""``MonteCarloArithmetic``: the ``TorchDispatchMode`` that stochastically rounds the floating-point aten results
+of the code it runs (the one job of this module: dispatch; rounding, noise, dtypes and routes live beside it).
 
-Each perturbed op (:mod:`.ops` decides which) is recomputed in the high dtype of its working dtype (float64 for
-float32, float32 for float16/bfloat16), with Python float scalars first rounded to float32 as PyTorch's
-kernels round them, and its floating results are rounded back by :func:`.rounding.stochastic_round`:
+Each perturbed op (:mod:`.ops` decides which) whose results PyTorch types float32, float16 or bfloat16
+(:mod:`.dtypes`) is recomputed in the high dtype of its working dtype (float64 for float32, float32 for float16
+and bfloat16), its inputs entering as PyTorch's kernels take them, and each floating result is rounded back by
+the op's :class:`.rounder.Rounder`:
 
-* ``granularity="op"``: one stochastic rounding per aten op; reductions accumulate in the high dtype
-  (:mod:`.reductions`). The model of hardware stochastic rounding applied at an accumulator's output.
-* ``granularity="instruction"``: convolutions (2-d and 3-d, ungrouped, not transposed), their gradients,
-  ``mm``/``addmm``/``bmm`` and ``sum``/``mean`` run as sequences of stochastically rounded float32 multiplies
-  and additions in the lane order of :mod:`.reductions` (Verificarlo's model of one rounding per
-  instruction); every other op (element-wise ops, normalisation, softmax, losses, transposed convolutions)
-  is one instruction-level rounding of its high-precision result, i.e. as at op level.
+* ``granularity="op"``: one rounding per result of each aten op, of the op's result computed in the high dtype;
+  convolutions accumulate in float64 (:mod:`.conv`). The model of stochastic rounding applied at an
+  accumulator's output.
+* ``granularity="instruction"``: the ops of :data:`.routes.INSTRUCTION_LEVEL_OPS` run as sequences of rounded
+  float32 multiplies and additions in the lane order of :mod:`.lanes` (Verificarlo's model of one rounding per
+  instruction, in an order of our choosing); every other op is one rounding of its high-precision result.
 
-Not perturbed: ops that do no rounding (:data:`.ops.NO_ROUNDING`, views), float64 work (float64 is the high
-precision), integer and boolean results, sparse and complex tensors. Random bits come from the mode's own
-``torch.Generator`` per device, seeded from (stream, device): the global RNG is never touched.
+Not perturbed: ops that do no rounding (:data:`.ops.NO_ROUNDING`, views), float64 results (float64 is the high
+precision), integer and boolean results, sparse and complex tensors. Random words come from the counter-based
+noise of :mod:`.noise`, keyed by (stream or seed, epoch) and addressed by (iteration, op, rounding): the global
+RNG is never touched, and the noise does not depend on thread count, tensor sizes elsewhere or device.
 """
 from __future__ import annotations
 
-import struct
 from typing import Any, Dict, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from nnunet_varaug.training.numerics import reductions as red
+from nnunet_varaug.training.numerics import dtypes as dt
+from nnunet_varaug.training.numerics.kernels import single_thread
+from nnunet_varaug.training.numerics.noise import GENERATOR, CounterNoise, DirectedNoise, noise_identity
 from nnunet_varaug.training.numerics.ops import plan_for
-from nnunet_varaug.training.numerics.rounding import (HIGH, PRECISION, PrecisionError, check_virtual_bits, random_round,
-                                                      stochastic_round, words_per_rounding)
-from nnunet_varaug.training.seeding import derive_seed
+from nnunet_varaug.training.numerics.rounder import Rounder
+from nnunet_varaug.training.numerics.rounding import HIGH, PRECISION, PrecisionError, check_virtual_bits
+from nnunet_varaug.training.numerics.routes import SPECIAL
 
 GRANULARITIES = ("op", "instruction")
-aten = torch.ops.aten
-
-
-def _float32_scalar(v: float) -> float:
-    return struct.unpack("f", struct.pack("f", v))[0] if v == v and abs(v) < 3.4e38 else v
+DIRECTIONS = (None, "up", "down")
 
 
 class MonteCarloArithmetic(TorchDispatchMode):
@@ -46,21 +44,24 @@ class MonteCarloArithmetic(TorchDispatchMode):
     Example::
 
         mca = MonteCarloArithmetic(virtual_bits=24, stream=3, granularity="op")
-        with mca:
+        with mca:                    # each entry is one iteration of the noise counter
             loss = model(x).sum()
             loss.backward()          # backward ops run under the mode too
             optimizer.step()
 
     Args:
         virtual_bits: t; None means each dtype's own precision (24 for float32, 11 for float16, 8 for
-            bfloat16): stochastic rounding. t below it is Verificarlo's random rounding at t bits.
-        stream: noise stream index; equal streams give bitwise-equal noise, different streams independent noise.
-        seed: overrides the generator seed derived from ``stream``.
+            bfloat16): stochastic rounding. t below it is Verificarlo's random rounding ``rr`` at t bits.
+        stream: noise stream index (0 <= stream < 2^31); equal streams give bitwise-equal noise, different
+            streams noise from different Philox keys.
+        seed: keys the noise instead of ``stream`` (0 <= seed < 2^31); kept by :meth:`reseed`.
         granularity: ``"op"`` or ``"instruction"`` (module docstring).
+        directed: testing aid: ``"up"`` or ``"down"`` replaces the random words by all ones or zeros, so that
+            stochastic rounding rounds every inexact result away from zero or towards zero.
     """
 
     def __init__(self, virtual_bits: Optional[int] = None, stream: int = 0, seed: Optional[int] = None,
-                 granularity: str = "op"):
+                 granularity: str = "op", directed: Optional[str] = None):
         super().__init__()
         if virtual_bits is not None:
             virtual_bits = int(virtual_bits)
@@ -68,49 +69,47 @@ class MonteCarloArithmetic(TorchDispatchMode):
                 raise PrecisionError(f"virtual precision t={virtual_bits} must be in 1..24 (float32 at most)")
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, not {granularity!r}")
+        if directed not in DIRECTIONS:
+            raise ValueError(f"directed must be one of {DIRECTIONS}, not {directed!r}")
         self.virtual_bits = virtual_bits
         self.stream = int(stream)
+        self.seed = None if seed is None else int(seed)
         self.granularity = granularity
-        self._seed = derive_seed("mca", self.stream) if seed is None else int(seed)
-        self._generators: Dict[torch.device, torch.Generator] = {}
+        noise = CounterNoise(noise_identity(self.stream, self.seed)) if directed is None \
+            else DirectedNoise(directed == "up")
+        self.rounder = Rounder(noise, virtual_bits)
         self.perturbed_ops = 0
-        self.perturbed_elements = 0
 
     def __repr__(self) -> str:
         bits = "dtype precision" if self.virtual_bits is None else self.virtual_bits
-        return f"MonteCarloArithmetic(virtual_bits={bits}, stream={self.stream}, granularity={self.granularity!r})"
+        seed = "" if self.seed is None else f", seed={self.seed}"
+        return (f"MonteCarloArithmetic(virtual_bits={bits}, stream={self.stream}{seed}, "
+                f"granularity={self.granularity!r})")
+
+    @property
+    def perturbed_elements(self) -> int:
+        """How many values were rounded (results at op level, instructions at instruction level)."""
+        return self.rounder.elements
+
+    @property
+    def generator(self) -> Dict[str, object]:
+        """The noise generator's record (name, version, key and counter layout)."""
+        return dict(GENERATOR)
 
     # ---- noise ---------------------------------------------------------------------------------------------
-    def reseed(self, *keys) -> None:
-        """Restart the noise: the generators are re-seeded from (stream, *keys) on their next use."""
-        self._seed = derive_seed("mca", self.stream, *keys)
-        self._generators.clear()
+    def reseed(self, epoch: int) -> None:
+        """Key the noise with ``epoch`` (and the stream or seed) and restart its counters."""
+        self.rounder.noise.reseed(int(epoch))
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        gen = self._generators.get(device)
-        if gen is None:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(derive_seed(self._seed, str(device)))
-            self._generators[device] = gen
-        return gen
+    def __enter__(self):
+        self.rounder.noise.begin_iteration()
+        return super().__enter__()
 
     def round(self, high: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Stochastically round the high-precision result ``high`` to ``dtype`` with this mode's noise."""
-        if self.virtual_bits is not None:
-            check_virtual_bits(self.virtual_bits, dtype)
-        self.perturbed_elements += high.numel()
-        t = check_virtual_bits(self.virtual_bits, dtype)
-        per = words_per_rounding(dtype, self.virtual_bits)
-        words = torch.randint(0, 2 ** 32, (high.numel(), per), generator=self._generator(high.device),
-                              device=high.device)
-        if per == 1:
-            return stochastic_round(high, dtype, words[:, 0])
-        return random_round(high, dtype, t, words)
-
-    def _rounder(self, dtype: torch.dtype):
-        if dtype != torch.float32:
-            raise NotImplementedError("instruction-level reductions are float32 only")
-        return lambda high: self.round(high, dtype)
+        """Round the high-precision result ``high`` to ``dtype`` with this mode's noise (a new op)."""
+        check_virtual_bits(self.virtual_bits, dtype)
+        self.rounder.begin_op()
+        return self.rounder.round(high, dtype)
 
     # ---- dispatch ------------------------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -118,49 +117,44 @@ class MonteCarloArithmetic(TorchDispatchMode):
         plan = plan_for(func)
         if not plan.perturb or (plan.condition is not None and not plan.condition(args, kwargs)):
             return func(*args, **kwargs)
-        low, wide = None, False
-        for value in list(args) + list(kwargs.values()):
-            for t in (value if isinstance(value, (list, tuple)) else (value,)):
-                if isinstance(t, torch.Tensor) and t.dtype in HIGH and t.layout == torch.strided:
-                    low = t.dtype if low is None else torch.promote_types(low, t.dtype)
-                elif isinstance(t, torch.Tensor) and t.dtype == torch.float64 and t.dim() > 0:
-                    wide = True  # float32 with float64 promotes to float64: float64 work, left alone
-        if low is None or wide:
+        outputs = dt.output_dtypes(func, args, kwargs)
+        working = dt.floating_outputs(outputs)
+        if not working:
             return func(*args, **kwargs)
+        low = max(working, key=lambda d: PRECISION[d])  # mixed outputs: computed for the widest
+        if self.virtual_bits is not None:
+            for d in set(working):
+                check_virtual_bits(self.virtual_bits, d)
         self.perturbed_ops += 1
-        special = _SPECIAL.get((self.granularity, func))
+        self.rounder.begin_op()
+        special = SPECIAL.get((self.granularity, func))
         if special is not None:
-            result = special(self, low, *args, **kwargs)
+            with single_thread():
+                result = special(self.rounder, *args, **kwargs)
             if result is not NotImplemented:
                 return result
-        return self._generic(func, low, args, kwargs)
+        return self._generic(func, low, outputs, args, kwargs)
 
-    def _generic(self, func, low: torch.dtype, args, kwargs):
+    def _generic(self, func, low: torch.dtype, outputs, args, kwargs):
         high = HIGH[low]
+        pointwise = dt.is_pointwise(func)
         originals: Dict[int, torch.Tensor] = {}
 
         def up(v: Any) -> Any:
-            if isinstance(v, torch.Tensor):
-                if v.dtype in HIGH and v.layout == torch.strided:
-                    h = v.to(high, copy=True)
-                    originals[id(h)] = v
-                    return h
-                return v
-            if isinstance(v, float):
-                return _float32_scalar(v)
-            if isinstance(v, torch.dtype) and v in HIGH:  # e.g. input_dtype of _log_softmax_backward_data
-                return HIGH[v]
-            return v
+            h = dt.widen(v, high, low, pointwise)
+            if isinstance(v, torch.Tensor) and h is not v:
+                originals[id(h)] = v
+            return h
 
-        hargs = tuple(tree_map(up, a) if isinstance(a, (list, tuple)) else up(a) for a in args)
-        hkwargs = {k: (tree_map(up, v) if isinstance(v, (list, tuple)) else up(v)) for k, v in kwargs.items()}
-        requested = kwargs.get("dtype")
-        if isinstance(requested, torch.dtype):
-            if requested not in HIGH:
-                return func(*args, **kwargs)
-            low, high = requested, HIGH[requested]
+        hargs = tree_map(up, args)
+        hkwargs = tree_map(up, kwargs)
+        if isinstance(kwargs.get("dtype"), torch.dtype):
             hkwargs["dtype"] = high
-        out = func(*hargs, **hkwargs)
+        if pointwise:
+            out = func(*hargs, **hkwargs)
+        else:
+            with single_thread():  # float64 reductions in one order, whatever the thread count
+                out = func(*hargs, **hkwargs)
         for position, name in plan_for(func).writes:
             value = hargs[position] if position < len(hargs) else hkwargs.get(name)
             for h in (value if isinstance(value, (list, tuple)) else (value,)):
@@ -168,102 +162,23 @@ class MonteCarloArithmetic(TorchDispatchMode):
                 if original is not None:
                     if original.shape != h.shape:  # an out= tensor the op resized
                         original.resize_(h.shape)
-                    original.copy_(self.round(h, original.dtype) if h.dtype == HIGH[original.dtype] else h)
+                    original.copy_(self._down(h, original.dtype))
+        flat, spec = tree_flatten(out)
+        results = []
+        for i, r in enumerate(flat):
+            if isinstance(r, torch.Tensor) and id(r) in originals:  # an in-place op returning its argument
+                results.append(originals[id(r)])
+            elif isinstance(r, torch.Tensor):
+                want = outputs[i] if i < len(outputs) and outputs[i] is not None else low
+                results.append(self._down(r, want))
+            else:
+                results.append(r)
+        return tree_unflatten(results, spec)
 
-        def down(r: Any) -> Any:
-            if not isinstance(r, torch.Tensor):
-                return r
-            original = originals.get(id(r))
-            if original is not None:  # an in-place op returning its (already rounded) argument
-                return original
-            return self.round(r, low) if r.dtype == high else r
-
-        return tree_map(down, out)
-
-
-# ---- special routes ------------------------------------------------------------------------------------------
-def _conv_op(mode: MonteCarloArithmetic, low, x, w, bias, stride, padding, dilation, transposed, output_padding,
-             groups):
-    if low != torch.float32 or not red.conv_supported(x, w, transposed, groups):
-        return NotImplemented
-    return mode.round(red.conv_forward_high(x, w, bias, stride, padding, dilation), low)
-
-
-def _conv_backward_op(mode, low, grad, x, w, bias_sizes, stride, padding, dilation, transposed, output_padding,
-                      groups, mask):
-    if low != torch.float32 or not red.conv_supported(x, w, transposed, groups):
-        return NotImplemented
-    grads = red.conv_backward_high(grad, x, w, stride, padding, dilation, mask)
-    return tuple(None if g is None else mode.round(g.contiguous(), low) for g in grads)
-
-
-def _conv_instr(mode, low, x, w, bias, stride, padding, dilation, transposed, output_padding, groups):
-    if low != torch.float32 or not red.conv_supported(x, w, transposed, groups):
-        return NotImplemented
-    return red.conv_forward_instr(x, w, bias, stride, padding, dilation, mode._rounder(low))
-
-
-def _conv_backward_instr(mode, low, grad, x, w, bias_sizes, stride, padding, dilation, transposed,
-                         output_padding, groups, mask):
-    if low != torch.float32 or not red.conv_supported(x, w, transposed, groups):
-        return NotImplemented
-    return red.conv_backward_instr(grad, x, w, stride, padding, dilation, mask, mode._rounder(low))
-
-
-def _mm_instr(mode, low, a, b):
-    if low != torch.float32 or a.dtype != low or b.dtype != low:
-        return NotImplemented
-    return red.sr_matmul(a, b, mode._rounder(low))
-
-
-def _bmm_instr(mode, low, a, b):
-    if low != torch.float32 or a.dtype != low or b.dtype != low:
-        return NotImplemented
-    return torch.stack([red.sr_matmul(a[i], b[i], mode._rounder(low)) for i in range(a.shape[0])])
-
-
-def _addmm_instr(mode, low, bias, a, b, beta=1, alpha=1):
-    if low != torch.float32 or beta != 1 or alpha != 1 or a.dtype != low or b.dtype != low or bias.dtype != low:
-        return NotImplemented
-    rnd = mode._rounder(low)
-    return rnd(red.sr_matmul(a, b, rnd).double().add_(bias.double()))
-
-
-def _sum_instr(mode, low, x, dim=None, keepdim=False, dtype=None):
-    if low != torch.float32 or x.dtype != low or dtype not in (None, low) or x.dim() == 0:
-        return NotImplemented
-    return red.sr_sum(x, dim, keepdim, mode._rounder(low))
-
-
-def _mean_instr(mode, low, x, dim=None, keepdim=False, dtype=None):
-    total = _sum_instr(mode, low, x, dim, keepdim, dtype)
-    if total is NotImplemented:
-        return total
-    count = x.numel() // max(1, total.numel()) if keepdim or dim else x.numel()
-    return mode.round(total.double().div_(count), low)
-
-
-def _sum_default_instr(mode, low, x, dtype=None):
-    return _sum_instr(mode, low, x, None, False, dtype)
-
-
-def _mean_default_instr(mode, low, x, dtype=None):
-    return _mean_instr(mode, low, x, None, False, dtype)
-
-
-_SPECIAL = {
-    ("op", aten.convolution.default): _conv_op,
-    ("op", aten.convolution_backward.default): _conv_backward_op,
-    ("instruction", aten.convolution.default): _conv_instr,
-    ("instruction", aten.convolution_backward.default): _conv_backward_instr,
-    ("instruction", aten.mm.default): _mm_instr,
-    ("instruction", aten.bmm.default): _bmm_instr,
-    ("instruction", aten.addmm.default): _addmm_instr,
-    ("instruction", aten.sum.dim_IntList): _sum_instr,
-    ("instruction", aten.sum.default): _sum_default_instr,
-    ("instruction", aten.mean.dim): _mean_instr,
-    ("instruction", aten.mean.default): _mean_default_instr,
-}
-
-#: The aten ops that run per instruction under ``granularity="instruction"`` (all others: one rounding per op).
-INSTRUCTION_LEVEL_OPS = tuple(sorted(str(f) for g, f in _SPECIAL if g == "instruction"))
+    def _down(self, r: torch.Tensor, want: torch.dtype) -> torch.Tensor:
+        """A high-precision result as the dtype PyTorch gives it, stochastically rounded when it is perturbed."""
+        if want in HIGH and r.dtype == HIGH[want]:
+            return self.rounder.round(r, want)
+        if want in HIGH and r.dtype in HIGH.values() and r.dtype != HIGH[want]:
+            return self.rounder.round(r.to(HIGH[want]), want)  # mixed-precision op: a documented double rounding
+        return r if r.dtype == want else r.to(want)

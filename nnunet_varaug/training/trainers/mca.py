@@ -27,7 +27,7 @@ TRAINING_DTYPE = torch.float32
 
 
 @contextlib.contextmanager
-def _autocast_off() -> Iterator[None]:
+def autocast_off() -> Iterator[None]:
     """Make nnU-Net's ``train_step`` build ``autocast(..., enabled=False)`` while it runs.
 
     nnU-Net enters ``autocast(self.device.type, enabled=True)`` itself, so an outer context cannot turn it off;
@@ -70,7 +70,7 @@ class Float32TrainingMixin(SeedReplicaMixin):
         return contextlib.nullcontext()
 
     def train_step(self, batch: dict) -> dict:
-        with _autocast_off(), self.training_context():
+        with autocast_off(), self.training_context():
             return super().train_step(batch)
 
     def precision_record(self) -> Dict[str, Any]:
@@ -113,7 +113,7 @@ class MCAReplicaMixin(Float32TrainingMixin):
 
     def on_train_epoch_start(self):
         # Per-epoch noise seeds: a run resumed at epoch e draws the same noise as an uninterrupted one from e on.
-        self.mca.reseed("epoch", self.current_epoch)
+        self.mca.reseed(self.current_epoch)
         super().on_train_epoch_start()
 
     def training_context(self):
@@ -131,7 +131,7 @@ class MCAReplicaMixin(Float32TrainingMixin):
             "stream": self.mca_stream, "virtual_bits": self.mca_effective_bits,
             "dtype": str(TRAINING_DTYPE).replace("torch.", ""), "perturbed": "train_step (forward, loss, "
             "backward, optimizer step)", "unperturbed": "validation, export, inference",
-            "replica_seed": self.replica_seed,
+            "replica_seed": self.replica_seed, "generator": self.mca.generator,
             # run-time evidence that training was perturbed (counted in this process, so from a resume on)
             "perturbed_ops": self.mca.perturbed_ops, "perturbed_values": self.mca.perturbed_elements,
         }

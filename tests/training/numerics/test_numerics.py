@@ -13,7 +13,7 @@ import torch
 
 from nnunet_varaug.training.numerics import (NO_ROUNDING, PRECISION, MonteCarloArithmetic, PrecisionError,
                                     check_virtual_bits, is_perturbed, stochastic_round)
-from nnunet_varaug.training.numerics.reductions import lanes_for
+from nnunet_varaug.training.numerics.lanes import lanes_for
 
 pytestmark = pytest.mark.unit
 aten = torch.ops.aten
@@ -368,3 +368,18 @@ def test_precision_and_granularity_checks():
             torch.ones(3, dtype=torch.float16) * 2.0
     with pytest.raises(ValueError, match="granularity must be one of"):
         MonteCarloArithmetic(granularity="instr")
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_same_weights_with_one_and_two_threads(granularity):
+    """The noise depends on addresses only and float64 reductions run in one order: a training step gives
+    bitwise-equal gradients and weights on 1 and 2 threads."""
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(_train_step(3, granularity))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])

@@ -99,10 +99,10 @@ def test_training_step_autocast_is_off_only_inside():
     """nnU-Net's train_step enters autocast itself; under the mixin it gets a disabled one, restored after."""
     from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as trainer_module
 
-    from nnunet_varaug.training.trainers.mca import _autocast_off
+    from nnunet_varaug.training.trainers.mca import autocast_off
 
     original = trainer_module.autocast
-    with _autocast_off():
+    with autocast_off():
         ctx = trainer_module.autocast("cpu", enabled=True)
         with ctx:
             assert not torch.is_autocast_enabled("cpu")
@@ -181,6 +181,7 @@ def test_two_mca_replicas_end_to_end(synthetic_3d):
         assert record["numerics"]["kind"] == "mca" and record["numerics"]["stream"] == k
         assert record["numerics"]["virtual_bits"] == 24 and record["numerics"]["replica_seed"] == 0
         assert record["numerics"]["granularity"] == "op" and record["precision"]["cudnn_allow_tf32"] is False
+        assert record["numerics"]["generator"]["name"] == "philox4x32-10"
         w, ckpt = _weights(folder)
         stored = ckpt["nnunet_varaug"]["numerics"]
         assert stored["stream"] == k and stored["perturbed_ops"] > 0  # the training steps ran perturbed

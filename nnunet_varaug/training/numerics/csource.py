@@ -1,0 +1,197 @@
+"""The C source of the compiled numerics kernels (the one job of this module: hold it; :mod:`.kernels` builds it).
+
+Every function computes bit for bit what the PyTorch reference in :mod:`.rounding`, :mod:`.noise` and
+:mod:`.reductions` computes: Philox4x32-10 noise addressed by (key, op, iteration, rounding address); stochastic
+rounding of float64 results to float32 (SR, with its subnormal grid and overflow rule) or Verificarlo's random
+rounding at t bits; per-instruction dot products in the lane order of :mod:`.reductions`. It is compiled with
+``-ffp-contract=off`` and without fast-math, so float64 arithmetic is IEEE round-to-nearest exactly as written;
+``directed`` replaces the random words by all ones (1) or zeros (2) for the directed-rounding tests.
+"""
+
+SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+
+#define M0 0xD2511F53u
+#define M1 0xCD9E8D57u
+#define W0 0x9E3779B9u
+#define W1 0xBB67AE85u
+#define MASK29 ((uint64_t)0x1FFFFFFF)
+
+static inline void philox(uint32_t c[4], uint32_t k0, uint32_t k1) {
+    for (int r = 0; r < 10; r++) {
+        uint64_t p0 = (uint64_t)M0 * c[0], p1 = (uint64_t)M1 * c[2];
+        uint32_t n0 = (uint32_t)(p1 >> 32) ^ c[1] ^ k0, n2 = (uint32_t)(p0 >> 32) ^ c[3] ^ k1;
+        c[0] = n0; c[1] = (uint32_t)p1; c[2] = n2; c[3] = (uint32_t)p0;
+        k0 += W0; k1 += W1;
+    }
+}
+
+typedef struct { uint32_t k0, k1, op, iter; int directed; } noise_t;
+
+/* the 4 words of block b */
+static inline void block_words(const noise_t* nz, uint64_t b, uint32_t w[4]) {
+    if (nz->directed) { uint32_t v = nz->directed == 1 ? 0xFFFFFFFFu : 0u; w[0] = w[1] = w[2] = w[3] = v; return; }
+    w[0] = (uint32_t)b; w[1] = (uint32_t)(b >> 32); w[2] = nz->op; w[3] = nz->iter;
+    philox(w, nz->k0, nz->k1);
+}
+
+/* one word for rounding address a (SR) */
+static inline uint32_t word1(const noise_t* nz, uint64_t a) {
+    uint32_t w[4]; block_words(nz, a >> 2, w); return w[a & 3];
+}
+
+static inline float sr32(double x, uint32_t u) {
+    uint64_t b; memcpy(&b, &x, 8);
+    uint64_t e = (b >> 52) & 0x7FF;
+    if (e == 0x7FF) return (float)x;
+    uint64_t m = u & MASK29;
+    if (e >= 1023 - 126) { b = (b + m) & ~MASK29; memcpy(&x, &b, 8); return (float)x; }
+    double s = fabs(x) * 0x1p149, whole = floor(s);
+    uint64_t thr = (uint64_t)((s - whole) * 0x1p29);
+    double r = (whole + (double)((m + thr) >> 29)) * 0x1p-149;
+    return (float)copysign(r, x);
+}
+
+static inline float rr32(double x, int t, uint32_t w0, uint32_t w1) {
+    uint64_t b; memcpy(&b, &x, 8);
+    int e = (int)((b >> 52) & 0x7FF);
+    if (e == 0x7FF || x == 0.0 || (b & ((1ull << (53 - t)) - 1)) == 0) return (float)x;
+    int64_t k = ((int64_t)(w0 & 0x7FFFF) << 32) | (int64_t)w1;
+    double xi = (double)(2 * k + 1 - (1ll << 51)) * 0x1p-52;
+    return (float)(x + ldexp(xi, e - 1023 - (t - 1)));
+}
+
+/* words of roundings base..base+n-1, per = 1 or 2 words each */
+void nv_words(uint32_t k0, uint32_t k1, uint32_t op, uint32_t iter, int directed, uint64_t base, int64_t n,
+              int per, uint32_t* out) {
+    noise_t nz = {k0, k1, op, iter, directed};
+    uint32_t w[4];
+    for (int64_t i = 0; i < n; i++) {
+        uint64_t a = base + (uint64_t)i;
+        if (per == 1) { block_words(&nz, a >> 2, w); out[i] = w[a & 3]; }
+        else { block_words(&nz, a >> 1, w); out[2 * i] = w[2 * (a & 1)]; out[2 * i + 1] = w[2 * (a & 1) + 1]; }
+    }
+}
+
+/* y[i] = round(x[i]) to float32: SR (t == 24) or random rounding at t bits, rounding address base + i */
+void nv_round_f32(const double* x, float* y, int64_t n, int t, uint32_t k0, uint32_t k1, uint32_t op,
+                  uint32_t iter, int directed, uint64_t base) {
+    noise_t nz = {k0, k1, op, iter, directed};
+    uint32_t w[4];
+    int64_t i = 0;
+    if (t == 24) {
+        while (i < n && ((base + (uint64_t)i) & 3)) { y[i] = sr32(x[i], word1(&nz, base + (uint64_t)i)); i++; }
+        for (; i + 4 <= n; i += 4) {
+            block_words(&nz, (base + (uint64_t)i) >> 2, w);
+            y[i] = sr32(x[i], w[0]); y[i + 1] = sr32(x[i + 1], w[1]);
+            y[i + 2] = sr32(x[i + 2], w[2]); y[i + 3] = sr32(x[i + 3], w[3]);
+        }
+        for (; i < n; i++) y[i] = sr32(x[i], word1(&nz, base + (uint64_t)i));
+    } else {
+        for (; i < n; i++) {
+            uint64_t a = base + (uint64_t)i;
+            block_words(&nz, a >> 1, w);
+            y[i] = rr32(x[i], t, w[2 * (a & 1)], w[2 * (a & 1) + 1]);
+        }
+    }
+}
+
+/* one rounding of x to float32 at address a */
+static inline float round1(const noise_t* nz, int t, uint64_t a, double x) {
+    uint32_t w[4];
+    if (t == 24) { block_words(nz, a >> 2, w); return sr32(x, w[a & 3]); }
+    block_words(nz, a >> 1, w); return rr32(x, t, w[2 * (a & 1)], w[2 * (a & 1) + 1]);
+}
+
+/* round x[0..3] at the 4-aligned addresses a..a+3 */
+static inline void round4(const noise_t* nz, int t, uint64_t a, const double* x, float* y) {
+    uint32_t w[4];
+    if (t == 24) {
+        block_words(nz, a >> 2, w);
+        y[0] = sr32(x[0], w[0]); y[1] = sr32(x[1], w[1]); y[2] = sr32(x[2], w[2]); y[3] = sr32(x[3], w[3]);
+    } else {
+        block_words(nz, a >> 1, w);
+        y[0] = rr32(x[0], t, w[0], w[1]); y[1] = rr32(x[1], t, w[2], w[3]);
+        block_words(nz, (a >> 1) + 1, w);
+        y[2] = rr32(x[2], t, w[0], w[1]); y[3] = rr32(x[3], t, w[2], w[3]);
+    }
+}
+
+/* the halving tree over acc[0..L) (L a power of two >= 8); addresses from a (4-aligned) */
+static inline float lane_tree(const noise_t* nz, int t, uint64_t a, float* acc, int L) {
+    double x[4];
+    for (int half = L / 2; half >= 1; half /= 2) {
+        uint64_t at = a + (uint64_t)(L - 2 * half);
+        if (half >= 4) {
+            for (int j = 0; j < half; j += 4) {
+                for (int q = 0; q < 4; q++) x[q] = (double)acc[j + q] + (double)acc[j + half + q];
+                round4(nz, t, at + (uint64_t)j, x, acc + j);
+            }
+        } else {
+            for (int j = 0; j < half; j++) acc[j] = round1(nz, t, at + (uint64_t)j, (double)acc[j] + (double)acc[j + half]);
+        }
+    }
+    return acc[0];
+}
+
+/* out[i*nb + j] = per-instruction SR dot product of rows A[i] and B[j] (K terms, L lanes, S steps; layout of
+   lanes.py: products at [0, SL), lane additions at SL + (s-1)L + l, tree at SL + (S-1)L + L - 2 half + j),
+   for i < ma and j0 <= j < j1; output o takes addresses base + o * 2SL */
+void nv_sr_dot(const float* A, int64_t lda, const float* B, int64_t ldb, float* out, int64_t ma, int64_t nb,
+               int64_t j0, int64_t j1, int64_t K, int L, int64_t S, int t, uint32_t k0, uint32_t k1,
+               uint32_t op, uint32_t iter, int directed, uint64_t base) {
+    noise_t nz = {k0, k1, op, iter, directed};
+    float acc[L], p[4];
+    double x[4];
+    uint64_t I = 2 * (uint64_t)S * (uint64_t)L, SL = (uint64_t)S * (uint64_t)L;
+    for (int64_t j = j0; j < j1; j++) {
+        const float* b = B + j * ldb;
+        for (int64_t i = 0; i < ma; i++) {
+            const float* arow = A + i * lda;
+            uint64_t ob = base + (uint64_t)(i * nb + j) * I;
+            for (int64_t s = 0; s < S; s++) {
+                for (int l = 0; l < L; l += 4) {
+                    for (int q = 0; q < 4; q++) {
+                        int64_t k = s * L + l + q;
+                        x[q] = k < K ? (double)arow[k] * (double)b[k] : 0.0;
+                    }
+                    round4(&nz, t, ob + (uint64_t)(s * L + l), x, p);
+                    if (s == 0) { for (int q = 0; q < 4; q++) acc[l + q] = p[q]; }
+                    else {
+                        for (int q = 0; q < 4; q++) x[q] = (double)acc[l + q] + (double)p[q];
+                        round4(&nz, t, ob + SL + (uint64_t)((s - 1) * L + l), x, acc + l);
+                    }
+                }
+            }
+            out[i * nb + j] = lane_tree(&nz, t, ob + SL + (uint64_t)((S - 1) * L), acc, L);
+        }
+    }
+}
+
+/* out[r] = per-instruction SR sum of row X[r] (K terms, L lanes, S steps; lane additions at (s-1)L + l, tree at
+   (S-1)L + L - 2 half + j), r0 <= r < r1; row r takes addresses base + r * SL */
+void nv_sr_sum(const float* X, int64_t ldx, float* out, int64_t r0, int64_t r1, int64_t K, int L, int64_t S,
+               int t, uint32_t k0, uint32_t k1, uint32_t op, uint32_t iter, int directed, uint64_t base) {
+    noise_t nz = {k0, k1, op, iter, directed};
+    float acc[L];
+    double x[4];
+    uint64_t SL = (uint64_t)S * (uint64_t)L;
+    for (int64_t r = r0; r < r1; r++) {
+        const float* row = X + r * ldx;
+        uint64_t ob = base + (uint64_t)r * SL;
+        for (int l = 0; l < L; l++) acc[l] = l < K ? row[l] : 0.0f;
+        for (int64_t s = 1; s < S; s++) {
+            for (int l = 0; l < L; l += 4) {
+                for (int q = 0; q < 4; q++) {
+                    int64_t k = s * L + l + q;
+                    x[q] = (double)acc[l + q] + (k < K ? (double)row[k] : 0.0);
+                }
+                round4(&nz, t, ob + (uint64_t)((s - 1) * L + l), x, acc + l);
+            }
+        }
+        out[r] = lane_tree(&nz, t, ob + (uint64_t)((S - 1) * L), acc, L);
+    }
+}
+"""
