@@ -316,13 +316,7 @@ def analyze_case(maps: np.ndarray, spacing: Sequence[float], structures: Sequenc
         ValueError: K < 2, shapes differ, or a map holds a value outside ``labels``.
     """
     k = maps.shape[0]
-    if k < 2:
-        raise ValueError(f"variability needs at least 2 replicas, got {k}")
-    if gt is not None and gt.shape != maps.shape[1:]:
-        raise ValueError(f"ground truth has shape {gt.shape}, the replicas' maps {maps.shape[1:]}")
-    for what, arr in (("reference map", reference), ("probabilities", probabilities)):
-        if arr is not None and tuple(arr.shape[-len(maps.shape[1:]):]) != tuple(maps.shape[1:]):
-            raise ValueError(f"{what} has shape {arr.shape}, the replicas' maps {maps.shape[1:]}")
+    check_case_inputs(maps, gt, reference, probabilities)
     labels = sorted(int(v) for v in labels)
     known = np.zeros(max(labels) + 1, dtype=bool)
     known[labels] = True
@@ -369,14 +363,35 @@ def analyze_case(maps: np.ndarray, spacing: Sequence[float], structures: Sequenc
     result = CaseResult(list(structures), k, float(np.prod(np.asarray(spacing, dtype=np.float64))),
                         counts[:, : k + 1, : k + 1].copy(), majority.reshape(spatial), entropy.reshape(spatial),
                         disagreement.reshape(spatial), tie_voxels=ties, ties_by_probability=by_prob)
-    if reference is not None:
-        result.ref_intersection = counts[:, : k + 1, k + 1 + n_gt].copy()
-        result.ref_volume = counts[:, k + 1 + n_gt, k + 1 + n_gt].copy()
-        if gt is not None:
-            r = k + 1 + n_gt
+    return attach_reference_counts(result, counts, gt is not None, ignore, reference is not None)
+
+
+def check_case_inputs(maps: np.ndarray, gt: Optional[np.ndarray], reference: Optional[np.ndarray],
+                      probabilities: Optional[np.ndarray]) -> None:
+    """K >= 2 maps; ground truth, reference map and probabilities on the maps' grid (else ValueError)."""
+    if maps.shape[0] < 2:
+        raise ValueError(f"variability needs at least 2 replicas, got {maps.shape[0]}")
+    if gt is not None and gt.shape != maps.shape[1:]:
+        raise ValueError(f"ground truth has shape {gt.shape}, the replicas' maps {maps.shape[1:]}")
+    for what, arr in (("reference map", reference), ("probabilities", probabilities)):
+        if arr is not None and tuple(arr.shape[-len(maps.shape[1:]):]) != tuple(maps.shape[1:]):
+            raise ValueError(f"{what} has shape {arr.shape}, the replicas' maps {maps.shape[1:]}")
+
+
+def attach_reference_counts(result: CaseResult, counts: np.ndarray, has_gt: bool, ignore: Optional[int],
+                            has_reference: bool) -> CaseResult:
+    """Read the ground truth's and the reference model's overlaps out of the count matrix, whose rows are the K
+    replicas, the majority vote, then (with ground truth) its mask and ignore mask, then the reference map."""
+    k = result.num_replicas
+    n_gt = 0 if not has_gt else 1 if ignore is None else 2
+    if has_reference:
+        r = k + 1 + n_gt
+        result.ref_intersection = counts[:, : k + 1, r].copy()
+        result.ref_volume = counts[:, r, r].copy()
+        if has_gt:
             result.ref_gt_intersection = counts[:, r, k + 1].copy()
             result.ref_gt_pred_volume = result.ref_volume - (0 if ignore is None else counts[:, r, k + 2])
-    if gt is not None:
+    if has_gt:
         result.gt_intersection = counts[:, : k + 1, k + 1].copy()
         pred = np.diagonal(counts, axis1=1, axis2=2)[:, : k + 1]
         result.gt_pred_volume = pred - (0 if ignore is None else counts[:, : k + 1, k + 2])

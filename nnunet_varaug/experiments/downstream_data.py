@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -147,6 +147,36 @@ def prepare(features: pd.DataFrame, targets: pd.DataFrame, reference: Optional[s
         reference: the model that plays the single model; default the table's ``<Base>_ieee`` model
             (:func:`choose_reference`). It is taken out of the replica pool.
     """
+    features, feature_columns = checked_features(features)
+    models = sorted(set(features["replica"]), key=natural_key)
+    reference = choose_reference(models, reference)
+    replicas = [m for m in models if m != reference]
+    per_subject = features.groupby("subject", sort=False)["replica"].apply(frozenset)
+    incomplete = [s for s, reps in per_subject.items() if len(reps) != len(models)]
+    if incomplete:
+        counts = features.groupby("subject")["replica"].nunique()
+        raise VarAugError(f"every subject needs the same replicas: {len(models)} replicas exist, but subject(s) "
+                          f"{_examples(sorted(incomplete, key=natural_key))} have "
+                          f"{sorted(set(int(counts[s]) for s in incomplete))}; drop those subjects or the "
+                          f"replicas they lack")
+    if len(replicas) < 2:
+        raise VarAugError(f"only {len(replicas)} replica(s) besides the reference '{reference}' in the features "
+                          f"table: replica rows need at least 2 (train more with `nnunet_varaug replicas -n K`)")
+    subjects = sorted(per_subject.index, key=natural_key)
+    target_of = checked_targets(targets)
+    y = target_vector(target_of, subjects)
+    indexed = features.set_index(["subject", "replica"])[feature_columns]
+    full = pd.MultiIndex.from_product([subjects, replicas], names=["subject", "replica"])
+    X = indexed.reindex(full).to_numpy(dtype=np.float64).reshape(len(subjects), len(replicas), len(feature_columns))
+    ref = pd.MultiIndex.from_product([subjects, [reference]], names=["subject", "replica"])
+    X_ref = indexed.reindex(ref).to_numpy(dtype=np.float64)
+    return Design(subjects=subjects, replicas=replicas, features=feature_columns, X=X, y=y,
+                  reference_name=reference, X_ref=X_ref, unused_targets=len(set(target_of) - set(subjects)))
+
+
+def checked_features(features: pd.DataFrame) -> Tuple[pd.DataFrame, List[str]]:
+    """The features table with string subject and replica columns, and its feature columns: numeric, finite, one
+    row per (subject, replica)."""
     if is_cases_table(features):
         features = features_from_cases(features)
     for column in ("subject", "replica"):
@@ -174,22 +204,11 @@ def prepare(features: pd.DataFrame, targets: pd.DataFrame, reference: Optional[s
     if dup.any():
         raise VarAugError(f"features table has duplicated (subject, replica) rows for subject(s) "
                           f"{_examples(sorted(set(features.loc[dup, 'subject']), key=natural_key))}")
+    return features, feature_columns
 
-    models = sorted(set(features["replica"]), key=natural_key)
-    reference = choose_reference(models, reference)
-    replicas = [m for m in models if m != reference]
-    per_subject = features.groupby("subject", sort=False)["replica"].apply(frozenset)
-    incomplete = [s for s, reps in per_subject.items() if len(reps) != len(models)]
-    if incomplete:
-        counts = features.groupby("subject")["replica"].nunique()
-        raise VarAugError(f"every subject needs the same replicas: {len(models)} replicas exist, but subject(s) "
-                          f"{_examples(sorted(incomplete, key=natural_key))} have "
-                          f"{sorted(set(int(counts[s]) for s in incomplete))}; drop those subjects or the "
-                          f"replicas they lack")
-    if len(replicas) < 2:
-        raise VarAugError(f"only {len(replicas)} replica(s) besides the reference '{reference}' in the features "
-                          f"table: replica rows need at least 2 (train more with `nnunet_varaug replicas -n K`)")
 
+def checked_targets(targets: pd.DataFrame) -> Dict[str, float]:
+    """``subject -> target`` from the targets table: one numeric target per subject."""
     targets = targets.copy()
     tcol = target_column(targets)
     targets["subject"] = targets["subject"].astype(str)
@@ -199,8 +218,11 @@ def prepare(features: pd.DataFrame, targets: pd.DataFrame, reference: Optional[s
                           f"more than once")
     if not pd.api.types.is_numeric_dtype(targets[tcol]):
         raise VarAugError(f"target column '{tcol}' is not numeric")
-    target_of = dict(zip(targets["subject"], targets[tcol].astype(np.float64)))
-    subjects = sorted(per_subject.index, key=natural_key)
+    return dict(zip(targets["subject"], targets[tcol].astype(np.float64)))
+
+
+def target_vector(target_of: Dict[str, float], subjects: List[str]) -> np.ndarray:
+    """The targets of ``subjects`` in order: every subject has a finite one, and there are at least 3."""
     lacking = [s for s in subjects if s not in target_of]
     if lacking:
         raise VarAugError(f"{len(lacking)} subject(s) of the features table have no target: {_examples(lacking)}; "
@@ -210,13 +232,6 @@ def prepare(features: pd.DataFrame, targets: pd.DataFrame, reference: Optional[s
         raise VarAugError(f"target is NaN or infinite for subject(s) {_examples(np.array(subjects)[~np.isfinite(y)])}")
     if len(subjects) < 3:
         raise VarAugError(f"only {len(subjects)} subject(s): a train/test split needs at least 3")
-
-    indexed = features.set_index(["subject", "replica"])[feature_columns]
-    full = pd.MultiIndex.from_product([subjects, replicas], names=["subject", "replica"])
-    X = indexed.reindex(full).to_numpy(dtype=np.float64).reshape(len(subjects), len(replicas), len(feature_columns))
-    ref = pd.MultiIndex.from_product([subjects, [reference]], names=["subject", "replica"])
-    X_ref = indexed.reindex(ref).to_numpy(dtype=np.float64)
-    return Design(subjects=subjects, replicas=replicas, features=feature_columns, X=X, y=y,
-                  reference_name=reference, X_ref=X_ref, unused_targets=len(set(target_of) - set(subjects)))
+    return y
 
 
