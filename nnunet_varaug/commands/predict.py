@@ -1,124 +1,298 @@
 """``nnunet_varaug predict``: segment new images with K replicas — consensus, uncertainty maps, volumes, review list.
 
-Flow: check everything before writing anything (replicas trained and from one plans/configuration, images with
-the dataset's channels, labels on the images' grid, an output folder apart from the inputs); then per case:
-preprocess once with nnU-Net's preprocessor, run each replica's network on the same data, turn each replica's
-logits into probabilities in the input grid with nnU-Net's own export code
-(``convert_predicted_logits_to_segmentation_with_correct_shape``, as ``nnUNetv2_predict --save_probabilities``),
-add them to running sums (:class:`~nnunet_varaug.evaluation.uncertainty.RunningEnsemble`), and export once: the consensus
-(``OUT/<case><ending>``, = ``nnUNetv2_ensemble`` of the replicas' probabilities), ``OUT/uncertainty/<case>_
-{entropy,mutual_information,disagreement}.nii.gz``, a picture. A case is recorded in ``OUT/varaug_predict.json``
-with the sha256 of its inputs once all its files are in place, so a rerun skips it unless an input or a replica
-checkpoint changed. Tables (``volumes.csv``, ``review.csv``, ``calibration.csv`` with ``-l``) and
-``report.html`` are rewritten at the end from the records. See docs/inference.md.
+Flow: check everything before writing anything (replicas of every fold given with ``-f`` trained and from one
+plans/configuration, images with the dataset's channels, labels on the images' grid, an output folder apart from
+the inputs); then this part's cases (``-num_parts``/``-part_id``, as ``nnUNetv2_predict``) go through the engine
+(:mod:`nnunet_varaug.inference.schedule`: each model's weights read once per run, each case preprocessed once,
+every model's probabilities in the input grid added to running sums) and each finished case is exported once
+(:func:`export_case`): the consensus (``OUT/<case><ending>``, = ``nnUNetv2_ensemble`` of the models'
+probabilities), with ``--save_probabilities`` the mean probabilities as ``OUT/<case>.npz`` + ``.pkl`` (as
+``nnUNetv2_predict`` writes them), ``OUT/uncertainty/<case>_{entropy,mutual_information,disagreement}.nii.gz``
+(per region for region-based datasets), a picture. ``dataset.json`` and ``plans.json`` are copied into ``OUT``
+as nnU-Net's commands do. A case is recorded in the part's state file (``OUT/varaug_predict.json``, or
+``varaug_predict_part<i>of<n>.json``) with the sha256 of its inputs once all its files are in place, so a rerun
+skips it unless an input or a checkpoint changed. Tables (``volumes.csv``, ``review.csv``, ``folds.csv`` with
+several folds, ``calibration.csv`` with ``-l``) and ``report.html`` are rewritten at the end from the records of
+all parts. See docs/inference.md.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import glob
 import json
 import os
-from typing import List, Optional
+import pickle
+import re
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 
-from nnunet_varaug.commands.flags import add_device, add_disable_tta, add_experiment_arguments, add_quiet
+from nnunet_varaug.commands.flags import add_device, add_disable_tta, add_quiet, add_start, add_trainer_arguments
 from nnunet_varaug.evaluation import uncertainty, variability
 from nnunet_varaug.inference.cases import Case
-from nnunet_varaug.inference.ensemble import Weights, check_inputs, ensemble_case, load_predictor
+from nnunet_varaug.inference.ensemble import (DEFAULT_WEIGHTS_GIB, ENSEMBLE, Weights, add_calibration, check_inputs,
+                                              consensus_of, load_predictor, model_labels)
+from nnunet_varaug.inference.schedule import Finished, Scratch, ensembles
 from nnunet_varaug.report import overlays, variability_report as report
 from nnunet_varaug.report.prediction import write_outputs
 from nnunet_varaug.training.experiment import Experiment
 from nnunet_varaug.utilities.errors import VarAugError
-from nnunet_varaug.utilities.fileio import file_sha256, replacing, write_json
+from nnunet_varaug.utilities.fileio import file_sha256, replacing, write_json, write_text
+from nnunet_varaug.utilities.paths import parse_fold
 
 STATE = "varaug_predict.json"
 UNCERTAINTY = "uncertainty"
-FORMAT_VERSION = 1
-
+FORMAT_VERSION = 2
 
 
 # ---- one case -----------------------------------------------------------------------------------------------------
-def predict_case(predictor, weights: Weights, case: Case, out: str, structures, names: List[str],
-                 gt_reader=None, ignore: Optional[int] = None) -> dict:
-    """Predict, accumulate and export one case; returns its record for the state file."""
-    pm, lm = predictor.plans_manager, predictor.label_manager
-    gt = None if case.label is None else gt_reader.read_seg(case.label)[0][0]
-    ens, mean, consensus, props, cal = ensemble_case(predictor, weights, case, names, gt, ignore)
-    entropy = ens.entropy(mean)
+def tag(name: str) -> str:
+    """A structure's name as it appears in file names."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def write_probabilities(out: str, case: str, mean: np.ndarray, props: dict) -> None:
+    """``<case>.npz`` (key ``probabilities``, float32) and ``<case>.pkl`` (the properties), as
+    ``export_prediction_from_logits`` of ``nnUNetv2_predict --save_probabilities`` writes them."""
+    with replacing(os.path.join(out, case + ".npz"), ".npz") as tmp:
+        np.savez_compressed(tmp, probabilities=mean)
+    with replacing(os.path.join(out, case + ".pkl"), ".pkl") as tmp:
+        with open(tmp, "wb") as f:
+            pickle.dump(props, f)
+
+
+def uncertainty_maps(ens: uncertainty.RunningEnsemble, consensus: np.ndarray, structures, folder: str, case: str,
+                     props: dict):
+    """Write the entropy, mutual information and disagreement maps (per region too, for region-based
+    ensembles), one map in memory at a time; the sums are used up. Returns (entropy for the picture: the
+    entropy, or the largest region entropy; its maximum possible value; disagreement)."""
+    def write(array, what):
+        report.write_map(array, os.path.join(folder, f"{case}_{what}.nii.gz"), props)
+
+    dis = ens.disagreement(consensus)
+    write(dis, "disagreement")
+    if not ens.regions:
+        entropy = ens.entropy()
+        ens.sum = None  # the mean is no longer needed
+        write(entropy, "entropy")
+        write(ens.mutual_information(entropy, in_place=True), "mutual_information")
+        ens.entropy_sum = None
+        return entropy, None, dis
+    shown = np.zeros(consensus.shape, dtype=np.float32)
+    for r, st in enumerate(structures):
+        h = ens.entropy(channel=r)
+        write(h, f"entropy_{tag(st.name)}")
+        np.maximum(shown, h, out=shown)
+        write(ens.mutual_information(h, channel=r, in_place=True), f"mutual_information_{tag(st.name)}")
+        del h
+        write(ens.disagreement(consensus, st), f"disagreement_{tag(st.name)}")
+    ens.sum = ens.entropy_sum = None
+    return shown, 1.0, dis
+
+
+def export_case(predictor, fin: Finished, out: str, structures, groups: Optional[List[List[int]]],
+                save_probabilities: bool, ignore: Optional[int]) -> dict:
+    """Finish one case's ensemble and write its files; returns its record for the state file."""
+    lm, rw = predictor.label_manager, predictor.plans_manager.image_reader_writer_class()
+    case, ens, props = fin.case, fin.ensemble, fin.properties
+    mean = ens.finish()
+    consensus = consensus_of(lm, mean)
+    if fin.calibration is not None:
+        add_calibration(fin.calibration, ENSEMBLE, mean, fin.gt, ignore)
+    if save_probabilities:
+        write_probabilities(out, case.name, mean, props)
     del mean
-    mi, dis = ens.mutual_information(entropy), ens.disagreement(consensus)
-    maps = np.stack(ens.maps)
-    del ens
-    ending = predictor.dataset_json["file_ending"]
     os.makedirs(os.path.join(out, UNCERTAINTY), exist_ok=True)
-    for what, array in (("entropy", entropy), ("mutual_information", mi), ("disagreement", dis)):
-        report.write_map(array, os.path.join(out, UNCERTAINTY, f"{case.name}_{what}.nii.gz"), props)
-    rw = pm.image_reader_writer_class()
-    target = os.path.join(out, case.name + ending)
-    with replacing(target, ending) as tmp:
-        rw.write_seg(consensus.astype(np.uint8 if consensus.max(initial=0) < 256 else np.uint16), tmp, props)
-    summary = uncertainty.summarize_case(maps, consensus, props["spacing"], structures)
+    shown, top, dis = uncertainty_maps(ens, consensus, structures, os.path.join(out, UNCERTAINTY), case.name, props)
+    top = top or float(np.log2(len(lm.all_labels)))
+    summary = uncertainty.summarize_case(ens.maps, consensus, props["spacing"], structures, groups)
+    summary, folds = summary if groups else (summary, None)
+    ens.maps.remove()
+    ending = predictor.dataset_json["file_ending"]
+    with replacing(os.path.join(out, case.name + ending), ending) as tmp:
+        rw.write_seg(consensus, tmp, props)
     image = rw.read_images(case.images[:1])[0][0]
-    png = overlays.render_case(os.path.join(out, "figures", f"{case.name}_overlay.png"), image, consensus, entropy, dis,
+    png = overlays.render_case(os.path.join(out, "figures", f"{case.name}_overlay.png"), image, consensus, shown, dis,
                                props["spacing"], case.name, [(s.name, s.labels) for s in structures],
-                               max_entropy=float(np.log2(len(lm.all_labels))))
-    return {"summary": summary.to_json(), "calibration": None if cal is None else cal.to_json(),
-            "picture": os.path.relpath(png, out)}
+                               max_entropy=top)
+    record = {"summary": summary.to_json(), "calibration": None if fin.calibration is None else
+              fin.calibration.to_json(), "picture": os.path.relpath(png, out)}
+    if folds is not None:
+        record["folds"] = [s.to_json() for s in folds]
+    return record
 
 
-# ---- the whole command ---------------------------------------------------------------------------------------------
-def _case_inputs(case: Case) -> List[str]:
+# ---- the state of a run, over parts ----------------------------------------------------------------------------------
+def state_name(part_id: int, num_parts: int) -> str:
+    return STATE if num_parts == 1 else f"varaug_predict_part{part_id}of{num_parts}.json"
+
+
+def read_records(output: str, identity: dict) -> dict:
+    """``case -> record`` from every state file in ``output`` (all parts) made with ``identity``."""
+    records = {}
+    for path in sorted(glob.glob(os.path.join(output, "varaug_predict*.json")), key=os.path.getmtime):  # newest last
+        try:
+            with open(path) as f:
+                state = json.load(f)
+        except ValueError:  # unreadable: its cases are predicted again
+            continue
+        if state.get("identity") == identity:
+            records.update(state.get("cases", {}))
+    return records
+
+
+def case_inputs(case: Case) -> List[str]:
     return [file_sha256(p) for p in case.images] + ([file_sha256(case.label)] if case.label else [])
 
 
-def predict_folder(exp: Experiment, images: str, output: str, labels: Optional[str] = None, device: str = "cuda",
-                   checkpoint: str = "checkpoint_final.pth", tta: bool = True, step_size: float = 0.5,
-                   flag_above: Optional[float] = None, pictures: int = 20, progress: bool = True) -> dict:
-    """Run ``predict`` (see the module docstring); returns ``{"predicted": [...], "skipped": [...], ...}``."""
+def copy_nnunet_files(predictor, output: str) -> None:
+    """dataset.json and plans.json of the models, as nnUNetv2_predict and nnUNetv2_ensemble leave them beside
+    their predictions (nnUNetv2_ensemble, nnUNetv2_apply_postprocessing and nnUNetv2_evaluate_folder read them)."""
+    write_text(os.path.join(output, "dataset.json"), json.dumps(predictor.dataset_json, indent=4) + "\n")
+    write_text(os.path.join(output, "plans.json"), json.dumps(predictor.plans_manager.plans, indent=4) + "\n")
+
+
+# ---- the whole command ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Options:
+    """predict's settings beyond the experiments and folders (flags of nnUNetv2_predict where it has them)."""
+
+    labels: Optional[str] = None
+    device: str = "cuda"
+    checkpoint: str = "checkpoint_final.pth"
+    tta: bool = True
+    step_size: float = 0.5
+    flag_above: Optional[float] = None
+    pictures: int = 20
+    progress: bool = True
+    save_probabilities: bool = False
+    num_parts: int = 1
+    part_id: int = 0
+    npp: int = 0
+    nps: int = 0
+    verbose: bool = False
+    weights_gib: float = DEFAULT_WEIGHTS_GIB
+
+
+def predict_folder(experiments: Union[Experiment, Sequence[Experiment]], images: str, output: str,
+                   options: Optional[Options] = None, **settings) -> dict:
+    """Run ``predict`` (see the module docstring) with one Experiment per fold; ``settings`` are
+    :class:`Options` fields. Returns ``{"predicted": [...], "skipped": [...], "output", "loads", "resident"}``."""
+    opt = dataclasses.replace(options or Options(), **settings)
+    experiments = [experiments] if isinstance(experiments, Experiment) else list(experiments)
+    first = experiments[0]
     output = os.path.abspath(output)
-    cases, paths = check_inputs(exp, images, labels, output, checkpoint)
-    names = exp.replica_names
-    identity = {"format": FORMAT_VERSION, "dataset": exp.dataset, "plans": exp.plans,
-                "configuration": exp.configuration, "fold": exp.fold, "checkpoint": checkpoint, "tta": tta,
-                "step_size": step_size, "replicas": dict(zip(names, (file_sha256(p) for p in paths)))}
-    state_path = os.path.join(output, STATE)
-    state = {"identity": identity, "cases": {}}
-    if os.path.isfile(state_path):
-        try:
-            with open(state_path) as f:
-                old = json.load(f)
-        except ValueError:  # unreadable: predict everything again
-            old = {}
-        if old.get("identity") == identity:
-            state["cases"] = old.get("cases", {})
-    dj = exp.dataset_json
+    cases, paths = check_inputs(experiments, images, opt.labels, output, opt.checkpoint)
+    labels = model_labels(experiments)
+    folds = [e.fold for e in experiments]
+    identity = {"format": FORMAT_VERSION, "dataset": first.dataset, "plans": first.plans,
+                "configuration": first.configuration, "folds": folds, "checkpoint": opt.checkpoint, "tta": opt.tta,
+                "step_size": opt.step_size, "replicas": dict(zip(labels, (file_sha256(p) for p in paths)))}
+    mine = cases[opt.part_id::opt.num_parts]
+    records = read_records(output, identity)
+    dj = first.dataset_json
     structures = variability.structures_from_dataset_json(dj)
     ignore = variability.ignore_label(dj)
-    inputs = {c.name: _case_inputs(c) for c in cases}
-    todo = [c for c in cases if state["cases"].get(c.name, {}).get("inputs") != inputs[c.name]
-            or not os.path.isfile(os.path.join(output, c.name + dj["file_ending"]))]
+    inputs = {c.name: case_inputs(c) for c in mine}
+    wanted = [dj["file_ending"]] + ([".npz", ".pkl"] if opt.save_probabilities else [])
+    todo = [c for c in mine if records.get(c.name, {}).get("inputs") != inputs[c.name]
+            or not all(os.path.isfile(os.path.join(output, c.name + w)) for w in wanted)]
+    state_path = os.path.join(output, state_name(opt.part_id, opt.num_parts))
+    state = {"identity": identity, "cases": {c.name: records[c.name] for c in mine
+                                             if c not in todo and c.name in records}}
+    predictor = load_predictor(first, first.replica_names[0], opt.checkpoint, opt.device, opt.tta, opt.step_size,
+                               opt.verbose)
     os.makedirs(output, exist_ok=True)
+    copy_nnunet_files(predictor, output)
+    weights = Weights(paths, opt.weights_gib * 2 ** 30, first=predictor.list_of_parameters[0])
+    groups = None
+    if len(experiments) > 1:
+        k = first.num_replicas
+        groups = [list(range(f * k, (f + 1) * k)) for f in range(len(experiments))]
     if todo:
-        from tqdm import tqdm
-
-        predictor = load_predictor(exp, names[0], checkpoint, device, tta, step_size)
-        weights = Weights(paths)
-        reader = predictor.plans_manager.image_reader_writer_class()
-        for case in tqdm(todo, desc="predicting", unit="case", disable=not progress):
-            state["cases"].pop(case.name, None)
-            record = predict_case(predictor, weights, case, output, structures, names, reader, ignore)
-            state["cases"][case.name] = {"inputs": inputs[case.name], **record}
-            write_json(state_path, state)
+        run_cases(predictor, weights, labels, todo, output, opt, structures, groups, ignore,
+                  lambda case, record: record_case(state, state_path, case, inputs, record))
     write_json(state_path, state)
-    records = {c.name: state["cases"][c.name] for c in cases}
-    write_outputs(exp, output, records, structures, names, flag_above, pictures)
-    return {"predicted": [c.name for c in todo], "skipped": [c.name for c in cases if c not in todo],
-            "output": output}
+    write_tables(experiments, output, identity, cases, structures, labels, folds, opt)
+    return {"predicted": [c.name for c in todo], "skipped": [c.name for c in mine if c not in todo],
+            "output": output, "loads": dict(weights.loads), "resident": weights.resident}
+
+
+def record_case(state: dict, path: str, case: Case, inputs: dict, record: dict) -> None:
+    state["cases"][case.name] = {"inputs": inputs[case.name], **record}
+    write_json(path, state)
+
+
+def run_cases(predictor, weights, labels, todo, output, opt: Options, structures, groups, ignore, done) -> None:
+    """The engine over this part's cases; each finished case exported (in ``-nps`` background threads) and
+    recorded (``done``) in case order."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    scratch = Scratch(os.path.join(output, ".varaug_scratch" + ("" if opt.num_parts == 1 else f"_part{opt.part_id}")))
+    pool = ThreadPoolExecutor(opt.nps) if opt.nps > 0 else None
+    pending = deque()
+    try:
+        work = ensembles(predictor, weights, labels, todo, scratch, opt.npp, ignore, opt.verbose)
+        for fin in tqdm(work, total=len(todo), desc="predicting", unit="case", disable=not opt.progress):
+            if pool is None:
+                done(fin.case, export_case(predictor, fin, output, structures, groups, opt.save_probabilities, ignore))
+                scratch.drop(fin.case.name)
+                continue
+            while len(pending) >= opt.nps:
+                case, future = pending.popleft()
+                done(case, future.result())
+                scratch.drop(case.name)
+            pending.append((fin.case, pool.submit(export_case, predictor, fin, output, structures, groups,
+                                                  opt.save_probabilities, ignore)))
+            del fin
+        while pending:
+            case, future = pending.popleft()
+            done(case, future.result())
+            scratch.drop(case.name)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
+        scratch.close()
+
+
+def write_tables(experiments, output: str, identity: dict, cases, structures, labels, folds, opt: Options) -> None:
+    """volumes.csv, review.csv, calibration.csv, folds.csv (several folds) and report.html from the records of all
+    parts; cases of parts not finished yet are left out and named."""
+    records = read_records(output, identity)
+    done = {c.name: records[c.name] for c in cases if c.name in records}
+    missing = [c.name for c in cases if c.name not in records]
+    if missing:
+        print(f"note: the tables cover {len(done)} of {len(cases)} cases; not predicted yet (other parts?): "
+              f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. The last part to finish writes "
+              f"complete tables")
+    if not done:
+        return
+    shown = experiments[0] if len(folds) == 1 else dataclasses.replace(experiments[0],
+                                                                       fold=" ".join(map(str, folds)))
+    write_outputs(shown, output, done, structures, labels, opt.flag_above, opt.pictures)
+    if len(folds) > 1:
+        import pandas as pd
+
+        rows = [row for c, r in done.items() for row in uncertainty.fold_rows(
+            c, folds, [uncertainty.CaseSummary.from_json(s) for s in r["folds"]], structures)]
+        write_text(os.path.join(output, "folds.csv"), pd.DataFrame(rows).to_csv(index=False, float_format="%.10g"))
 
 
 # ---- command line ---------------------------------------------------------------------------------------------------
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    add_experiment_arguments(p)
+    p.add_argument("-d", dest="dataset", required=True, help="dataset name or id")
+    p.add_argument("-c", dest="configuration", required=True, help="nnU-Net configuration, e.g. 3d_fullres")
+    p.add_argument("-f", dest="fold", nargs="+", required=True,
+                   help="fold(s): 0..4 or 'all'; with several, the ensemble of every fold's K replicas")
+    p.add_argument("-n", dest="num_replicas", type=int, required=True, help="number of replicas K (per fold)")
+    add_trainer_arguments(p)
+    p.add_argument("--kind", default="seed", choices=["seed", "mca"],
+                   help="seed replicas (_seed<K>) or numerical replicas (_mca<K>)")
+    add_start(p)
     p.add_argument("-i", dest="images", required=True, help="folder of images named <case>_XXXX<ending>")
     p.add_argument("-o", dest="output", required=True, help="output folder (must not be or contain an input folder)")
     p.add_argument("-l", dest="labels", default=None, help="folder of label maps <case><ending>: adds calibration")
@@ -126,19 +300,61 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("-step_size", type=float, default=0.5, help="as nnUNetv2_predict's -step_size")
     add_disable_tta(p)
     add_device(p)
+    p.add_argument("--save_probabilities", action="store_true",
+                   help="also write the mean probabilities as <case>.npz + <case>.pkl, as nnUNetv2_predict does")
+    p.add_argument("-npp", type=int, default=1,
+                   help="background processes preprocessing the next cases (0: in this process; default 1)")
+    p.add_argument("-nps", type=int, default=0,
+                   help="background threads exporting finished cases while the next is predicted (default 0; each "
+                        "holds one more case's mean probabilities)")
+    p.add_argument("-num_parts", type=int, default=1, help="as nnUNetv2_predict: split the cases into this many parts")
+    p.add_argument("-part_id", type=int, default=0, help="as nnUNetv2_predict: which part this run predicts (0-based)")
+    p.add_argument("--continue_prediction", "--c", action="store_true",
+                   help="accepted for nnUNetv2_predict's command lines: predict always continues (finished cases "
+                        "are skipped)")
+    p.add_argument("-prev_stage_predictions", default=None, help="refused: cascades are not supported")
+    p.add_argument("--weights-memory", dest="weights_memory", type=float, default=DEFAULT_WEIGHTS_GIB,
+                   help=f"GiB for all models' network weights together (default {DEFAULT_WEIGHTS_GIB:g}); beyond, "
+                        f"predict goes model by model over batches of cases")
     p.add_argument("--flag-above", dest="flag_above", type=float, default=None,
                    help="mark cases whose review score exceeds this value (review.csv column 'flagged')")
     p.add_argument("--pictures", type=int, default=20, help="cases pictured in report.html (default 20)")
+    p.add_argument("--verbose", action="store_true", help="nnU-Net's messages, the order of work and timings")
     add_quiet(p)
+    p.add_argument("--disable_progress_bar", dest="quiet", action="store_true", help="as --quiet (nnU-Net's name)")
+
+
+def check_flags(args: argparse.Namespace) -> List[Union[int, str]]:
+    """The folds; every flag that is wrong or not supported refused (nothing written)."""
+    if args.prev_stage_predictions is not None:
+        raise VarAugError("-prev_stage_predictions: predict does not run cascades (3d_cascade_fullres). Ensemble "
+                          "replicas of 3d_fullres (or 3d_lowres) instead, or predict the cascade with "
+                          "nnUNetv2_predict -prev_stage_predictions")
+    if args.flag_above is not None and not 0 <= args.flag_above <= 1:
+        raise VarAugError(f"--flag-above {args.flag_above}: the review score lies in [0, 1]; use e.g. 0.1")
+    if args.num_parts < 1 or not 0 <= args.part_id < args.num_parts:
+        raise VarAugError(f"-num_parts {args.num_parts} -part_id {args.part_id}: part ids run from 0 to "
+                          f"num_parts - 1 (e.g. -num_parts 2 with -part_id 0 and -part_id 1)")
+    for flag in ("npp", "nps"):
+        if getattr(args, flag) < 0:
+            raise VarAugError(f"-{flag} {getattr(args, flag)}: use 0 (none) or more")
+    if not args.weights_memory > 0:
+        raise VarAugError(f"--weights-memory {args.weights_memory}: give the GiB allowed, e.g. 4")
+    folds = [parse_fold(f) for f in args.fold]
+    if len(set(folds)) != len(folds):
+        raise VarAugError(f"-f {' '.join(args.fold)}: a fold is given twice")
+    return folds
 
 
 def run(args: argparse.Namespace) -> int:
-    exp = Experiment.from_args(args.dataset, args.configuration, args.fold, args.num_replicas, args.base, args.kind,
-                               args.plans, args.start)
-    if args.flag_above is not None and not 0 <= args.flag_above <= 1:
-        raise VarAugError(f"--flag-above {args.flag_above}: the review score lies in [0, 1]; use e.g. 0.1")
-    result = predict_folder(exp, args.images, args.output, args.labels, args.device, args.checkpoint,
-                            not args.disable_tta, args.step_size, args.flag_above, args.pictures, not args.quiet)
-    print(f"predicted {len(result['predicted'])} case(s), skipped {len(result['skipped'])} unchanged; "
+    folds = check_flags(args)
+    experiments = [Experiment.from_args(args.dataset, args.configuration, f, args.num_replicas, args.base, args.kind,
+                                        args.plans, args.start) for f in folds]
+    result = predict_folder(experiments, args.images, args.output, Options(
+        args.labels, args.device, args.checkpoint, not args.disable_tta, args.step_size, args.flag_above,
+        args.pictures, not args.quiet, args.save_probabilities, args.num_parts, args.part_id, args.npp, args.nps,
+        args.verbose, args.weights_memory))
+    part = "" if args.num_parts == 1 else f"part {args.part_id} of {args.num_parts}: "
+    print(f"{part}predicted {len(result['predicted'])} case(s), skipped {len(result['skipped'])} unchanged; "
           f"outputs in {result['output']} (review.csv, volumes.csv, report.html)")
     return 0
