@@ -53,3 +53,22 @@ def test_nll_sums_equal_a_direct_computation_and_skip_the_ignore_label():
     q = temperature.scale(p, t).astype(np.float64)
     expected = -np.log(q[gt[5:], np.arange(5, 40)]).sum()
     assert sums[100] == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_parabola_refinement_finds_a_minimum_between_grid_points():
+    t = temperature.grid()
+    planted = 1.9 * 1.01  # not a grid point
+    result = temperature.fit((np.log(t) - np.log(planted)) ** 2)
+    assert result["temperature"] == pytest.approx(planted, rel=1e-9) and not result["at_grid_edge"]
+    assert temperature.fit(np.log(t))["at_grid_edge"]  # minimum at T_MIN: said so
+
+
+def test_a_subsampled_case_stands_for_all_its_voxels(monkeypatch):
+    rng = np.random.default_rng(3)
+    p = softmax(rng.normal(size=(3, 40_000)) * 2).astype(np.float32)
+    gt = rng.integers(0, 3, 40_000)
+    full, _ = temperature.nll_sums(p, gt, [0, 1, 2])
+    monkeypatch.setattr(temperature, "MAX_VOXELS", 8_000)
+    sub, voxels = temperature.nll_sums(p, gt, [0, 1, 2])
+    assert voxels == 40_000
+    np.testing.assert_allclose(sub, full, rtol=0.03)
