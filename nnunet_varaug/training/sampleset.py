@@ -157,28 +157,34 @@ def validate_sample_set(folder: str, *, plans: str, configuration: str, fold, ca
                         f"{', '.join(extra[:5])}{' …' if len(extra) > 5 else ''}")
         raise VarAugError(f"the sample set in {folder} does not match the case list of fold {fold} "
                           f"({'; '.join(what)}): update it with `{fix}`")
-    k = int(manifest["num_replicas"])
     for case in sorted(cases):
-        entry = manifest["cases"][case]
-        want_shape = [k, *[int(s) for s in shapes[case]]]
-        if list(entry["shape"]) != want_shape:
-            raise VarAugError(f"variability samples of case {case} have shape {tuple(entry['shape'])}, but the "
-                              f"preprocessed case needs {tuple(want_shape)} (was the dataset preprocessed again?): "
-                              f"rebuild them with `{fix} --force`")
-        path = sample_file(folder, case)
-        if not os.path.isfile(path):
-            raise VarAugError(f"variability samples of case {case} are missing ({path}): run `{fix}`")
-        recorded = entry.get("seg_sha256")
-        if preprocessed_folder is not None and recorded is not None and \
-                seg_digest(preprocessed_folder, case) != recorded:
-            raise VarAugError(f"variability samples of case {case} were made from another version of its "
-                              f"preprocessed segmentation (the sha256 of {case}'s segmentation in "
-                              f"{preprocessed_folder} differs from the manifest's: was the dataset preprocessed "
-                              f"again?): rebuild them with `{fix}`")
-        if verify_files and file_sha256(path) != entry["sha256"]:
-            raise VarAugError(f"variability samples of case {case} are corrupt or not the ones the manifest lists "
-                              f"({path}: sha256 differs): run `{fix}` to rewrite them")
+        check_case_entry(folder, case, manifest, shapes[case], fix, verify_files, preprocessed_folder)
     return manifest
+
+
+def check_case_entry(folder: str, case: str, manifest: dict, shape: Sequence[int], fix: str, verify_files: bool,
+                     preprocessed_folder: Optional[str]) -> None:
+    """One case of a sample set: K maps of the preprocessed case's shape, the file present and intact, made from
+    the preprocessed segmentation the trainer reads (else VarAugError quoting ``fix``)."""
+    entry = manifest["cases"][case]
+    want_shape = [int(manifest["num_replicas"]), *[int(s) for s in shape]]
+    if list(entry["shape"]) != want_shape:
+        raise VarAugError(f"variability samples of case {case} have shape {tuple(entry['shape'])}, but the "
+                          f"preprocessed case needs {tuple(want_shape)} (was the dataset preprocessed again?): "
+                          f"rebuild them with `{fix} --force`")
+    path = sample_file(folder, case)
+    if not os.path.isfile(path):
+        raise VarAugError(f"variability samples of case {case} are missing ({path}): run `{fix}`")
+    recorded = entry.get("seg_sha256")
+    if preprocessed_folder is not None and recorded is not None and \
+            seg_digest(preprocessed_folder, case) != recorded:
+        raise VarAugError(f"variability samples of case {case} were made from another version of its "
+                          f"preprocessed segmentation (the sha256 of {case}'s segmentation in "
+                          f"{preprocessed_folder} differs from the manifest's: was the dataset preprocessed "
+                          f"again?): rebuild them with `{fix}`")
+    if verify_files and file_sha256(path) != entry["sha256"]:
+        raise VarAugError(f"variability samples of case {case} are corrupt or not the ones the manifest lists "
+                          f"({path}: sha256 differs): run `{fix}` to rewrite them")
 
 
 class SegWithSamples:
