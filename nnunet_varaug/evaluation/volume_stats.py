@@ -39,14 +39,18 @@ def significant_digits(volumes: np.ndarray, reference: Optional[np.ndarray] = No
     """Significant bits and decimal digits of each column of ``(K, cases)`` volumes across the K replicas.
 
     Through the ``significantdigits`` package: general method, relative error, reference = ``reference`` (one
-    value per column, e.g. the IEEE model's volumes) or the replicas' mean. Columns whose reference is 0 get
-    NaN: the relative error is undefined there. Unanimous columns come back as the package gives them (52 bits):
-    use :func:`volume_spread` for summaries.
+    value per column, e.g. the IEEE model's volumes) or the replicas' mean. **Empty against non-empty is 0 bits**:
+    a reference of 0 with some replica non-empty, or every replica empty with a non-zero reference (the worst
+    disagreement there is; not a NaN that would drop the case). A column where the reference and every replica are
+    0 (the structure absent everywhere) is NaN: there is nothing to measure. Unanimous columns come back as the
+    package gives them (52 bits): use :func:`volume_spread` for summaries.
     """
     import significantdigits as sd
 
     volumes = np.asarray(volumes, dtype=np.float64)
     ref = volumes.mean(axis=0) if reference is None else np.asarray(reference, dtype=np.float64)
+    replicas_empty = np.all(volumes == 0, axis=0)
+    empty_vs_not = ((ref == 0) & ~replicas_empty) | ((ref != 0) & replicas_empty)
     out = []
     for basis in (2, 10):
         with warnings.catch_warnings(), np.errstate(all="ignore"):
@@ -54,7 +58,7 @@ def significant_digits(volumes: np.ndarray, reference: Optional[np.ndarray] = No
             value = sd.significant_digits(volumes, reference=ref, axis=0, basis=basis,
                                           method=sd.Method.General, error=sd.Error.Relative)
         value = np.asarray(value, dtype=np.float64).reshape(ref.shape)
-        out.append(np.where(ref == 0, np.nan, value))
+        out.append(np.where(empty_vs_not, 0.0, np.where(ref == 0, np.nan, value)))
     return out[0], out[1]
 
 
@@ -108,8 +112,8 @@ def volume_spread(volumes: np.ndarray, voxels: Optional[np.ndarray] = None,
     bits, digits = significant_digits(volumes, reference)
     same = unanimous(volumes, reference)
     cap = bits_cap(voxels) if voxels is not None else np.full(mean.shape, np.inf)
-    bits = np.where(same, np.nan, np.minimum(bits, cap))
-    digits = np.where(same, np.nan, np.minimum(digits, cap * math.log10(2)))
+    bits = np.where(same, np.nan, np.where(bits == 0, 0.0, np.minimum(bits, cap)))  # 0 bits need no cap (empty)
+    digits = np.where(same, np.nan, np.where(digits == 0, 0.0, np.minimum(digits, cap * math.log10(2))))
     return {"mean": mean, "std": std, "cv": cv, "sig_bits": bits, "sig_digits": digits, "unanimous": same,
             "bits_cap": cap}
 
@@ -119,7 +123,8 @@ def summarize_digits(spread: Dict[str, np.ndarray]) -> Dict[str, float]:
 
     ``sig_bits_mean``/``sig_digits_mean``: mean over non-unanimous cases (capped). ``sig_bits_median``/
     ``sig_digits_median``: median over all cases with a defined value, a unanimous case counting as its cap (the
-    most the voxel count allows; never 52). ``unanimous_cases``: how many cases were unanimous.
+    most the voxel count allows; never 52); ``sig_cases``: how many cases carry a value there (a structure absent
+from every replica and the reference has none). ``unanimous_cases``: how many cases were unanimous.
     """
     out: Dict[str, float] = {}
     same = spread["unanimous"]
@@ -129,5 +134,7 @@ def summarize_digits(spread: Dict[str, np.ndarray]) -> Dict[str, float]:
         with_cap = np.where(same, spread["bits_cap"] * scale, value)
         finite = with_cap[np.isfinite(with_cap)]
         out[f"{name}_median"] = float(np.median(finite)) if finite.size else math.nan
+        if name == "sig_bits":
+            out["sig_cases"] = int(finite.size)
     out["unanimous_cases"] = int(np.count_nonzero(same))
     return out

@@ -172,6 +172,20 @@ def test_volume_spread_and_absent_structure():
     assert math.isnan(spread["cv"][1]) and math.isnan(spread["sig_bits"][1])
 
 
+def test_empty_against_non_empty_is_zero_bits_not_nan():
+    """The worst disagreement: every replica empty and the IEEE reference not (column 0), or the reference empty and
+    a replica not (column 1). Both are 0 bits and stay in the median; absent everywhere (column 2) has no value."""
+    volumes = np.array([[0.0, 5.0, 0.0, 100.0], [0.0, 0.0, 0.0, 101.0], [0.0, 6.0, 0.0, 99.0]])
+    reference = np.array([7.0, 0.0, 0.0, 100.0])
+    bits, digits = volume_stats.significant_digits(volumes, reference)
+    assert list(bits[:2]) == [0.0, 0.0] and list(digits[:2]) == [0.0, 0.0] and math.isnan(bits[2])
+    spread = volume_stats.volume_spread(volumes, volumes, reference)
+    assert list(spread["sig_bits"][:2]) == [0.0, 0.0]
+    summary = volume_stats.summarize_digits(spread)
+    assert summary["sig_cases"] == 3  # column 2 carries no value, and the count says so
+    assert summary["sig_bits_median"] == pytest.approx(0.0)
+
+
 def test_structures_from_dataset_json_labels_and_regions():
     labels = {"background": 0, "organ": 1, "lesion": 2, "ignore": 3}
     st = v.structures_from_dataset_json({"labels": labels})
