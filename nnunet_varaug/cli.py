@@ -17,9 +17,12 @@ COMMANDS = {
     "samples": "write the replicas' label maps of the training cases (variability samples)",
     "analyze": "predict with each replica and write the variability report",
     "predict": "segment new images with the replicas: consensus, uncertainty maps, review list",
+    "compare": "is trainer B better than trainer A beyond seed noise? (K seed replicas of each)",
+    "sources": "which source of randomness drives the replicas' disagreement, per structure",
     "downstream": "the paper's augmentation experiment on per-replica features",
     "benchmark": "the Medical Segmentation Decathlon benchmark, stage by stage",
     "demo": "the whole pipeline on a built-in synthetic dataset, on the CPU",
+    "compare": "is trainer B better than trainer A beyond seed noise? (K seed replicas of each)",
 }
 
 
