@@ -80,6 +80,22 @@ def normalized_surface_dice(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[
     return float(value.reshape(-1)[0])
 
 
+def label_agreement(consensus: np.ndarray, gt: np.ndarray, spacing: Sequence[float], structures,
+                    ignore: Optional[int] = None, tolerance_mm: float = NSD_TOLERANCE_MM) -> List[Dict]:
+    """Per structure, the consensus's Dice and NSD to the labels (``structures``: variability.Structure)."""
+    from nnunet_varaug.evaluation.variability import structure_mask
+
+    valid = None if ignore is None else gt != ignore
+    rows = []
+    for st in structures:
+        pred, true = structure_mask(consensus, st.labels), structure_mask(gt, st.labels)
+        if valid is not None:
+            pred, true = pred & valid, true & valid
+        rows.append({"label": st.key, "name": st.name, "dice": dice(pred, true),
+                     "nsd": normalized_surface_dice(pred, true, spacing, tolerance_mm), "nsd_tolerance_mm": tolerance_mm})
+    return rows
+
+
 # ---- ranking metrics ----------------------------------------------------------------------------------------------
 def _ranked_risks(risk: np.ndarray, uncertainty: np.ndarray) -> np.ndarray:
     """Risks ordered from least to most uncertain, each tie group replaced by its mean risk."""

@@ -79,19 +79,35 @@ def _mean_in(values: np.ndarray, mask: np.ndarray) -> float:
     return float(values[mask].sum(dtype=np.float64) / n) if n else math.nan
 
 
-def structure_rows(maps: np.ndarray, consensus: np.ndarray, mean: np.ndarray, entropy: np.ndarray,
-                   mutual_information: np.ndarray, spacing: Sequence[float],
-                   structures: Sequence[variability.Structure], channels: Sequence[int]) -> List[Dict]:
+def soft_voxels(mean: np.ndarray, structures: Sequence[variability.Structure], channels: Sequence[int]) -> List[float]:
+    """Per structure, Σ over voxels of the mean probability of its labels (channel ``i`` = label ``channels[i]``)."""
+    index = list(channels)
+    return [float(sum(mean[index.index(v)].sum(dtype=np.float64) for v in st.labels)) for st in structures]
+
+
+def map_means(values: np.ndarray, consensus: np.ndarray, structures: Sequence[variability.Structure],
+              spacing: Sequence[float]) -> List[Tuple[float, float]]:
+    """Per structure, (mean of ``values`` inside the consensus structure, mean in its boundary band); NaN if empty."""
+    out = []
+    for st in structures:
+        cons = variability.structure_mask(consensus, st.labels)
+        out.append((_mean_in(values, cons), _mean_in(values, boundary_band(cons, spacing))))
+    return out
+
+
+def structure_rows(maps: np.ndarray, consensus: np.ndarray, spacing: Sequence[float],
+                   structures: Sequence[variability.Structure], soft: Sequence[float],
+                   entropy: Sequence[Tuple[float, float]], mutual_information: Sequence[Tuple[float, float]]
+                   ) -> List[Dict]:
     """One row per structure (no case column; the caller adds it), columns as in the module docstring.
 
     Args:
         maps: ``(K, *spatial)`` replica label maps.
         consensus: the consensus label map.
-        mean: ``(C, *spatial)`` mean probability; channel ``i`` is label value ``channels[i]``.
-        entropy, mutual_information: voxel maps in bits.
         spacing: voxel spacing in mm, in the arrays' axis order.
         structures: what to measure.
-        channels: label value of each channel of ``mean``.
+        soft: :func:`soft_voxels` of the mean probability.
+        entropy, mutual_information: :func:`map_means` of the entropy and mutual-information maps (bits).
     """
     k = maps.shape[0]
     voxel = float(np.prod(np.asarray(spacing, dtype=np.float64)))
@@ -101,17 +117,15 @@ def structure_rows(maps: np.ndarray, consensus: np.ndarray, mean: np.ndarray, en
     for s, st in enumerate(structures):
         masks = variability.structure_mask(maps, st.labels)
         count = masks.sum(axis=0, dtype=np.uint16)
-        cons = variability.structure_mask(consensus, st.labels)
-        soft = sum(mean[list(channels).index(v)].sum(dtype=np.float64) for v in st.labels)
+        n_cons = int(np.count_nonzero(variability.structure_mask(consensus, st.labels)))
         vox = masks.reshape(k, -1).sum(axis=1).astype(np.float64)
+        del masks
         vol = np.sort(vox * voxel)
-        band = boundary_band(cons, spacing)
         uncertain = int(np.count_nonzero((count > 0) & (count < k)))
-        n_cons = int(np.count_nonzero(cons))
         rows.append({
             "label": st.key, "name": st.name, "replicas": k,
-            "consensus_mm3": n_cons * voxel, "soft_mm3": float(soft) * voxel,
-            "soft_minus_consensus_mm3": (float(soft) - n_cons) * voxel,
+            "consensus_mm3": n_cons * voxel, "soft_mm3": soft[s] * voxel,
+            "soft_minus_consensus_mm3": (soft[s] - n_cons) * voxel,
             "replica_mean_mm3": float(vol.mean()), "replica_sd_mm3": float(vol.std(ddof=1)) if k > 1 else 0.0,
             "replica_min_mm3": float(vol[0]), "replica_max_mm3": float(vol[-1]),
             "minmax_coverage": interval_coverage(k, 1),
@@ -121,11 +135,19 @@ def structure_rows(maps: np.ndarray, consensus: np.ndarray, mean: np.ndarray, en
             "detected_by": int(np.count_nonzero(vox)), "detection_share": float(np.count_nonzero(vox)) / k,
             "mean_pairwise_dice": float(np.mean([dice[s, a, b] for a, b in pairs])) if pairs else 1.0,
             "uncertain_mm3": uncertain * voxel, "uncertain_share": uncertain / n_cons if n_cons else math.nan,
-            "entropy_in_structure_bits": _mean_in(entropy, cons),
-            "mi_in_structure_bits": _mean_in(mutual_information, cons),
-            "entropy_in_band_bits": _mean_in(entropy, band), "mi_in_band_bits": _mean_in(mutual_information, band),
+            "entropy_in_structure_bits": entropy[s][0], "entropy_in_band_bits": entropy[s][1],
+            "mi_in_structure_bits": mutual_information[s][0], "mi_in_band_bits": mutual_information[s][1],
         })
     return rows
+
+
+def rows_from_arrays(maps: np.ndarray, consensus: np.ndarray, mean: np.ndarray, entropy: np.ndarray,
+                     mutual_information: np.ndarray, spacing: Sequence[float],
+                     structures: Sequence[variability.Structure], channels: Sequence[int]) -> List[Dict]:
+    """:func:`structure_rows` from whole arrays (``mean``: ``(C, *spatial)``, channel ``i`` = ``channels[i]``)."""
+    return structure_rows(maps, consensus, spacing, structures, soft_voxels(mean, structures, channels),
+                          map_means(entropy, consensus, structures, spacing),
+                          map_means(mutual_information, consensus, structures, spacing))
 
 
 def review_score(row: Dict, min_volume: float = MIN_VOLUME_MM3, may_be_absent: bool = False) -> Tuple[float, str]:

@@ -21,8 +21,8 @@ def rows_of(maps, spacing=(1.0, 1.0, 1.0), consensus=None):
     mean = one_hot_mean(maps)
     consensus = mean.argmax(axis=0) if consensus is None else consensus
     zeros = np.zeros(maps.shape[1:], np.float32)
-    return structures.structure_rows(maps, consensus, mean, zeros + 0.5, zeros + 0.25, spacing, ORGAN_LESION,
-                                     [0, 1, 2])
+    return structures.rows_from_arrays(maps, consensus, mean, zeros + 0.5, zeros + 0.25, spacing, ORGAN_LESION,
+                                       [0, 1, 2])
 
 
 def large_band_case(k=10):
@@ -84,7 +84,7 @@ def test_volumes_uncertainty_and_detection_equal_numpy():
     mean = mean * 0.9 + 0.1 / 3  # soft probabilities, still summing to 1
     consensus = mean.argmax(axis=0)
     ent, mi = rng.random(consensus.shape).astype(np.float32), rng.random(consensus.shape).astype(np.float32)
-    rows = structures.structure_rows(maps, consensus, mean, ent, mi, spacing, ORGAN_LESION, [0, 1, 2])
+    rows = structures.rows_from_arrays(maps, consensus, mean, ent, mi, spacing, ORGAN_LESION, [0, 1, 2])
     voxel = 1.0
     for row, label in zip(rows, (1, 2)):
         m = maps == label
