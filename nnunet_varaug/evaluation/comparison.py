@@ -265,6 +265,8 @@ class Comparison:
     needed_for_target: Optional[int] = None
     target_halfwidth: Optional[float] = None
     cases_only_halfwidth: float = math.nan
+    replica_means_a: Optional[np.ndarray] = None  # each replica's mean over the compared cases
+    replica_means_b: Optional[np.ndarray] = None
     status: str = "no_cases"
 
     @property
@@ -288,6 +290,7 @@ def compare(a: np.ndarray, b: np.ndarray, higher_is_better: bool = True, target_
     if result.n_cases < 2 or min(result.k_a, result.k_b) < 2:
         return result
     result.mean_a, result.mean_b = float(a.mean()), float(b.mean())
+    result.replica_means_a, result.replica_means_b = replica_means(a), replica_means(b)
     result.interval = iv = delta_interval(a, b, level)
     result.seed_noise_a, result.seed_noise_b = float(seed_noise(a)), float(seed_noise(b))
     result.flips = flip_probability(a, b)

@@ -1,4 +1,5 @@
-"""``results.md`` of ``nnunet_varaug benchmark``: Dice of every model, the published reference, compute per stage.
+"""``results.md`` of ``nnunet_varaug benchmark``: Dice of every model, the verdicts (:mod:`.verdicts`), the published
+reference, compute per stage.
 
 Reads what the stages left in the output folder (``evaluation/dice.json``, ``analysis/summary.csv`` and the state
 file) and renders it as Markdown; written atomically after every stage, so an interrupted benchmark still has an
@@ -71,6 +72,7 @@ def render_results(bench: "Benchmark") -> str:
                       "`compute_metrics_on_folder` against the held-out labels (per-case files in "
                       "`evaluation/test/`). The majority vote takes, per voxel, the label most replicas predict (ties: "
                       "the smaller label). This is the table to compare models with: no model saw these cases."]
+        lines += [""] + render_verdicts(bench, ev, verdicts.verdict_lines)
         stability = ev["test"].get("stability") or {}
         if stability:
             lines += ["", "## Stability across training seeds, on the held-out test split", ""]
@@ -88,6 +90,8 @@ def render_results(bench: "Benchmark") -> str:
                           "variation (sd / mean) of the label's volume across them; then the mean over test cases. "
                           "A more stable method has higher pairwise Dice and lower volume CV. Same cases, same "
                           "metrics as `analyze` (`evaluation/dice.json` has min pairwise Dice and volume sd too)."]
+            lines += ["", "Seed noise of the test Dice, and its ratio to the plain replicas':", ""]
+            lines += render_verdicts(bench, ev, verdicts.seed_noise_lines)
     else:
         lines += ["(not evaluated yet: run the `evaluate` stage)"]
     lines += ["", f"## Dice on fold {bench.fold}'s validation cases (cross-validation; not for comparing sources)", ""]
@@ -127,6 +131,15 @@ def render_results(bench: "Benchmark") -> str:
     lines += ["", "Compute is wall time of the stage's commands on this machine, summed over attempts (resumed "
                   "stages count every attempt); a stage found complete on disk without a record shows –.", ""]
     return "\n".join(lines)
+
+
+def render_verdicts(bench: "Benchmark", ev: dict, make) -> List[str]:
+    """A section made by :mod:`verdicts` from the per-model evaluation files; a note where they are missing."""
+    try:
+        return make(bench, ev["labels"])
+    except (OSError, KeyError, ValueError) as e:
+        return [f"(no verdicts: the per-model evaluation files of `evaluation/test/` are incomplete ({e}); rerun "
+                "the `evaluate` stage)"]
 
 
 def _dice_table(bench: "Benchmark", ev: dict, which: str) -> List[str]:
