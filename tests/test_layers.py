@@ -103,8 +103,6 @@ def layer_violations(package_dir: str) -> List[str]:
             if imp.target == "argparse" and mine not in ARGPARSE_LAYERS:
                 found.append(f"{module}:{imp.line} imports argparse (only commands/ and cli.py parse arguments)")
             theirs = layer_of(imp.target, package)
-            if imp.target == package and imp.names == ("__version__",):
-                continue  # the package's version, which every layer may record
             if theirs is None or theirs == mine:
                 continue
             if theirs not in ALLOWED.get(mine, set()):

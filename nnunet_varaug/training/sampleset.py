@@ -316,8 +316,6 @@ def build_manifest(identity: dict, cases: Dict[str, dict], *, base: str, kind: s
     bytes}}`` and what the reading side and the error messages need."""
     from importlib.metadata import version
 
-    from nnunet_varaug import __version__ as plugin_version
-
     shapes = {tuple(e["shape"])[0] for e in cases.values()}
     if len(shapes) > 1:
         raise ValueError(f"sample arrays disagree on K: {sorted(shapes)}")
@@ -327,7 +325,7 @@ def build_manifest(identity: dict, cases: Dict[str, dict], *, base: str, kind: s
             "case_list": sorted(cases), "cases": {c: cases[c] for c in sorted(cases)},
             "ignore_label": ignore_label, "regions": bool(regions), "command": command,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "nnunetv2_version": version("nnunetv2"), "nnunet_varaug_version": plugin_version}
+            "nnunetv2_version": version("nnunetv2"), "nnunet_varaug_version": version("nnunet-varaug")}
 
 
 def save_manifest(folder: str, manifest: dict) -> None:
