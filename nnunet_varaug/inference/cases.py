@@ -89,7 +89,57 @@ def list_cases(exp: Experiment, images: Optional[str] = None, labels: Optional[s
     nolabel = [c.label for c in cases if c.label is not None and not os.path.isfile(c.label)]
     if nolabel:
         raise VarAugError(f"ground truth missing for {len(nolabel)} case(s): {', '.join(nolabel[:5])}")
+    check_grids(cases)
     return cases
+
+
+# ---- headers: readable files, labels on their image's grid -----------------------------------------------------
+HEADER_FORMATS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+GRID_TOLERANCE = 1e-4
+"""Spacing, origin and direction of a label and its image may differ by this much (relative to the largest value)."""
+
+
+def read_header(path: str):
+    """(size, spacing, origin, direction) of an image file (header only), or VarAugError naming the file."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        reason = next((line.split("ERROR:", 1)[1].strip() for line in lines if "ERROR:" in line),
+                      lines[-1] if lines else "unknown error")
+        raise VarAugError(f"{path} is not a readable image: SimpleITK says \"{reason[:200]}\" (a file of another "
+                          f"format, truncated or not an image at all). Replace it with the image file, or move the "
+                          f"case out of the folder") from None
+    return reader.GetSize(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection()
+
+
+def _differs(a, b) -> bool:
+    a, b = [float(x) for x in a], [float(x) for x in b]
+    scale = max([1.0] + [abs(x) for x in a + b])
+    return len(a) != len(b) or any(abs(x - y) > GRID_TOLERANCE * scale for x, y in zip(a, b))
+
+
+def check_grids(cases: Sequence[Case]) -> None:
+    """Every image and label file readable, and every label on its image's grid: size, spacing, origin and
+    direction (header reads only; formats other than NIfTI/NRRD/MetaImage are left to nnU-Net's reader)."""
+    for case in cases:
+        if not case.images[0].endswith(HEADER_FORMATS):
+            return
+        headers = [read_header(p) for p in case.images]
+        if case.label is None:
+            continue
+        label = read_header(case.label)
+        wrong = [f"{what} {theirs} vs {mine}" for what, mine, theirs in
+                 zip(("size", "spacing", "origin", "direction"), headers[0], label)
+                 if (mine != theirs if what == "size" else _differs(mine, theirs))]
+        if wrong:
+            raise VarAugError(f"label {case.label} is not on the grid of its image {case.images[0]} "
+                              f"({'; '.join(wrong)}): it is not the label of {case.name}, or it was resampled. Fix "
+                              f"-l (the label must share the image's size, spacing, origin and direction)")
 
 
 def check_ground_truth(rw, cases: Sequence[Case], allowed: Sequence[int]) -> None:
