@@ -99,7 +99,7 @@ def export_case(predictor, fin: Finished, out: str, structures, groups: Optional
     mean = ens.finish()
     consensus = consensus_of(lm, mean)
     if fin.calibration is not None:
-        add_calibration(fin.calibration, ENSEMBLE, mean, fin.gt, ignore)
+        add_calibration(fin.calibration, ENSEMBLE, mean, fin.gt, ignore, props["spacing"])
     if save_probabilities:
         write_probabilities(out, case.name, mean, props)
     del mean
@@ -205,18 +205,20 @@ def predict_folder(experiments: Union[Experiment, Sequence[Experiment]], images:
                                opt.verbose)
     os.makedirs(output, exist_ok=True)
     copy_nnunet_files(predictor, output)
-    weights = Weights(paths, opt.weights_gib * 2 ** 30, first=predictor.list_of_parameters[0])
+    weights = None
     groups = None
     if len(experiments) > 1:
         k = first.num_replicas
         groups = [list(range(f * k, (f + 1) * k)) for f in range(len(experiments))]
     if todo:
+        weights = Weights(paths, opt.weights_gib * 2 ** 30, first=predictor.list_of_parameters[0])
         run_cases(predictor, weights, labels, todo, output, opt, structures, groups, ignore,
                   lambda case, record: record_case(state, state_path, case, inputs, record))
     write_json(state_path, state)
     write_tables(experiments, output, identity, cases, structures, labels, folds, opt)
     return {"predicted": [c.name for c in todo], "skipped": [c.name for c in mine if c not in todo],
-            "output": output, "loads": dict(weights.loads), "resident": weights.resident}
+            "output": output, "loads": dict(weights.loads) if weights else {},
+            "resident": weights.resident if weights else None}
 
 
 def record_case(state: dict, path: str, case: Case, inputs: dict, record: dict) -> None:

@@ -244,11 +244,21 @@ def consensus_of(label_manager, mean: np.ndarray) -> np.ndarray:
 
 
 def add_calibration(counts: "calibration.CalibrationCounts", model: str, probabilities: np.ndarray,
-                    gt: np.ndarray, ignore: Optional[int]) -> None:
+                    gt: np.ndarray, ignore: Optional[int], spacing: Optional[Sequence[float]] = None) -> None:
     """Add one model's probabilities of a case to the calibration counts, row chunk by row chunk (the counts are
-    sums over voxels)."""
+    sums over voxels). With ``spacing`` the ``roi`` scope too: :func:`calibration.model_roi
+    <nnunet_varaug.evaluation.calibration.model_roi>`'s region, its argmax taken chunk by chunk."""
+    roi = None
+    if spacing is not None:
+        labels = np.asarray(counts.labels)
+        foreground = np.zeros(gt.shape, dtype=bool)
+        for a, b in row_chunks(gt.shape, probabilities.shape[0] * 8):
+            foreground[a:b] = labels[np.argmax(probabilities[:, a:b], axis=0)] != labels[0]
+        foreground |= (gt != labels[0]) if ignore is None else (gt != labels[0]) & (gt != ignore)
+        roi = calibration.roi_mask(foreground, spacing)
+        del foreground
     for a, b in row_chunks(gt.shape, probabilities.shape[0] * 8):
-        counts.add(model, probabilities[:, a:b], gt[a:b], ignore)
+        counts.add(model, probabilities[:, a:b], gt[a:b], ignore, None if roi is None else roi[a:b])
 
 
 def ensemble_case(predictor, weights: Weights, case: Case, names: List[str], gt: Optional[np.ndarray] = None,
@@ -264,11 +274,11 @@ def ensemble_case(predictor, weights: Weights, case: Case, names: List[str], gt:
     for k, name in enumerate(names):
         probs, seg = predict_model(predictor, weights, k, name, case.name, data, props)
         if cal is not None:
-            add_calibration(cal, name, probs, gt, ignore)
+            add_calibration(cal, name, probs, gt, ignore, props["spacing"])
         ens.add(probs, seg, own=True)
         del probs, seg
     mean = ens.finish()
     consensus = consensus_of(lm, mean)
     if cal is not None:
-        add_calibration(cal, ENSEMBLE, mean, gt, ignore)
+        add_calibration(cal, ENSEMBLE, mean, gt, ignore, props["spacing"])
     return ens, mean, consensus, props, cal

@@ -158,7 +158,7 @@ def add_model(predictor, weights, k, label, case, data, props, ens, gt, cal, ign
     start = time.perf_counter()
     probs, seg = predict_model(predictor, weights, k, label, case.name, data, props)
     if cal is not None:
-        add_calibration(cal, label, probs, gt, ignore)
+        add_calibration(cal, label, probs, gt, ignore, props["spacing"])
     ens.add(probs, seg, own=True)
     del probs, seg
     if verbose:
