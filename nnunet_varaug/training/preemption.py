@@ -11,9 +11,10 @@ epochs and dies on either signal. :class:`PreemptibleTrainingMixin`, mixed into 
 * **a clean exit on SIGTERM and SIGUSR2**: the trainer logs which epoch the checkpoint holds and exits with
   :data:`STOPPED_EXIT_CODE`; a signal that arrives while a checkpoint is being written waits for the rename;
 * **each epoch's random state a function of (replica, epoch) alone**: at the start of every epoch python, numpy
-  and torch are seeded from ``derive_seed(K, "epoch", e)`` and the augmentation workers restart with seeds derived
-  from (K, augmenter, e), discarding the batches they had prepared. nnU-Net stores no generator state in its
-  checkpoints; with this, a run that continues at epoch e draws what an uninterrupted run draws from e on.
+  and torch are seeded from ``derive_seed(K, "epoch", e)`` and the augmenters' sampling and augmentation streams
+  restart keyed by (K, augmenter, e) (:func:`~nnunet_varaug.training.seeding.restart_streams`; workers drop the
+  batches they had prepared). nnU-Net stores no generator state in its checkpoints; with this, a run that
+  continues at epoch e draws what an uninterrupted run draws from e on. K is the replica's "train" stream.
 
 Without a signal, nothing else changes: same network, loss, data and schedule as the base trainer.
 """
@@ -25,7 +26,7 @@ import sys
 import threading
 from typing import Optional
 
-from nnunet_varaug.training.seeding import SeededWorkerLoader, derive_seed, seed_everything
+from nnunet_varaug.training.seeding import derive_seed, restart_streams, seed_everything
 from nnunet_varaug.utilities.fileio import temporary_name
 
 #: ``nnUNetv2_train``'s exit status after a stop signal (EX_TEMPFAIL: try again, with ``--c``).
@@ -35,19 +36,19 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 CONTINUING = "nnunet_varaug: continuing from checkpoint_latest.pth at epoch"
 
 
-def restart_epoch_randomness(trainer, seed: int) -> None:
-    """Seed python, numpy and torch for ``trainer``'s current epoch and restart its augmentation workers with
-    seeds of that epoch (a single-threaded augmenter draws from the generators just seeded)."""
-    epoch = int(trainer.current_epoch)
-    seed_everything(derive_seed(seed, "epoch", epoch))
+def epoch_key(trainer) -> int:
+    """The index of the stream that keys ``trainer``'s epochs: its "train" stream (``stream_seed``), else K."""
+    stream_seed = getattr(trainer, "stream_seed", None)
+    return int(stream_seed("train")) if stream_seed is not None else int(getattr(trainer, "replica_seed", 0))
+
+
+def restart_epoch_randomness(trainer) -> None:
+    """Seed python, numpy and torch for ``trainer``'s current epoch and restart its augmenters' sampling and
+    augmentation streams with keys of that epoch (a worker's prepared batches are dropped)."""
+    key, epoch = epoch_key(trainer), int(trainer.current_epoch)
+    seed_everything(derive_seed(key, "epoch", epoch))
     for index, augmenter in enumerate((trainer.dataloader_train, trainer.dataloader_val)):
-        loader = getattr(augmenter, "generator", None)
-        if not isinstance(loader, SeededWorkerLoader):  # no workers, or not a seed replica's augmenter
-            continue
-        stream = derive_seed(seed, "augmenter", index, "epoch", epoch)
-        loader.seed = stream
-        augmenter.seeds = [derive_seed(stream, i) for i in range(augmenter.num_processes)]
-        augmenter.restart()
+        restart_streams(augmenter, derive_seed(key, "augmenter", index, "epoch", epoch))
 
 
 class _StopOnSignal:
@@ -99,7 +100,7 @@ class _StopOnSignal:
 
 class PreemptibleTrainingMixin:
     """Every epoch checkpointed, SIGTERM/SIGUSR2 answered with a clean exit, each epoch seeded from (replica,
-    epoch): see the module docstring. Reads ``replica_seed`` (0 if the class has none)."""
+    epoch): see the module docstring. The replica's key is its "train" stream (:func:`epoch_key`)."""
 
     _varaug_stop: Optional[_StopOnSignal] = None
 
@@ -120,7 +121,7 @@ class PreemptibleTrainingMixin:
 
     def on_epoch_start(self):
         super().on_epoch_start()  # logs the epoch's start time first: the epoch time includes the restart
-        restart_epoch_randomness(self, int(getattr(self, "replica_seed", 0)))
+        restart_epoch_randomness(self)
 
     def save_checkpoint(self, filename: str) -> None:
         stop = self._varaug_stop
