@@ -19,14 +19,18 @@ import sys
 from typing import Dict, List, Optional, Sequence, Union
 
 from nnunet_varaug.commands.flags import add_device, add_disable_tta, add_experiment_arguments, add_quiet
-from nnunet_varaug.evaluation import variability
-from nnunet_varaug.inference import probsums
+from nnunet_varaug.commands.uncertainty_flags import add_review_flags, review_options
+from nnunet_varaug.evaluation import structures as structure_stats, variability
+from nnunet_varaug.evaluation.case_record import record_from_arrays
+from nnunet_varaug.evaluation.uncertainty import entropy_bits
+from nnunet_varaug.inference import probsums, replica_stats
 from nnunet_varaug.inference.cache import load_maps, predict_replicas, reader_for, reference_model
 from nnunet_varaug.inference.cases import check_ground_truth, list_cases
 from nnunet_varaug.inference.sample_sources import write_source_comparison_for
 from nnunet_varaug.report import overlays, variability_report as report
-from nnunet_varaug.report.calibration import add_calibration_section
+from nnunet_varaug.report.analysis_sections import add_calibration_section, add_uncertainty_sections
 from nnunet_varaug.report.tables import format_summary
+from nnunet_varaug.report.uncertainty_report import ReviewOptions
 from nnunet_varaug.training.experiment import Experiment
 from nnunet_varaug.training.platforms import platform_warning
 from nnunet_varaug.utilities.errors import VarAugError
@@ -44,7 +48,8 @@ def default_output(experiments: Sequence[Experiment]) -> str:
 # ---- analysis ---------------------------------------------------------------------------------------------------
 def analyze_experiment(experiments: Union[Experiment, Sequence[Experiment]], output: Optional[str] = None,
                        images: Optional[str] = None, labels: Optional[str] = None, device: str = "cuda",
-                       progress: bool = True, calibrate: bool = False, tta: bool = True):
+                       progress: bool = True, calibrate: bool = False, tta: bool = True, step_size: float = 0.5,
+                       review: Optional[ReviewOptions] = None):
     """The whole ``analyze`` command for one experiment, or for several kinds of one configuration side by side.
 
     Args:
@@ -54,10 +59,14 @@ def analyze_experiment(experiments: Union[Experiment, Sequence[Experiment]], out
             fold's validation cases.
         device: ``cuda``, ``cpu`` or ``mps``, for nnU-Net's predictor.
         progress: show tqdm progress bars.
-        calibrate: also measure the calibration of each replica and of their ensemble on the labelled cases
-            (one more prediction pass, with probabilities; :mod:`nnunet_varaug.commands.predict`).
+        calibrate: also measure the calibration of each replica and of their ensemble on the labelled cases and
+            fit one temperature per kind, from the probabilities of the same prediction pass (a case predicted
+            earlier without it is predicted again once).
         tta: mirroring test-time augmentation when predicting (nnUNetv2_predict's default; off with
             ``--disable_tta``).
+        step_size: the sliding window's step (``-step_size``, nnUNetv2_predict's default 0.5).
+        review: the review score's and failure detection's settings (``--min-volume``, ``--may-be-absent``,
+            ``--failure-dice``, ``--instances``, ``--nsd-tolerance``).
 
     Returns:
         The summary table (a pandas DataFrame, as in ``summary.csv``); ``summary.attrs["report_dir"]`` and
@@ -69,6 +78,18 @@ def analyze_experiment(experiments: Union[Experiment, Sequence[Experiment]], out
     """
     experiments = check_experiments([experiments] if isinstance(experiments, Experiment) else list(experiments))
     first = experiments[0]
+    review = review or ReviewOptions()
+    regions = variability.has_regions(first.dataset_json)
+    if calibrate and regions:
+        raise VarAugError(f"--calibration: {first.dataset} is region-based (sigmoid outputs per region, not a "
+                          f"distribution over labels); calibration is defined here for label-based datasets, as in "
+                          f"predict. Leave out --calibration")
+    try:
+        structure_stats.check_structure_names(list(review.may_be_absent) + list(review.instances),
+                                              variability.structures_from_dataset_json(first.dataset_json),
+                                              "--may-be-absent/--instances")
+    except ValueError as e:
+        raise VarAugError(str(e)) from None
     if output is None:
         require_env("nnUNet_results", "the default report folder lies there (or pass -o)")
         output = default_output(experiments)
@@ -79,21 +100,27 @@ def analyze_experiment(experiments: Union[Experiment, Sequence[Experiment]], out
     ignore = variability.ignore_label(dj)
     check_ground_truth(rw, cases, variability.label_values(dj) + ([] if ignore is None else [ignore]))
 
+    if calibrate and not any(c.label for c in cases):
+        raise VarAugError("--calibration needs labelled cases: the fold's validation cases, or -i with -l")
+
     os.makedirs(output, exist_ok=True)
     reference = reference_model(first, [e.kind for e in experiments])
-    folders = predict_replicas(experiments, cases, output, device, progress, reference, tta)
+    folders = predict_replicas(experiments, cases, output, device, progress, reference, tta, step_size, calibrate)
     stage = report.ReportStage(output)
     try:
-        results = analyze_cases(experiments, cases, folders, reference, rw, stage, progress)
+        results, records = analyze_cases(experiments, cases, folders, reference, rw, stage, progress, review)
         summary = report.write_report(stage, experiments, results, reference)
     except BaseException:
         stage.abort()
         raise
     overlays.add_report_section(output, cases, rw)
+    add_uncertainty_sections(output, records, review, [e.kind for e in experiments])
     if calibrate:
-        add_calibration_section(first, cases, output, device)
-    elif os.path.exists(os.path.join(output, "calibration.csv")):  # from an earlier --calibration run
-        os.remove(os.path.join(output, "calibration.csv"))
+        add_calibration_section(experiments, [c.name for c in cases if c.label], output, tta, step_size)
+    else:
+        for name in ("calibration.csv", "temperature.json"):  # from an earlier --calibration run
+            if os.path.exists(os.path.join(output, name)):
+                os.remove(os.path.join(output, name))
     summary.attrs["report_dir"] = output
     summary.attrs["report_html"] = os.path.join(output, "report.html")
     write_source_comparison_for(experiments[0], output)  # sources.csv, when both sample sets of the fold exist
@@ -124,9 +151,10 @@ def check_experiments(experiments: List[Experiment]) -> List[Experiment]:
 
 
 def analyze_cases(experiments: List[Experiment], cases, folders: Dict[str, str], reference: Optional[str], rw,
-                  stage, progress: bool) -> Dict[str, dict]:
-    """Per kind and case, the variability of the cached predictions (:func:`variability.analyze_case`); the voxel
-    maps go to the staging folder, only the counts stay in memory."""
+                  stage, progress: bool, review: ReviewOptions):
+    """Per kind and case, the variability of the cached predictions (:func:`variability.analyze_case`) and the
+    per-structure record (:func:`case_uncertainty`); the voxel maps go to the staging folder, only the counts
+    stay in memory. Returns (results, records), each ``kind -> case -> ...``."""
     from tqdm import tqdm
 
     dj = experiments[0].dataset_json
@@ -134,6 +162,7 @@ def analyze_cases(experiments: List[Experiment], cases, folders: Dict[str, str],
     structures, values = variability.structures_from_dataset_json(dj), variability.label_values(dj)
     ignore = variability.ignore_label(dj)
     results = {e.kind: {} for e in experiments}
+    records = {e.kind: {} for e in experiments}
     for case in tqdm(cases, desc="analyzing", unit="case", disable=not progress):
         gt = None if case.label is None else rw.read_seg(case.label)[0][0]
         ref = None if reference is None else load_maps(
@@ -153,7 +182,29 @@ def analyze_cases(experiments: List[Experiment], cases, folders: Dict[str, str],
             stage.write_maps(case.name + ("" if i == 0 else f"_{exp.kind}"), res, props)
             res.majority = res.entropy = res.disagreement = None  # keep only the counts in memory
             results[exp.kind][case.name] = res
-    return results
+            record = case_uncertainty(output, exp, case.name, maps, props["spacing"], structures, values, gt,
+                                      ignore, review)
+            if record is not None:
+                records[exp.kind][case.name] = record
+    return results, records
+
+
+def case_uncertainty(output: str, exp: Experiment, case: str, maps, spacing, structures, values, gt, ignore,
+                     review: ReviewOptions) -> Optional[dict]:
+    """structures.csv's record of one case and kind: consensus = argmax of the replicas' mean probability (as
+    predict), entropy of that mean, mutual information from the stored sum of the replicas' entropies. None where
+    no probabilities are kept (region-based datasets)."""
+    import numpy as np
+
+    mean = probsums.load(output, exp.kind, case)
+    entropy_sum = replica_stats.load_entropy_sum(output, exp.kind, case)
+    if mean is None or entropy_sum is None:
+        return None
+    consensus = np.asarray(values, dtype=maps.dtype)[np.argmax(mean, axis=0)]
+    h = entropy_bits(mean)
+    mi = np.maximum(h - entropy_sum / np.float32(exp.num_replicas), 0).astype(np.float32)
+    return record_from_arrays(maps, consensus, mean, h, mi, spacing, structures, values, gt=gt, ignore=ignore,
+                              instances=review.instances, nsd_tolerance=review.nsd_tolerance)
 
 
 # ---- command line -----------------------------------------------------------------------------------------------
@@ -168,7 +219,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", dest="output", default=None,
                    help="report folder (default $nnUNet_results/<Dataset>/varaug_reports/<name>/)")
     p.add_argument("--calibration", action="store_true",
-                   help="also report ECE, Brier score and reliability of each replica and their ensemble (labelled cases)")
+                   help="also report calibration (class-wise and top-label ECE, NLL, Brier; all voxels and ROI) of "
+                        "each replica and their ensemble on the labelled cases, and fit one temperature per kind "
+                        "(for predict --temperature auto)")
+    p.add_argument("-step_size", type=float, default=0.5, help="as nnUNetv2_predict's -step_size")
+    add_review_flags(p)
     add_disable_tta(p)
     add_quiet(p)
 
@@ -177,7 +232,8 @@ def run(args: argparse.Namespace) -> int:
     experiments = [Experiment.from_args(args.dataset, args.configuration, args.fold, args.num_replicas, args.base,
                                         kind, args.plans, args.start) for kind in dict.fromkeys(args.kind)]
     summary = analyze_experiment(experiments, args.output, args.images, args.labels, args.device,
-                                 progress=not args.quiet, calibrate=args.calibration, tta=not args.disable_tta)
+                                 progress=not args.quiet, calibrate=args.calibration, tta=not args.disable_tta,
+                                 step_size=args.step_size, review=review_options(args))
     print(format_summary(summary))
     print(f"report: {summary.attrs['report_html']}")
     return 0

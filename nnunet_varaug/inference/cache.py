@@ -1,8 +1,10 @@
 """The replicas' predictions of a set of cases, cached in a folder: ``OUT/predictions/<replica>/<case><ending>``.
 
 Each replica's folder holds ``varaug_predictions.json``: the checkpoint's sha256, the test-time augmentation
-setting, and per case the input files it was predicted from; a prediction is made again when any of them
-changes. Every case is preprocessed once with nnU-Net's preprocessor and predicted by each replica in turn with
+setting and step size, and per case the sha256 of the input files it was predicted from (their content, not their
+path: an image replaced under the same name is predicted again, a moved one is not); a prediction is made again
+when any of them changes. While a case's probabilities exist, each kind's entropy sum, calibration counts and
+temperature NLL sums are gathered too (:mod:`.replica_stats`). Every case is preprocessed once with nnU-Net's preprocessor and predicted by each replica in turn with
 nnU-Net's ``nnUNetPredictor`` (its weights swapped in), then exported exactly as ``nnUNetv2_predict`` exports it.
 Each kind's mean predicted probabilities per case are kept for majority-vote ties (:mod:`.probsums`).
 ``analyze`` reads its predictions from here; so can any command that compares replicas.
@@ -19,7 +21,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 from nnunet_varaug.evaluation import variability
-from nnunet_varaug.inference import probsums
+from nnunet_varaug.inference import probsums, replica_stats
 from nnunet_varaug.inference.cases import Case
 from nnunet_varaug.inference.predictor import make_predictor, torch_device
 from nnunet_varaug.training.experiment import Experiment
@@ -31,31 +33,43 @@ PREDICTIONS = "predictions"
 FINGERPRINT = "varaug_predictions.json"
 
 
+def image_hashes(cases: Sequence[Case]) -> Dict[str, list]:
+    """``case -> sha256 of each image file``: what a cached prediction is keyed by."""
+    return {c.name: [file_sha256(p) for p in c.images] for c in cases}
+
+
 def prediction_state(exp: Experiment, name: str, folder: str, cases: Sequence[Case], ending: str,
-                      tta: bool = True) -> tuple:
-    """(identity, fingerprint dict, cases still to predict). Stale predictions (other checkpoint, or made with the
-    other test-time augmentation setting) go. The identity is the checkpoint's sha256, marked when TTA is off, so
-    that the mean probabilities of :mod:`probsums` are tied to both."""
+                     tta: bool = True, step_size: float = 0.5, hashes: Optional[Dict[str, list]] = None) -> tuple:
+    """(identity, fingerprint dict, cases still to predict). Stale predictions (other checkpoint, other test-time
+    augmentation or step size, other image content) go. The identity is the checkpoint's sha256, marked when TTA is
+    off or the step size is not 0.5, so that the mean probabilities of :mod:`probsums` are tied to all three."""
     sha = file_sha256(exp.final_checkpoint(name))
+    hashes = image_hashes(cases) if hashes is None else hashes
     path = os.path.join(folder, FINGERPRINT)
-    record = {"checkpoint_sha256": sha, "tta": tta, "trainer": name, "cases": {}}
+    record = {"checkpoint_sha256": sha, "tta": tta, "step_size": step_size, "trainer": name, "cases": {}}
     if os.path.isfile(path):
         with open(path) as f:
             old = json.load(f)
-        if old.get("checkpoint_sha256") == sha and old.get("tta", True) == tta:
+        if (old.get("checkpoint_sha256") == sha and old.get("tta", True) == tta
+                and old.get("step_size", 0.5) == step_size):
             record["cases"] = old.get("cases", {})
-    todo = [c for c in cases if record["cases"].get(c.name) != [os.path.abspath(p) for p in c.images]
+    todo = [c for c in cases if record["cases"].get(c.name) != hashes[c.name]
             or not os.path.isfile(os.path.join(folder, c.name + ending))]
-    return (sha if tta else f"{sha}+no-tta"), record, todo
+    identity = sha + ("" if tta else "+no-tta") + ("" if step_size == 0.5 else f"+step{step_size:g}")
+    return identity, record, todo
 
 
 def predict_replicas(experiments: Sequence[Experiment], cases: Sequence[Case], output: str, device: str = "cuda",
-            progress: bool = True, reference: Optional[str] = None, tta: bool = True) -> Dict[str, str]:
+                     progress: bool = True, reference: Optional[str] = None, tta: bool = True,
+                     step_size: float = 0.5, calibrate: bool = False) -> Dict[str, str]:
     """Predict every replica on every case with nnU-Net's ``nnUNetPredictor``, reusing valid cached predictions.
 
     Also keeps each kind's mean predicted probabilities per case (:mod:`probsums`, for the vote's tie-break;
     not for region-based datasets) and predicts the ``reference`` model (``<Base>_ieee``) if given. ``tta``:
-    mirroring test-time augmentation, on by default as in ``nnUNetv2_predict`` (``--disable_tta`` turns it off).
+    mirroring test-time augmentation, on by default as in ``nnUNetv2_predict`` (``--disable_tta`` turns it off);
+    ``step_size``: the sliding window's step (``-step_size``). With ``calibrate``, the labelled cases' calibration
+    counts and temperature NLL sums are gathered while the probabilities exist (:mod:`.replica_stats`); a case
+    without them is predicted again.
 
     Returns ``replica -> folder`` of its predictions (``OUT/predictions/<replica>/<case><file_ending>``), in the
     input image's grid exactly as ``nnUNetv2_predict`` writes them.
@@ -65,15 +79,19 @@ def predict_replicas(experiments: Sequence[Experiment], cases: Sequence[Case], o
 
     ending = experiments[0].dataset_json["file_ending"]
     keep_probs = not variability.has_regions(experiments[0].dataset_json)
+    hashes = image_hashes(cases)
     folders, plans = {}, []
     for i, exp in enumerate(experiments):
         state = {}
         for name in exp.replica_names + ([reference] if reference and i == 0 else []):
             folders[name] = os.path.join(output, PREDICTIONS, name)
-            sha, record, todo = prediction_state(exp, name, folders[name], cases, ending, tta)
+            sha, record, todo = prediction_state(exp, name, folders[name], cases, ending, tta, step_size, hashes)
             state[name] = (folders[name], record, {c.name for c in todo}, sha)
         shas = {n: state[n][3] for n in exp.replica_names}
-        stale = {c.name for c in cases if keep_probs and not probsums.is_current(output, exp.kind, c.name, shas)}
+        stale = {c.name for c in cases if keep_probs and not (
+            probsums.is_current(output, exp.kind, c.name, shas)
+            and replica_stats.is_current(output, exp.kind, c.name, stats_identity(shas, hashes[c.name], c),
+                                         calibrate and c.label is not None))}
         for n in exp.replica_names:  # the probability sum needs every replica of the case
             state[n][2].update(stale)
         jobs = {n: st for n, st in state.items() if st[2]}
@@ -83,13 +101,15 @@ def predict_replicas(experiments: Sequence[Experiment], cases: Sequence[Case], o
     bar = tqdm(total=total, desc="predicting", unit="prediction", disable=not progress or total == 0)
     dev = torch_device(device) if total else None
     for exp, jobs, stale, shas in plans:
-        predictor = make_predictor(exp, exp.replica_names[0], dev, tta=tta, who="analyze")
+        predictor = make_predictor(exp, exp.replica_names[0], dev, tta=tta, who="analyze", step_size=step_size)
         weights = {n: torch.load(exp.final_checkpoint(n), map_location="cpu",
                                  weights_only=False)["network_weights"] for n in jobs}
         for folder, record, _, _ in jobs.values():
             os.makedirs(folder, exist_ok=True)
             write_json(os.path.join(folder, FINGERPRINT), record)  # drops entries of a stale checkpoint first
         preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
+        reader = predictor.plans_manager.image_reader_writer_class()
+        ignore = variability.ignore_label(exp.dataset_json)
         for case in cases:
             names = [n for n in jobs if case.name in jobs[n][2]]
             if not names:
@@ -98,20 +118,35 @@ def predict_replicas(experiments: Sequence[Experiment], cases: Sequence[Case], o
                 data, _, props = preprocessor.run_case(case.images, None, predictor.plans_manager,
                                                        predictor.configuration_manager, predictor.dataset_json)
             data = torch.from_numpy(data)
-            summed = None
+            summed, stats = None, None
+            if case.name in stale:
+                gt = None if not (calibrate and case.label) else reader.read_seg(case.label)[0][0]
+                stats = replica_stats.Accumulator(predictor.label_manager.all_labels, gt, ignore, props["spacing"],
+                                                  calibrate)
             for name in names:
                 folder, record, _, _ = jobs[name]
                 want = case.name in stale and name in shas
                 probs = predict_one(predictor, weights[name], data, props, folder, case.name, ending, want)
                 if want:
                     summed = probs if summed is None else summed + probs
-                record["cases"][case.name] = [os.path.abspath(p) for p in case.images]
+                    stats.add(name, probs)
+                    del probs
+                record["cases"][case.name] = hashes[case.name]
                 write_json(os.path.join(folder, FINGERPRINT), record)
                 bar.update(1)
             if summed is not None:
                 probsums.save(output, exp.kind, case.name, summed, shas)
+                stats.add_ensemble(probsums.load(output, exp.kind, case.name))
+                stats.save(output, exp.kind, case.name, stats_identity(shas, hashes[case.name], case))
     bar.close()
     return folders
+
+
+def stats_identity(shas: Dict[str, str], images: list, case: Case) -> dict:
+    """What a case's :mod:`.replica_stats` depend on: the replicas (checkpoints, TTA, step size), the images' and
+    the label's content."""
+    return {"replicas": dict(shas), "images": list(images),
+            "label": file_sha256(case.label) if case.label else None}
 
 
 def predict_one(predictor, weights: dict, data, props: dict, folder: str, case: str, ending: str,

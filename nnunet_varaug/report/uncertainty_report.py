@@ -27,6 +27,7 @@ class ReviewOptions:
     flag_above: Optional[float] = None
     failure_dice: float = fd.FAILURE_DICE
     instances: Sequence[str] = field(default_factory=tuple)
+    nsd_tolerance: float = fd.NSD_TOLERANCE_MM
 
 
 def _csv(df, path: str) -> None:

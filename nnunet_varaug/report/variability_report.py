@@ -27,7 +27,8 @@ from nnunet_varaug.report.figures import make_figures
 from nnunet_varaug.report.tables import build_tables, compare_kinds, format_volume
 
 REPORT = "report.html"
-OWN_SECTIONS = ("overview", "summary", "comparison", "figures", "cases", "files", "pictures", "calibration")
+OWN_SECTIONS = ("overview", "summary", "comparison", "figures", "cases", "files", "pictures", "calibration",
+                "structures", "review", "failures", "lesions")
 """Sections that ``analyze`` writes on every run (pictures and calibration are added after the page is built, the
 latter only with ``--calibration``), so an earlier run's copy never survives a rerun."""
 _SECTION = re.compile(r"<!-- section:(?P<id>[A-Za-z0-9_.-]+) -->.*?<!-- /section:(?P=id) -->\n?", re.S)
@@ -188,7 +189,7 @@ def foreign_sections(path: str) -> List[str]:
     with open(path, encoding="utf-8") as f:
         text = f.read()
     return [m.group(0) if m.group(0).endswith("\n") else m.group(0) + "\n"
-            for m in _SECTION.finditer(text) if m.group("id") not in OWN_SECTIONS]
+            for m in _SECTION.finditer(text) if m.group("id").split("-")[0] not in OWN_SECTIONS]
 
 
 _SUMMARY_HTML = [  # (summary column, header, formatter): the HTML shows a page-wide selection, summary.csv all
@@ -216,51 +217,77 @@ def _summary_table(summary) -> str:
 
 
 def headlines(summary, num_replicas: int) -> str:
-    """One ``<li>`` per headline number, each saying in one line what it averages over (cases, pairs, which
-    convention)."""
+    """A compact table, one row per structure (and kind), each number marked with a footnote that says what it
+    averages over, over how many values (cases carrying a value, pairs), and by which convention."""
     esc = html_lib.escape
     k = num_replicas
     prob = volume_stats.bound_probability(k)
     needed = volume_stats.trials_needed()
-    items = []
     multi = summary["kind"].nunique() > 1
+    has_gt = summary["dice_to_gt_mean"].notna().any()
+    has_ref = summary.get("dice_to_reference_mean", summary["dice_to_gt_mean"] * np.nan).notna().any()
+    head = (["structure"] + (["kind"] if multi else []) + ["pairwise Dice¹", "volume²", "volume CV²",
+            "significant bits³"] + (["Dice to GT⁴", "majority vote Dice to GT⁵"] if has_gt else [])
+            + (["Dice to reference⁶"] if has_ref else []))
+    rows = []
     for _, r in summary.iterrows():
-        head = f"{esc(r['name'])} ({esc(r['label'])}){' [' + esc(r['kind']) + ']' if multi else ''}"
         n_cases, pairs = int(r["cases"]), int(r["pairs"])
-        ref_text = ("the replicas' mean volume" if r["sig_reference"] == "replica mean"
-                    else f"the volume of <code>{esc(str(r['sig_reference']))}</code> (the IEEE reference)")
-        sub = [f"<b>pairwise Dice {r['pairwise_dice_mean']:.4f}</b>: mean over {pairs} pairs ({n_cases} cases × "
-               f"{k * (k - 1) // 2} replica pairs), two empty masks counted as 1 — the headline uses all pairs; "
-               f"{int(r['both_empty_pairs'])} such pair(s); without them {r['pairwise_dice_mean_nonempty']:.4f}",
-               f"<b>volume {format_volume(r['volume_mean_mm3'])}, CV {100 * r['volume_cv']:.2f} %</b>: per case "
-               f"over the {k} replicas (std with ddof = 1 / mean), then the mean over {n_cases} cases",
-               f"<b>{r['sig_bits_median']:.1f} significant bits ({r['sig_digits_median']:.2f} digits)</b>: median "
-               f"over {n_cases} cases, relative error to {ref_text}, each case capped at "
-               f"floor(log2 voxels) + 1 bits, the {int(r['unanimous_cases'])} unanimous case(s) counted at their "
-               f"cap; mean over the non-unanimous cases {r['sig_bits_mean']:.1f} bits"]
-        if not math.isnan(r["dice_to_gt_mean"]):
+        sig_cases = int(r.get("sig_cases", n_cases))
+        cells = [f"{esc(r['name'])} ({esc(r['label'])})"] + ([esc(r["kind"])] if multi else [])
+        cells += [f"{r['pairwise_dice_mean']:.4f}<br><small>{pairs} pairs; without {int(r['both_empty_pairs'])} "
+                  f"empty–empty: {r['pairwise_dice_mean_nonempty']:.4f}</small>",
+                  f"{format_volume(r['volume_mean_mm3'])}<br><small>{n_cases} cases</small>",
+                  f"{100 * r['volume_cv']:.2f} %",
+                  f"{r['sig_bits_median']:.1f} ({r['sig_digits_median']:.2f} digits)<br><small>median over "
+                  f"{sig_cases} cases; {int(r['unanimous_cases'])} unanimous; mean {r['sig_bits_mean']:.1f}"
+                  f"</small>"]
+        if has_gt:
             n_gt = n_cases * k - int(r["gt_both_empty"])
-            sub.append(f"<b>Dice to GT {r['dice_to_gt_mean']:.4f}</b> (single replicas): mean over {n_gt} "
-                       f"(case, replica) values; nnU-Net's convention: {int(r['gt_both_empty'])} value(s) where "
-                       f"prediction and ground truth are both empty are NaN and left out")
-            sub.append(f"<b>majority vote Dice to GT {r['majority_dice_to_gt_mean']:.4f}</b>: mean over "
-                       f"{n_cases - int(r['majority_gt_both_empty'])} cases, same convention")
-        if not math.isnan(r.get("dice_to_reference_mean", math.nan)):
-            sub.append(f"<b>Dice to {esc(str(r['sig_reference']))} {r['dice_to_reference_mean']:.4f}</b>: mean "
-                       f"over {n_cases * k} (case, replica) values, two empty masks counted as 1")
-        items.append(f"<li>{head}<ul>" + "".join(f"<li>{x}</li>" for x in sub) + "</ul></li>")
+            cells += [f"{r['dice_to_gt_mean']:.4f}<br><small>{n_gt} values, {int(r['gt_both_empty'])} NaN left "
+                      f"out</small>",
+                      f"{r['majority_dice_to_gt_mean']:.4f}<br><small>{n_cases - int(r['majority_gt_both_empty'])}"
+                      f" cases</small>"]
+        if has_ref:
+            v = r.get("dice_to_reference_mean", math.nan)
+            cells.append("–" if math.isnan(v) else f"{v:.4f}<br><small>{n_cases * k} values</small>")
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    ref_text = ("the replicas' mean volume" if (summary["sig_reference"] == "replica mean").all()
+                else "the volume of the IEEE reference model where one was predicted")
     parity = ("odd: with two labels (background and one structure) a voxel cannot tie; with three or more it can"
               if k % 2 else "even: a voxel can tie between two labels (e.g. half the replicas background, half "
               "the structure)")
-    notes = (f"<p class=\"note\">Significant digits (general method of <code>significantdigits</code>): with "
-             f"K = {k} samples all within the bound, the bound holds with probability at least {prob:.3f} at "
-             f"95 % confidence (<code>probability_estimation_bernoulli({k}, {k}, 0.95)</code> = 1 + ln(1 − 0.95) / "
-             f"K; Sohier et al. 2021, ACM TOMS 47(2)); the package's <code>minimum_number_of_trials(0.95, 0.95)</code> "
-             f"= ⌈ln 0.05 / ln 0.95⌉ = {needed} replicas for 95 % probability at 95 % confidence. "
-             f"Majority vote: K = {k} is {parity}; ties go to the tied label with the highest mean predicted "
-             f"probability over the replicas where probabilities were available, else to the smallest label "
-             f"(majority.csv: <code>tie_voxels</code>, <code>ties_by_probability</code>).</p>")
-    return "<ul>" + "".join(items) + "</ul>\n" + notes
+    notes = [
+        f"¹ Mean Dice over every pair of replicas and every case (K = {k}: {k * (k - 1) // 2} replica pairs per "
+        f"case), two empty masks counted as 1 — the headline uses all pairs; the small print gives the mean without "
+        f"those pairs.",
+        f"² Per case over the {k} replicas (mean; CV = standard deviation with ddof = 1 / mean), then the mean over "
+        f"the cases.",
+        f"³ Significant bits of the volume (general method of <code>significantdigits</code>), relative error to "
+        f"{ref_text}; each case capped at floor(log2 voxels) + 1 bits, a unanimous case counted at its cap, an empty "
+        f"against a non-empty volume counted as 0 bits; the median is over the cases that carry a value (a structure "
+        f"absent everywhere carries none). With K = {k} samples all within the bound, the bound holds with "
+        f"probability at least {prob:.3f} at 95 % confidence (<code>probability_estimation_bernoulli({k}, {k}, "
+        f"0.95)</code> = 1 + ln(1 − 0.95) / K; Sohier et al. 2021, ACM TOMS 47(2)); "
+        f"<code>minimum_number_of_trials(0.95, 0.95)</code> = {needed} replicas for 95 % probability at 95 % "
+        f"confidence.",
+    ]
+    if has_gt:
+        notes += ["⁴ Single replicas against the ground truth, mean over (case, replica) values; nnU-Net's "
+                  "convention: a value where prediction and ground truth are both empty is NaN and left out.",
+                  f"⁵ The majority vote against the ground truth, mean over cases, same convention. K = {k} is "
+                  f"{parity}; ties go to the tied label with the highest mean predicted probability over the "
+                  f"replicas where probabilities were available, else to the smallest label (majority.csv: "
+                  f"<code>tie_voxels</code>, <code>ties_by_probability</code>)."]
+    else:
+        notes.append(f"Majority vote: K = {k} is {parity}; ties go to the tied label with the highest mean "
+                     f"predicted probability over the replicas where probabilities were available, else to the "
+                     f"smallest label (majority.csv).")
+    if has_ref:
+        notes.append("⁶ Single replicas against the reference model, mean over (case, replica) values, two empty "
+                     "masks counted as 1.")
+    table = ("<div class=\"wide\"><table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"
+             + "".join(rows) + "</table></div>")
+    return table + "".join(f'<p class="note">{n}</p>' for n in notes)
 
 
 def build_html(experiments, summary, comparison, figures: Sequence[str], cases, output: str) -> str:

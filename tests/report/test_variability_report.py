@@ -77,6 +77,8 @@ def test_empty_structures_follow_each_convention():
     assert lesion["both_empty_pairs"] == 3 and p["both_empty"].sum() == 3
     assert lesion["pairwise_dice_mean"] == pytest.approx(p["dice"].mean())  # empty pairs as 1
     assert lesion["pairwise_dice_mean_nonempty"] == pytest.approx(p.loc[p["case"] != "c0", "dice"].mean())
+    assert lesion["sig_cases"] == lesion["cases"] - 1  # c0 carries no significant bits: the count says so
+    assert f"median over {lesion['sig_cases']} cases" in report.headlines(summary, 3)
     c = cases[cases["label"] == "2"]
     assert c.loc[c["case"] == "c0", "dice_to_gt"].isna().all() and lesion["gt_both_empty"] == 3
     assert lesion["dice_to_gt_mean"] == pytest.approx(c.loc[c["case"] != "c0", "dice_to_gt"].mean())
@@ -113,10 +115,12 @@ def test_html_headlines_say_what_they_average_and_volumes_read_in_ml(tmp_path):
     exps, results = _fake_stage(tmp_path)
     summary = report.write_report(report.ReportStage(out), exps, results)
     html = open(os.path.join(out, "report.html")).read()
-    assert "mean over 9 pairs (3 cases × 3 replica pairs), two empty masks counted as 1" in html
+    assert "9 pairs; without" in html and "(K = 3: 3 replica pairs per case), two empty masks counted as 1" in html
     assert "the headline uses all pairs" in html
     assert "nnU-Net's convention" in html and "median over 3 cases" in html
     assert "probability_estimation_bernoulli(3, 3, 0.95)" in html and "K = 3 is odd" in html
+    headline = html.split("<!-- section:overview -->")[1].split("<!-- /section:overview -->")[0]
+    assert headline.count("<tr>") == 1 + len(summary) and "<li>" not in headline  # a table, one row per structure
     assert "e+0" not in html.split("<!-- section:figures -->")[0]  # no exponent notation in the tables
     csv = pd.read_csv(os.path.join(out, "summary.csv"))
     assert csv["volume_mean_mm3"].iloc[0] == pytest.approx(summary["volume_mean_mm3"].iloc[0])
