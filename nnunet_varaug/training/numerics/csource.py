@@ -136,38 +136,51 @@ static inline float lane_tree(const noise_t* nz, int t, uint64_t a, float* acc, 
     return acc[0];
 }
 
-/* out[i*nb + j] = per-instruction SR dot product of rows A[i] and B[j] (K terms, L lanes, S steps; layout of
-   lanes.py: products at [0, SL), lane additions at SL + (s-1)L + l, tree at SL + (S-1)L + L - 2 half + j),
-   for i < ma and j0 <= j < j1; output o takes addresses base + o * 2SL */
+/* per-instruction dot product of a[0..K) and b[0..K) (L lanes, S steps; layout of lanes.py: products at
+   [0, SL), lane additions at SL + (s-1)L + l, tree at SL + (S-1)L + L - 2 half + j), addresses from ob */
+static inline float dot1(const noise_t* nz, int t, const float* a, const float* b, int64_t K, int L, int64_t S,
+                         uint64_t ob, float* acc) {
+    float p[4];
+    double x[4];
+    uint64_t SL = (uint64_t)S * (uint64_t)L;
+    for (int64_t s = 0; s < S; s++) {
+        for (int l = 0; l < L; l += 4) {
+            for (int q = 0; q < 4; q++) {
+                int64_t k = s * L + l + q;
+                x[q] = k < K ? (double)a[k] * (double)b[k] : 0.0;
+            }
+            round4(nz, t, ob + (uint64_t)(s * L + l), x, p);
+            if (s == 0) { for (int q = 0; q < 4; q++) acc[l + q] = p[q]; }
+            else {
+                for (int q = 0; q < 4; q++) x[q] = (double)acc[l + q] + (double)p[q];
+                round4(nz, t, ob + SL + (uint64_t)((s - 1) * L + l), x, acc + l);
+            }
+        }
+    }
+    return lane_tree(nz, t, ob + SL + (uint64_t)((S - 1) * L), acc, L);
+}
+
+/* out[i*nb + j] = dot(A[i], B[j]) for i < ma, j0 <= j < j1; output o takes addresses base + o * 2SL */
 void nv_sr_dot(const float* A, int64_t lda, const float* B, int64_t ldb, float* out, int64_t ma, int64_t nb,
                int64_t j0, int64_t j1, int64_t K, int L, int64_t S, int t, uint32_t k0, uint32_t k1,
                uint32_t op, uint32_t iter, int directed, uint64_t base) {
     noise_t nz = {k0, k1, op, iter, directed};
-    float acc[L], p[4];
-    double x[4];
-    uint64_t I = 2 * (uint64_t)S * (uint64_t)L, SL = (uint64_t)S * (uint64_t)L;
-    for (int64_t j = j0; j < j1; j++) {
-        const float* b = B + j * ldb;
-        for (int64_t i = 0; i < ma; i++) {
-            const float* arow = A + i * lda;
-            uint64_t ob = base + (uint64_t)(i * nb + j) * I;
-            for (int64_t s = 0; s < S; s++) {
-                for (int l = 0; l < L; l += 4) {
-                    for (int q = 0; q < 4; q++) {
-                        int64_t k = s * L + l + q;
-                        x[q] = k < K ? (double)arow[k] * (double)b[k] : 0.0;
-                    }
-                    round4(&nz, t, ob + (uint64_t)(s * L + l), x, p);
-                    if (s == 0) { for (int q = 0; q < 4; q++) acc[l + q] = p[q]; }
-                    else {
-                        for (int q = 0; q < 4; q++) x[q] = (double)acc[l + q] + (double)p[q];
-                        round4(&nz, t, ob + SL + (uint64_t)((s - 1) * L + l), x, acc + l);
-                    }
-                }
-            }
-            out[i * nb + j] = lane_tree(&nz, t, ob + SL + (uint64_t)((S - 1) * L), acc, L);
-        }
-    }
+    float acc[L];
+    uint64_t I = 2 * (uint64_t)S * (uint64_t)L;
+    for (int64_t j = j0; j < j1; j++)
+        for (int64_t i = 0; i < ma; i++)
+            out[i * nb + j] = dot1(&nz, t, A + i * lda, B + j * ldb, K, L, S, base + (uint64_t)(i * nb + j) * I, acc);
+}
+
+/* out[r] = dot(A[r], B[r]) for r0 <= r < r1; row r takes addresses base + r * 2SL */
+void nv_sr_rowdot(const float* A, const float* B, int64_t ld, float* out, int64_t r0, int64_t r1, int64_t K,
+                  int L, int64_t S, int t, uint32_t k0, uint32_t k1, uint32_t op, uint32_t iter, int directed,
+                  uint64_t base) {
+    noise_t nz = {k0, k1, op, iter, directed};
+    float acc[L];
+    uint64_t I = 2 * (uint64_t)S * (uint64_t)L;
+    for (int64_t r = r0; r < r1; r++)
+        out[r] = dot1(&nz, t, A + r * ld, B + r * ld, K, L, S, base + (uint64_t)r * I, acc);
 }
 
 /* out[r] = per-instruction SR sum of row X[r] (K terms, L lanes, S steps; lane additions at (s-1)L + l, tree at

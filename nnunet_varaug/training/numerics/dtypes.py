@@ -109,5 +109,15 @@ def widen(value: Any, high: torch.dtype, low: torch.dtype, pointwise: bool) -> A
     return value
 
 
+def written_dtypes(writes, args, kwargs) -> Tuple[Optional[torch.dtype], ...]:
+    """The dtypes of the tensors an in-place or out= op writes (``writes``: (position, name) pairs)."""
+    found = []
+    for position, name in writes:
+        value = args[position] if position < len(args) else kwargs.get(name)
+        flat, _ = tree_flatten(value)
+        found += [t.dtype for t in flat if isinstance(t, torch.Tensor)]
+    return tuple(found)
+
+
 def floating_outputs(dtypes: Tuple[Optional[torch.dtype], ...]) -> List[torch.dtype]:
     return [d for d in dtypes if d in (torch.float32, torch.float16, torch.bfloat16)]

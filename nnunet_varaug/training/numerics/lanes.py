@@ -110,6 +110,46 @@ def _dot_compiled(a, b, rounder: Rounder, lanes: int, steps: int, base: int) -> 
     return out
 
 
+def sr_dot_rows(a: torch.Tensor, b: torch.Tensor, rounder: Rounder) -> torch.Tensor:
+    """``out[r] = sum_k a[r, k] b[r, k]`` (float32 (R, K) each), every instruction rounded: (R,)."""
+    r, k = a.shape
+    lanes = lanes_for(k)
+    steps = -(-k // lanes)
+    per_output = 2 * steps * lanes
+    base = rounder.reserve(r * per_output)
+    rounder.elements += r * max(0, 2 * k - 1)
+    a, b = a.contiguous(), b.contiguous()
+    if kernels.usable(a, b) and k > 0:
+        out = torch.empty(r, dtype=F32)
+        key, op, iteration, directed = rounder.kernel_noise()
+        lib = kernels.library()
+        args = kernels.noise_args(key, op, iteration, directed)
+        t = rounder.t(F32)
+
+        def work(r0: int, r1: int) -> None:
+            lib.nv_sr_rowdot(ctypes.c_void_p(a.data_ptr()), ctypes.c_void_p(b.data_ptr()), ctypes.c_int64(k),
+                             ctypes.c_void_p(out.data_ptr()), ctypes.c_int64(r0), ctypes.c_int64(r1),
+                             ctypes.c_int64(k), ctypes.c_int(lanes), ctypes.c_int64(steps), ctypes.c_int(t), *args,
+                             ctypes.c_uint64(base))
+
+        kernels.run_chunks(r, work, chunk=max(1, (1 << 16) // max(1, k)))
+        return out
+    sl = steps * lanes
+    if sl != k:
+        a, b = F.pad(a, (0, sl - k)), F.pad(b, (0, sl - k))
+    lane = torch.arange(lanes, device=a.device).view(-1, 1)
+    out_base = base + torch.arange(r, device=a.device).view(1, -1) * per_output
+
+    def product(s: int) -> torch.Tensor:
+        block = slice(s * lanes, (s + 1) * lanes)
+        return rounder.round_at(a[:, block].t().double() * b[:, block].t().double(), F32, out_base + s * lanes + lane)
+
+    acc = product(0)
+    for s in range(1, steps):
+        acc = rounder.round_at(acc.double() + product(s).double(), F32, out_base + sl + (s - 1) * lanes + lane)
+    return _tree(acc, rounder, out_base + sl + (steps - 1) * lanes)
+
+
 def sr_sum_rows(x: torch.Tensor, rounder: Rounder) -> torch.Tensor:
     """``x.sum(1)`` of float32 (R, K), every addition rounded: (R,)."""
     r, k = x.shape

@@ -30,6 +30,7 @@ from nnunet_varaug.training.numerics import dtypes as dt
 from nnunet_varaug.training.numerics.kernels import single_thread
 from nnunet_varaug.training.numerics.noise import GENERATOR, CounterNoise, DirectedNoise, noise_identity
 from nnunet_varaug.training.numerics.ops import plan_for
+from nnunet_varaug.training.numerics.profile import record
 from nnunet_varaug.training.numerics.rounder import Rounder
 from nnunet_varaug.training.numerics.rounding import HIGH, PRECISION, PrecisionError, check_virtual_bits
 from nnunet_varaug.training.numerics.routes import SPECIAL
@@ -79,6 +80,10 @@ class MonteCarloArithmetic(TorchDispatchMode):
             else DirectedNoise(directed == "up")
         self.rounder = Rounder(noise, virtual_bits)
         self.perturbed_ops = 0
+        self.route: Optional[str] = None  # the route the last rounded op took (for the profile)
+        #: None, or a dict that collects per aten op: calls, seconds, values rounded, route, and the additions an
+        #: op rounded only once (set it to {} to profile; :func:`.profile.summary` reads it)
+        self.profile: Optional[Dict[str, Dict[str, Any]]] = None
 
     def __repr__(self) -> str:
         bits = "dtype precision" if self.virtual_bits is None else self.virtual_bits
@@ -113,12 +118,16 @@ class MonteCarloArithmetic(TorchDispatchMode):
 
     # ---- dispatch ------------------------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+        if self.profile is None:
+            return self._dispatch(func, args, kwargs or {})
+        return record(self, func, args, kwargs or {})
+
+    def _dispatch(self, func, args, kwargs):
         plan = plan_for(func)
         if not plan.perturb or (plan.condition is not None and not plan.condition(args, kwargs)):
             return func(*args, **kwargs)
         outputs = dt.output_dtypes(func, args, kwargs)
-        working = dt.floating_outputs(outputs)
+        working = dt.floating_outputs(outputs + dt.written_dtypes(plan.writes, args, kwargs))
         if not working:
             return func(*args, **kwargs)
         low = max(working, key=lambda d: PRECISION[d])  # mixed outputs: computed for the widest
@@ -127,11 +136,13 @@ class MonteCarloArithmetic(TorchDispatchMode):
                 check_virtual_bits(self.virtual_bits, d)
         self.perturbed_ops += 1
         self.rounder.begin_op()
+        self.route = "generic"
         special = SPECIAL.get((self.granularity, func))
         if special is not None:
             with single_thread():
                 result = special(self.rounder, *args, **kwargs)
             if result is not NotImplemented:
+                self.route = self.granularity
                 return result
         return self._generic(func, low, outputs, args, kwargs)
 
