@@ -76,14 +76,15 @@ def analyze_experiment(experiments: Union[Experiment, Sequence[Experiment]], out
         VarAugError: fewer than 2 replicas, unfinished replicas, bad or inconsistent inputs. Nothing of an
             earlier report is changed then.
     """
-    experiments = check_experiments([experiments] if isinstance(experiments, Experiment) else list(experiments))
+    experiments = [experiments] if isinstance(experiments, Experiment) else list(experiments)
+    regions = bool(experiments) and variability.has_regions(experiments[0].dataset_json)
+    if calibrate and regions:
+        raise VarAugError(f"--calibration: {experiments[0].dataset} is region-based (sigmoid outputs per region, not "
+                          f"a distribution over labels); calibration is defined here for label-based datasets, as in "
+                          f"predict. Leave out --calibration")
+    experiments = check_experiments(experiments)
     first = experiments[0]
     review = review or ReviewOptions()
-    regions = variability.has_regions(first.dataset_json)
-    if calibrate and regions:
-        raise VarAugError(f"--calibration: {first.dataset} is region-based (sigmoid outputs per region, not a "
-                          f"distribution over labels); calibration is defined here for label-based datasets, as in "
-                          f"predict. Leave out --calibration")
     try:
         structure_stats.check_structure_names(list(review.may_be_absent) + list(review.instances),
                                               variability.structures_from_dataset_json(first.dataset_json),
@@ -105,7 +106,10 @@ def analyze_experiment(experiments: Union[Experiment, Sequence[Experiment]], out
 
     os.makedirs(output, exist_ok=True)
     reference = reference_model(first, [e.kind for e in experiments])
-    folders = predict_replicas(experiments, cases, output, device, progress, reference, tta, step_size, calibrate)
+    # calibration counts and NLL sums are gathered for every labelled case while its probabilities exist, so that a
+    # later --calibration run reuses them instead of predicting again
+    folders = predict_replicas(experiments, cases, output, device, progress, reference, tta, step_size,
+                               calibrate=not regions)
     stage = report.ReportStage(output)
     try:
         results, records = analyze_cases(experiments, cases, folders, reference, rw, stage, progress, review)
@@ -229,11 +233,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    review = review_options(args)  # flags first: a bad value is refused before anything is looked up
     experiments = [Experiment.from_args(args.dataset, args.configuration, args.fold, args.num_replicas, args.base,
                                         kind, args.plans, args.start) for kind in dict.fromkeys(args.kind)]
     summary = analyze_experiment(experiments, args.output, args.images, args.labels, args.device,
                                  progress=not args.quiet, calibrate=args.calibration, tta=not args.disable_tta,
-                                 step_size=args.step_size, review=review_options(args))
+                                 step_size=args.step_size, review=review)
     print(format_summary(summary))
     print(f"report: {summary.attrs['report_html']}")
     return 0

@@ -39,10 +39,11 @@ def _overlap(a: np.ndarray, na: int, b: np.ndarray, nb: int) -> np.ndarray:
 
 def lesion_rows(maps: np.ndarray, consensus: np.ndarray, mutual_information: np.ndarray,
                 spacing: Sequence[float], structure: variability.Structure) -> Tuple[List[Dict], Dict]:
-    """(one row per consensus lesion, one row of counts) for one structure of one case (no case column)."""
+    """(one row per consensus lesion, one row of counts) for one structure of one case (no case column). ``maps``:
+    ``(K, *spatial)`` or a LabelMaps (one replica's map read at a time)."""
     from scipy import ndimage
 
-    k = maps.shape[0]
+    k = maps.shape[0] if isinstance(maps, np.ndarray) else maps.count
     voxel = float(np.prod(np.asarray(spacing, dtype=np.float64)))
     cons, n = components(variability.structure_mask(consensus, structure.labels))
     cons_size = np.bincount(cons.ravel(), minlength=n + 1)
@@ -50,7 +51,8 @@ def lesion_rows(maps: np.ndarray, consensus: np.ndarray, mutual_information: np.
     volume = np.zeros((k, n + 1))
     counts, unmatched = [], []
     for i in range(k):
-        lab, m = components(variability.structure_mask(maps[i], structure.labels))
+        one = maps[i] if isinstance(maps, np.ndarray) else maps.rows(0, consensus.shape[0], [i])[0]
+        lab, m = components(variability.structure_mask(one, structure.labels))
         size = np.bincount(lab.ravel(), minlength=m + 1)
         ov = _overlap(cons, n, lab, m)[:, 1:] > 0  # (n + 1, m): consensus lesion j meets replica lesion
         found[i] = ov.any(axis=1)

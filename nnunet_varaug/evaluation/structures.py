@@ -102,26 +102,33 @@ def structure_rows(maps: np.ndarray, consensus: np.ndarray, spacing: Sequence[fl
     """One row per structure (no case column; the caller adds it), columns as in the module docstring.
 
     Args:
-        maps: ``(K, *spatial)`` replica label maps.
+        maps: ``(K, *spatial)`` replica label maps, or :class:`~nnunet_varaug.evaluation.chunked.LabelMaps` (read in
+            row chunks).
         consensus: the consensus label map.
         spacing: voxel spacing in mm, in the arrays' axis order.
         structures: what to measure.
         soft: :func:`soft_voxels` of the mean probability.
         entropy, mutual_information: :func:`map_means` of the entropy and mutual-information maps (bits).
     """
-    k = maps.shape[0]
+    from nnunet_varaug.evaluation.uncertainty import map_chunks
+
+    k = maps.count if hasattr(maps, "count") and not isinstance(maps, np.ndarray) else maps.shape[0]
     voxel = float(np.prod(np.asarray(spacing, dtype=np.float64)))
-    dice = variability.dice_matrix(variability.overlap_counts(maps, structures))
+    overlap = np.zeros((len(structures), k, k), dtype=np.int64)
+    uncertain_voxels = np.zeros(len(structures), dtype=np.int64)
+    for _, _, block in map_chunks(maps):  # row chunks: the K maps are never all in memory (LabelMaps on disk)
+        overlap += variability.overlap_counts(block, structures)
+        for s, st in enumerate(structures):
+            n = variability.structure_mask(block, st.labels).sum(axis=0, dtype=np.uint16)
+            uncertain_voxels[s] += int(np.count_nonzero((n > 0) & (n < k)))
+    dice = variability.dice_matrix(overlap)
     pairs = variability.pair_indices(k)
     rows = []
     for s, st in enumerate(structures):
-        masks = variability.structure_mask(maps, st.labels)
-        count = masks.sum(axis=0, dtype=np.uint16)
         n_cons = int(np.count_nonzero(variability.structure_mask(consensus, st.labels)))
-        vox = masks.reshape(k, -1).sum(axis=1).astype(np.float64)
-        del masks
+        vox = np.diagonal(overlap[s]).astype(np.float64)
         vol = np.sort(vox * voxel)
-        uncertain = int(np.count_nonzero((count > 0) & (count < k)))
+        uncertain = int(uncertain_voxels[s])
         rows.append({
             "label": st.key, "name": st.name, "replicas": k,
             "consensus_mm3": n_cons * voxel, "soft_mm3": soft[s] * voxel,

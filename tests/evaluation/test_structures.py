@@ -129,3 +129,20 @@ def test_order_statistic_interval_coverage_by_simulation(k):
     for j in (1, 2):
         inside = (new >= past[:, j - 1]) & (new <= past[:, k - j])
         assert inside.mean() == pytest.approx(structures.interval_coverage(k, j), abs=0.005)
+
+
+def test_label_maps_on_disk_give_the_same_rows(tmp_path):
+    from nnunet_varaug.evaluation.chunked import LabelMaps
+    from nnunet_varaug.evaluation.lesions import lesion_rows
+
+    maps = large_band_case(4)
+    maps[2, 28:30, 1:3, 1:3] = 2
+    stored = LabelMaps(str(tmp_path / "maps.raw"))
+    for m in maps:
+        stored.append(m)
+    consensus = maps[0]
+    args = ((1.0, 2.0, 1.0), ORGAN_LESION, [0.0, 0.0], [(0.1, 0.2)] * 2, [(0.3, 0.4)] * 2)
+    assert structures.structure_rows(stored, consensus, *args) == structures.structure_rows(maps, consensus, *args)
+    mi = np.zeros(consensus.shape, np.float32)
+    assert lesion_rows(stored, maps[2], mi, (1, 1, 1), ORGAN_LESION[1]) == lesion_rows(maps, maps[2], mi, (1, 1, 1),
+                                                                                        ORGAN_LESION[1])
