@@ -13,8 +13,8 @@ import torch
 
 from nnunet_varaug.training.numerics import kernels
 from nnunet_varaug.training.numerics.noise import MASK32, CounterNoise, DirectedNoise, philox4x32
-from nnunet_varaug.training.numerics.rounding import (HIGH, PRECISION, check_virtual_bits, random_round,
-                                                      stochastic_round, words_per_rounding)
+from nnunet_varaug.training.numerics.rounding import (check_virtual_bits, random_round, stochastic_round,
+                                                      words_per_rounding)
 
 
 class Rounder:
