@@ -19,8 +19,9 @@ ANOVA's between-replica and residual mean squares::
     V = S2_d / n + sum_t (MS_rep,t - MS_res,t) / (n K_t)
 
 with the replica part truncated at zero, and the interval ``Delta_hat +- t(0.975, nu) sqrt(V)`` with
-Satterthwaite's (1946) degrees of freedom ``nu`` (for this balanced design the Kenward-Roger (1997) degrees of
-freedom of a REML fit are the same). Every function takes tables with any leading batch dimensions, so that
+Satterthwaite's (1946) degrees of freedom ``nu`` for a linear combination of mean squares. Its calibration is
+checked by simulation (tests/evaluation/test_comparison.py, docs/compare.md): it holds from K = 3 replicas per
+trainer, hence :data:`MIN_REPLICAS`. Every function takes tables with any leading batch dimensions, so that
 simulations run vectorized. Wilcoxon, permutation and seed-noise-ratio tests: :mod:`.significance`.
 """
 from __future__ import annotations
@@ -40,7 +41,7 @@ MIN_REPLICAS = 3
 MIN_REPLICAS_REASON = (
     "with 2 replicas per trainer, each trainer's seed noise is estimated from 1 degree of freedom and the "
     "interval is too narrow when the two trainers' seed noise differs: in simulation (docs/compare.md) the 95 % "
-    "interval excluded a true difference of zero in up to 10.6 % of the comparisons instead of 5 %")
+    "interval excluded a true difference of zero in up to 11.8 % of the comparisons instead of 5 %")
 
 MAX_REPLICAS = 1000
 """The largest number of replicas :func:`replicas_needed` looks at; beyond it, more cases are needed instead."""

@@ -50,7 +50,7 @@ def amount(row: Row, x: float, signed: bool = False) -> str:
     if x is None or not np.isfinite(x):
         return "–"
     if row.measure == "dice":
-        return f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}"
+        return f"{100 * x:+.2f}".replace("-", "−") if signed else f"{100 * x:.2f}"
     sign = ("+" if x > 0 else "−" if x < 0 else "") if signed else ""
     return sign + format_volume(abs(x) if signed else x)
 

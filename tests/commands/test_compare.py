@@ -114,11 +114,15 @@ def test_a_rerun_predicts_nothing_again(compared, monkeypatch):
 
     monkeypatch.setenv("nnUNet_extTrainer", compared["env"]["nnUNet_extTrainer"])
     folder = os.path.join(compared["out"], "trainers")
-    files = [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs]
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs)
+    assert sum(f.endswith(".nii.gz") for f in files) == 2 * 3 * 12  # 2 trainers x 3 replicas x 12 cases
     before = {f: os.stat(f).st_mtime_ns for f in files}
+    records = {f: open(f).read() for f in files if f.endswith(".json")}
     rows, path = compare_trainers(SYNTHETIC_3D_ID, "3d_fullres", 0, 3, [TINY, WEAK], compared["out"],
                                   images=compared["images"], labels=compared["labels"], device="cpu", progress=False)
-    assert {f: os.stat(f).st_mtime_ns for f in files} == before
+    changed = [os.path.relpath(f, folder) for f in files if os.stat(f).st_mtime_ns != before[f]]
+    assert not changed, (changed[:5], {os.path.relpath(f, folder): (old, open(f).read())
+                                       for f, old in records.items() if open(f).read() != old})
     assert rows[0].result.status == "a_better" and path == os.path.join(compared["out"], "compare.md")
 
 
