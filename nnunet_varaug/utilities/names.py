@@ -33,15 +33,16 @@ GRAMMAR = (
     "NN is 0..100 (p = NN/100), and names never contain '__'"
 )
 
+#: The one-source replicas' suffixes (``<Base>_init<K>`` ...): each changes one source of randomness of _seed0.
+ONE_SOURCE_KINDS = ("init", "order", "aug", "nondet")
+
 _SUFFIX_RULES = (
     ("seed", re.compile(r"^(?P<base>.+?)_seed(?P<k>0|[1-9]\d*)$")),
     ("mca", re.compile(r"^(?P<base>.+?)_mca(?P<k>0|[1-9]\d*)(?:_t(?P<t>[1-9]\d?))?(?P<instr>_instr)?$")),
     ("ieee", re.compile(r"^(?P<base>.+?)_ieee$")),
-    *((kind, re.compile(rf"^(?P<base>.+?)_{kind}(?P<k>0|[1-9]\d*)$")) for kind in ("init", "order", "aug", "nondet")),
+    *((kind, re.compile(rf"^(?P<base>.+?)_{kind}(?P<k>0|[1-9]\d*)$")) for kind in ONE_SOURCE_KINDS),
     ("varaug", re.compile(r"^(?P<base>.+?)_varaug(?:_p(?P<p>\d{1,3}))?(?P<oof>_oof)?$")),
 )
-#: The one-source replicas' suffixes (``<Base>_init<K>`` ...): each changes one source of randomness of _seed0.
-ONE_SOURCE_KINDS = ("init", "order", "aug", "nondet")
 # A name that contains one of these tokens claims to be ours; if no rule parses it, it is malformed. The one-source
 # tokens count only when no letter follows (``MyTrainer_augmented`` stays the user's).
 _TOKENS = re.compile(r"_(seed|mca|varaug|ieee)|_(init|order|aug|nondet)(?![A-Za-z])")

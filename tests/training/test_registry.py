@@ -34,12 +34,18 @@ pytestmark = pytest.mark.unit
                                                                "granularity": "instruction"})),
     ("nnUNetTrainer_ieee", ("nnUNetTrainer", "ieee", {})),
     ("nnUNetTrainer_250epochs_ieee", ("nnUNetTrainer_250epochs", "ieee", {})),
+    ("nnUNetTrainer_init0", ("nnUNetTrainer", "init", {"stream": 0})),
+    ("nnUNetTrainer_order12", ("nnUNetTrainer", "order", {"stream": 12})),
+    ("nnUNetTrainer_aug3", ("nnUNetTrainer", "aug", {"stream": 3})),
+    ("nnUNetTrainer_nondet1", ("nnUNetTrainer", "nondet", {"run": 1})),
+    ("nnUNetTrainer_varaug_aug2", ("nnUNetTrainer_varaug", "aug", {"stream": 2})),
 ])
 def test_grammar_parses(name, expected):
     assert names.parse(name) == expected
 
 
-@pytest.mark.parametrize("name", ["nnUNetTrainer", "nnUNetTrainerTiny", "MyTrainer_250epochs"])
+@pytest.mark.parametrize("name", ["nnUNetTrainer", "nnUNetTrainerTiny", "MyTrainer_250epochs", "MyTrainer_augmented",
+                                  "MyTrainer_initial", "MyTrainer_ordered"])
 def test_names_without_suffix_are_not_ours(name):
     assert names.parse(name) is None
 
@@ -50,6 +56,7 @@ def test_names_without_suffix_are_not_ours(name):
     "nnUNetTrainer_varaug_p101", "nnUNetTrainer_varaug_px", "_seed1",
     "nnUNetTrainer_mca1_t25", "nnUNetTrainer_mca1_instr_t16", "nnUNetTrainer_mca_instr", "nnUNetTrainer_ieee1",
     "nnUNetTrainer_ieee_t16", "nnUNetTrainer_mca1_instr2",
+    "nnUNetTrainer_aug", "nnUNetTrainer_order01", "nnUNetTrainer_init-1", "nnUNetTrainer_nondet", "nnUNetTrainer_aug1_x",
 ])
 def test_malformed_names_state_the_grammar(name):
     with pytest.raises(TrainerNameError, match=r"<Base>_seed<K>"):
@@ -135,3 +142,21 @@ def test_nnunet_finds_replicas_of_a_base_from_a_user_folder(tmp_path):
     assert bad.startswith("ERROR TrainerNameError") and "<Base>_seed<K>" in bad
     assert found["CompletelyUnknownTrainer"].startswith("ERROR") and \
         "Could not find requested nnunet trainer" in found["CompletelyUnknownTrainer"]
+
+
+def test_one_source_classes_change_one_stream_of_seed0():
+    """Each one-source class draws every stream as _seed0 except its own (K); replica_name formats them."""
+    from nnunet_varaug.training.trainers.one_source import (AugReplicaMixin, InitReplicaMixin, NondetReplicaMixin,
+                                                            OrderReplicaMixin)
+
+    expected = {"init": InitReplicaMixin, "order": OrderReplicaMixin, "aug": AugReplicaMixin}
+    for source, mixin in expected.items():
+        name = names.replica_name("nnUNetTrainerTiny", source, 4)
+        assert name == f"nnUNetTrainerTiny_{source}4"
+        instance = object.__new__(registry.resolve(name))
+        assert isinstance(instance, mixin) and instance.varaug_settings == {source: {"stream": 4}}
+        assert {s: instance.stream_seed(s) for s in instance.STREAMS} == {
+            s: 4 if s == source else 0 for s in ("init", "order", "aug", "train")}
+    seed = object.__new__(registry.resolve("nnUNetTrainerTiny_seed4"))
+    assert {s: seed.stream_seed(s) for s in seed.STREAMS} == {"init": 4, "order": 4, "aug": 4, "train": 4}
+    assert issubclass(registry.resolve("nnUNetTrainerTiny_nondet2"), NondetReplicaMixin)
