@@ -118,6 +118,7 @@ def save_temperature(path: str, fit: dict, replicas: Dict[str, str], tta: bool, 
     """Record a fit: T, the NLL before and after, and what it was fitted on (replicas' checkpoint sha256, settings,
     cases)."""
     record = {**fit, "replicas": dict(replicas), "tta": tta, "step_size": step_size, "cases_fitted": list(cases)}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     write_json(path, record)
     return record
 
