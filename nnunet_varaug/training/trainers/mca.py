@@ -124,10 +124,11 @@ class MCAReplicaMixin(Float32TrainingMixin):
         sr = self.mca_effective_bits == 24
         record["numerics"] = {
             "kind": "mca", "granularity": self.mca_granularity,
-            "method": ("stochastic rounding" if sr else f"Verificarlo random rounding at t={self.mca_effective_bits}")
-            + (" of every floating-point aten result, computed in float64" if self.mca_granularity == "op" else
-               " of every multiply and addition of convolutions, matrix products and sums, and of every other "
-               "aten result"),
+            "method": ("stochastic rounding" if sr else
+                       f"Verificarlo's random rounding (rr) at t={self.mca_effective_bits}")
+            + (" of each rounded aten op's float32 results, computed in float64" if self.mca_granularity == "op" else
+               " of every product and addition of the step's reductions (convolutions, matrix products, sums, "
+               "normalisation, softmax, NLL, norms) and of every other rounded aten result"),
             "stream": self.mca_stream, "virtual_bits": self.mca_effective_bits,
             "dtype": str(TRAINING_DTYPE).replace("torch.", ""), "perturbed": "train_step (forward, loss, "
             "backward, optimizer step)", "unperturbed": "validation, export, inference",
