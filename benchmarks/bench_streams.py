@@ -5,7 +5,8 @@ each batch and for the transforms of each sample), both without augmentation wor
 
 Builds the test suite's synthetic dataset (10 cases of 32³) in a temporary folder, plans and preprocesses it, builds
 both trainers' loaders, then draws ``--batches`` batches from each, interleaved one by one, and prints the median
-time per batch of each and their ratio; also the cost of one stream activation (``RandomStream.active``) alone.
+CPU time per batch of each (this process's CPU time: on a shared machine the wall time follows the load) and their
+ratio; also the CPU cost of one stream activation (``RandomStream.active``) alone.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_streams.py [--batches 60] [--keep DIR]
 """
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import timeit
 
 BIN = os.path.dirname(sys.executable)
 DATASET = 987
@@ -32,7 +34,7 @@ def build(name: str, dataset: str):
 
     base = os.path.join(os.environ["nnUNet_preprocessed"], dataset)
     with open(os.path.join(base, "nnUNetPlans.json")) as f:
-        plans = json.load(f)
+        plans = {**json.load(f), "continue_training": False}  # as nnUNetv2_train passes them
     with open(os.path.join(base, "dataset.json")) as f:
         dataset_json = json.load(f)
     trainer = resolve(name)(plans, "3d_fullres", 0, dataset_json, device=torch.device("cpu"))
@@ -66,24 +68,26 @@ def main(argv=None) -> int:
         times = {k: [] for k in loaders}
         for _ in range(args.batches):
             for key, loader in loaders.items():
-                start = time.perf_counter()
+                start = time.process_time()  # CPU time: on a shared machine, wall time follows the load
                 next(loader)
-                times[key].append(time.perf_counter() - start)
-        stream, n = RandomStream(1), 5000
-        start = time.perf_counter()
-        for _ in range(n):
+                times[key].append(time.process_time() - start)
+        stream = RandomStream(1)
+
+        def activate():
             with stream.active():
                 pass
-        swap = (time.perf_counter() - start) / n
+
+        timer = timeit.Timer(activate, timer=time.process_time)
+        swap = min(timer.repeat(number=200, repeat=7)) / 200  # CPU time, the least disturbed of 7 runs
         medians = {k: statistics.median(v) for k, v in times.items()}
         print(f"{args.batches} training batches each (batch 2, patch 32³, nnU-Net's augmentation), interleaved, "
               f"0 workers, torch threads {__import__('torch').get_num_threads()}:")
         for key, value in medians.items():
-            print(f"  {key:40s} median {1000 * value:8.2f} ms per batch")
+            print(f"  {key:40s} median {1000 * value:8.2f} ms CPU per batch")
         plain, streamed = medians.values()
         print(f"  ratio streams / nnU-Net's: {streamed / plain:.3f}")
-        print(f"  one stream activation (3 generators' states swapped in and out): {1e6 * swap:.1f} µs; "
-              f"a batch of 2 samples makes 3")
+        print(f"  one stream activation (3 generators' states swapped in and out, best of 7 x 200): "
+              f"{1e6 * swap:.1f} µs; a batch of 2 samples makes 3")
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
