@@ -38,6 +38,7 @@ class TrainJob:
     resumed: bool = False
     returncode: Optional[int] = field(default=None)
     device: Optional[str] = field(default=None)
+    note: str = ""  # what the launcher has to say about the run (a SLURM job's end, its retries)
 
 
 def nnunet_command(tool: str) -> List[str]:
@@ -58,7 +59,8 @@ def plugin_env(base: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     return env
 
 
-def _stamp() -> str:
+def stamp() -> str:
+    """The time as the launcher's marker lines write it."""
     return time.strftime("%Y-%m-%d %H:%M:%S")
 
 
@@ -77,7 +79,7 @@ def run_logged(command: Sequence[str], log_path: str, env: Dict[str, str], where
         The exit code. An exception while waiting (Ctrl-C) kills the process and is raised again.
     """
     with open(log_path, "a") as log:
-        log.write(f"# nnunet_varaug: {_stamp()} start {where}: {shlex.join(command)}\n")
+        log.write(f"# nnunet_varaug: {stamp()} start {where}: {shlex.join(command)}\n")
         log.flush()
         proc = subprocess.Popen(list(command), env=env, stdout=log, stderr=subprocess.STDOUT)
         if started is not None:
@@ -88,7 +90,7 @@ def run_logged(command: Sequence[str], log_path: str, env: Dict[str, str], where
             proc.kill()
             proc.wait()
             raise
-        log.write(f"# nnunet_varaug: {_stamp()} end exit={code}\n")
+        log.write(f"# nnunet_varaug: {stamp()} end exit={code}\n")
     return code
 
 

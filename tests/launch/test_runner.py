@@ -14,7 +14,8 @@ import pytest
 from conftest import SYNTHETIC_3D_ID, TINY, device_span, run_cli, side_by_side_env
 from nnunet_varaug.utilities.errors import VarAugError
 from nnunet_varaug.launch.runner import TrainJob, parse_devices, run_devices
-from nnunet_varaug.launch.slurm import SLURM_RECORD, TrainReplicaTask, forwarded_env, parse_mem_gb, parse_slurm_time
+from nnunet_varaug.launch.slurm import SLURM_RECORD, forwarded_env, parse_mem_gb, parse_slurm_time
+from nnunet_varaug.launch.slurm_task import TrainReplicaTask, continued_command
 
 REPLICAS = ("nnunet_varaug", "replicas", "-d", str(SYNTHETIC_3D_ID), "-c", "3d_fullres", "-f", "0", "-tr", TINY,
             "-device", "cpu")
@@ -110,16 +111,19 @@ def test_run_devices_gives_each_process_one_device_and_keeps_all_devices_busy(tm
 
 @pytest.mark.unit
 def test_a_requeued_task_continues_from_its_latest_checkpoint(tmp_path):
-    """What submitit calls on timeout or preemption: the task resumes with --c once a checkpoint exists."""
+    """A requeued job runs the same pickled task again: it adds --c once the replica has a checkpoint, and drops a
+    --c whose checkpoint is gone."""
     job = TrainJob("x_seed0", ["nnUNetv2_train", "1", "3d_fullres", "0", "-tr", "x_seed0"], {},
                    str(tmp_path / "nnunet_varaug_train.log"))
-    task = TrainReplicaTask()
-    again = task.checkpoint(job, {"nnUNet_results": "/r"})
-    assert again.args[0].command == job.command  # nothing to resume from yet
+    assert continued_command(job) == job.command  # nothing to continue from yet
+    stale = TrainJob(job.name, job.command + ["--c"], {}, job.log)
+    assert continued_command(stale) == job.command
     (tmp_path / "checkpoint_latest.pth").write_bytes(b"")
-    again = task.checkpoint(job, {"nnUNet_results": "/r"})
-    assert again.args[0].command == job.command + ["--c"] and again.args[0].resumed
-    assert again.args[1] == {"nnUNet_results": "/r"} and isinstance(again.function, TrainReplicaTask)
+    assert continued_command(job) == job.command + ["--c"] and continued_command(stale) == job.command + ["--c"]
+    validate = TrainJob(job.name, job.command + ["--val"], {}, job.log)
+    assert continued_command(validate) == validate.command  # a finished replica only validates
+    again = TrainReplicaTask().checkpoint(job, {"nnUNet_results": "/r"}, 30)  # USR2 before any process ran
+    assert again.args == (job, {"nnUNet_results": "/r"}, 30) and isinstance(again.function, TrainReplicaTask)
     assert isinstance(pickle.loads(pickle.dumps(again.function)), TrainReplicaTask)
 
 
@@ -198,9 +202,35 @@ def test_slurm_launcher_leaves_a_queued_or_running_job_alone(synthetic_3d):
     (("--devices", "gpu0"), "--devices takes GPU indices"),
     (("--launcher", "slurm", "--devices", "0,1"), "--devices is for --launcher local"),
     (("--slurm-mem", "64G", "--slurm-partition", "gpu"), "--slurm-partition, --slurm-mem only apply to --launcher slurm"),
+    (("--slurm-retries", "2"), "--slurm-retries only applies to --launcher slurm"),
+    (("--slurm-qos", "high", "--no-wait"), "--slurm-qos, --no-wait only apply to --launcher slurm"),
+    (("--launcher", "slurm", "--slurm-array-parallelism", "0"), "--slurm-array-parallelism must be at least 1"),
+    (("--launcher", "slurm", "--slurm-retries", "-1"), "--slurm-retries must be at least 0"),
     (("--launcher", "slurm", "--slurm-time", "a day"), "--slurm-time takes SLURM's formats"),
     (("--launcher", "slurm", "--slurm-mem", "lots"), "--slurm-mem takes a size"),
 ])
 def test_bad_launcher_flags_are_refused_before_anything_runs(nnunet_env, extra, message):
     proc = run_cli(*REPLICAS, "-n", "2", *extra, check=False)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+@pytest.mark.nnunet
+def test_a_time_limit_shorter_than_one_epoch_is_refused_with_the_limit_that_works(synthetic_3d, tmp_path):
+    """The epoch time comes from the launcher logs of any replica of the same base trainer (here seed 7, fold 1,
+    an epoch of 400 s after a 50 s start on the CPU); a replica of another base trainer does not count."""
+    results = tmp_path / "results"
+    runs = {f"{TINY}_seed7": ("50", "400.0"), "nnUNetTrainer_seed0": ("10", "9000.0")}
+    for trainer, (start, epoch) in runs.items():
+        folder = results / synthetic_3d["name"] / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_1"
+        folder.mkdir(parents=True)
+        (folder / "nnunet_varaug_train.log").write_text(
+            f"# nnunet_varaug: 2026-01-05 10:00:00 start CUDA_VISIBLE_DEVICES= pid=1: /b/nnUNetv2_train 101 3d_fullres "
+            f"1 -tr {trainer} -p nnUNetPlans -device cpu\n2026-01-05 10:00:{start}.5: Epoch 0\n"
+            f"2026-01-05 10:07:00.1: Epoch time: {epoch} s\n")
+    before = sorted(str(p) for p in results.rglob("*"))
+    need = -(-(50 + 400 + 90 + 60) // 60)  # start + epoch + the warning 90 s before the limit + SLURM's minute
+    proc = run_cli(*REPLICAS, "-n", "2", "--launcher", "slurm", "--slurm-time", str(need - 1), check=False,
+                   env=dict(os.environ, nnUNet_results=str(results)))
+    assert proc.returncode == 2 and f"use at least --slurm-time {need}" in proc.stderr, proc.stderr
+    assert "400 s" in proc.stderr and f"{TINY}_seed7" in proc.stderr
+    assert sorted(str(p) for p in results.rglob("*")) == before, "a refused command writes nothing"
