@@ -41,6 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed steps per side (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per side first (default 1)")
     p.add_argument("--virtual-bits", type=int, default=None, help="t for the MCA side (default 24)")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timed steps, one more step per MCA side with the mode's per-op profile: time, "
+                        "values rounded, route, and the additions left at one rounding")
     return p.parse_args(argv)
 
 
@@ -79,6 +82,25 @@ def make_batch(trainer, batch: int, device):
     return {"data": data.to(device), "target": [t.to(device) for t in targets]}
 
 
+def print_profile(name: str, trainer, batch) -> None:
+    """One more step of ``trainer`` with the mode's per-op profile; prints the ops by time."""
+    from nnunet_varaug.training.numerics.profile import summary
+
+    trainer.mca.profile = {}
+    trainer.train_step(batch)
+    profile, trainer.mca.profile = trainer.mca.profile, None
+    total = summary(profile)
+    print(f"\nper-op profile of {name} (one step, {total['seconds']:.2f} s in rounded ops; "
+          f"{total['rounded'] / 1e6:.1f} M values rounded, {total['once'] / 1e6:.3f} M additions left at one "
+          f"rounding = {100 * total['once_share']:.3f} %)")
+    print(f"{'aten op':48}{'calls':>6}{'seconds':>9}{'share':>7}{'rounded (M)':>13}{'once (M)':>10}  routes")
+    for op, e in sorted(profile.items(), key=lambda kv: -kv[1]["seconds"]):
+        if e["rounded"] or e["once"] or e["seconds"] > 0.01 * total["seconds"]:
+            routes = ", ".join(f"{k} {v}" for k, v in e["routes"].items())
+            print(f"{op:48}{e['calls']:>6}{e['seconds']:>9.3f}{100 * e['seconds'] / total['seconds']:>6.1f}%"
+                  f"{e['rounded'] / 1e6:>13.2f}{e['once'] / 1e6:>10.3f}  {routes}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if "ieee" not in args.sides:
@@ -91,6 +113,7 @@ def main(argv=None) -> int:
         import torch
 
         from nnunet_varaug.training import registry
+        from nnunet_varaug.training.numerics import kernels
 
         if args.plans:
             with open(args.plans) as f:
@@ -121,22 +144,26 @@ def main(argv=None) -> int:
         batch = make_batch(trainers["ieee"], args.batch, device)
         times = {label: [] for label in args.sides}
 
-        def step(label: str) -> float:
+        cpu = {label: [] for label in args.sides}
+
+        def step(label: str):
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             trainers[label].train_step(batch)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            return time.perf_counter() - start
+            return time.perf_counter() - start, time.process_time() - start_cpu
 
         for i in range(args.warmup + args.steps):
             for label in args.sides:
-                elapsed = step(label)
+                elapsed, elapsed_cpu = step(label)
                 if i >= args.warmup:
                     times[label].append(elapsed)
+                    cpu[label].append(elapsed_cpu)
         cm = trainers["ieee"].configuration_manager
-        print(f"device {device} ({torch.get_num_threads()} CPU threads), torch {torch.__version__}")
+        print(f"device {device} ({torch.get_num_threads()} CPU threads), torch {torch.__version__}; "
+              f"load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}; kernels: {kernels.status()}")
         print(f"trainer {args.trainer}, network {cm.network_arch_class_name.split('.')[-1]}, patch "
               f"{list(cm.patch_size)}, batch {args.batch}, "
               f"{sum(p.numel() for p in trainers['ieee'].network.parameters()) / 1e6:.3f} M parameters, "
@@ -147,11 +174,16 @@ def main(argv=None) -> int:
                 n = args.warmup + args.steps
                 print(f"{names[label]}: {mca!r}; per step {mca.perturbed_ops // n} ops, "
                       f"{mca.perturbed_elements / n / 1e6:.1f} M values rounded")
-        base = statistics.median(times["ieee"])
-        print(f"{'side':28}{'median s/step':>15}{'min':>10}{'ratio to _ieee':>16}")
+        base, base_cpu = statistics.median(times["ieee"]), statistics.median(cpu["ieee"])
+        print(f"{'side':28}{'median s/step':>15}{'min':>10}{'ratio to _ieee':>16}{'CPU s/step':>12}{'CPU ratio':>11}")
         for label in args.sides:
-            med = statistics.median(times[label])
-            print(f"{names[label]:28}{med:>15.4f}{min(times[label]):>10.4f}{med / base:>16.2f}")
+            med, med_cpu = statistics.median(times[label]), statistics.median(cpu[label])
+            print(f"{names[label]:28}{med:>15.4f}{min(times[label]):>10.4f}{med / base:>16.2f}{med_cpu:>12.4f}"
+                  f"{med_cpu / base_cpu:>11.2f}")
+        if args.profile:
+            for label in args.sides:
+                if label != "ieee":
+                    print_profile(names[label], trainers[label], batch)
     return 0
 
 

@@ -74,36 +74,97 @@ def supported(x: torch.Tensor, w: torch.Tensor, groups: int) -> bool:
 
 
 # ---- op level: float64 accumulation ----------------------------------------------------------------------------
+class Flat:
+    """A stride-1 convolution on the padded grid, flattened: Y padded, as (Ci, N * P') with P' the padded size; the
+    output at flat position p reads Y at p + shift(offset), so every kernel offset is one matrix product of a
+    shifted view (no copy); outputs whose window leaves the sample are discarded."""
+
+    def __init__(self, geo: Geometry, n: int):
+        self.padded = [s + 2 * p for s, p in zip(geo.size, geo.padding)]
+        steps = [1] * len(self.padded)
+        for i in range(len(self.padded) - 2, -1, -1):
+            steps[i] = steps[i + 1] * self.padded[i + 1]
+        self.shifts = [sum(o * d * st for o, d, st in zip(off, geo.dilation, steps)) for off in geo.offsets]
+        self.total = n
+        for s in self.padded:
+            self.total *= s
+        self.length = self.total - max(self.shifts)
+        self.n, self.geo = n, geo
+
+    def flat(self, y: torch.Tensor) -> torch.Tensor:
+        """(N, C, *S) float32 -> (C, N * P') float64, padded."""
+        return self.geo.padded(y.double()).transpose(0, 1).reshape(y.shape[1], -1)
+
+    def grid(self, g: torch.Tensor) -> torch.Tensor:
+        """An output-shaped (N, C, *out) tensor on the padded grid, zeros elsewhere: (C, N * P') float64."""
+        out = torch.zeros((g.shape[1], self.n, *self.padded), dtype=torch.float64, device=g.device)
+        out[(slice(None), slice(None)) + tuple(slice(0, o) for o in self.geo.out)] = g.transpose(0, 1)
+        return out.view(g.shape[1], -1)
+
+    def outputs(self, flat: torch.Tensor) -> torch.Tensor:
+        """(C, N * P') -> the valid outputs (N, C, *out)."""
+        c = flat.shape[0]
+        view = flat.view(c, self.n, *self.padded)[(slice(None), slice(None)) +
+                                                  tuple(slice(0, o) for o in self.geo.out)]
+        return view.transpose(0, 1)
+
+
+def _per_offset(w: torch.Tensor) -> torch.Tensor:
+    """W (Co, Ci, *k) as float64 (O, Co, Ci), one contiguous matrix per kernel offset."""
+    return w.double().reshape(w.shape[0], w.shape[1], -1).permute(2, 0, 1).contiguous()
+
+
 def forward_high(y: torch.Tensor, w: torch.Tensor, geo: Geometry) -> torch.Tensor:
     """float64 convolution of Y (N, Ci, *S) with W (Co, Ci, *k): (N, Co, *out), one GEMM per offset."""
     n, co = y.shape[0], w.shape[0]
+    wo = _per_offset(w)
+    if all(s == 1 for s in geo.stride):
+        f = Flat(geo, n)
+        x = f.flat(y)
+        out = torch.zeros((co, f.total), dtype=torch.float64, device=y.device)
+        valid = out[:, :f.length]
+        for j, shift in enumerate(f.shifts):
+            valid.addmm_(wo[j], x[:, shift:shift + f.length])
+        return f.outputs(out)
     yp = geo.padded(y.double())
-    wd = w.double().reshape(co, w.shape[1], -1)
     result = torch.zeros((n, co, geo.positions), dtype=torch.float64, device=y.device)
     for j, offset in enumerate(geo.offsets):
         cols = geo.shifted(yp, offset).reshape(n, y.shape[1], -1)
-        result.baddbmm_(wd[:, :, j].expand(n, -1, -1), cols)
+        result.baddbmm_(wo[j].expand(n, -1, -1), cols)
     return result.view(n, co, *geo.out)
 
 
 def input_grad_high(g: torch.Tensor, w: torch.Tensor, geo: Geometry) -> torch.Tensor:
     """float64 gradient of :func:`forward_high` with respect to Y: (N, Ci, *S)."""
     n, co, ci = g.shape[0], w.shape[0], w.shape[1]
+    wt = _per_offset(w).transpose(1, 2).contiguous()  # (O, Ci, Co)
+    if all(s == 1 for s in geo.stride):
+        f = Flat(geo, n)
+        grid = f.grid(g)[:, :f.length]
+        gx = torch.zeros((ci, f.total), dtype=torch.float64, device=g.device)
+        for j, shift in enumerate(f.shifts):
+            gx[:, shift:shift + f.length].addmm_(wt[j], grid)
+        return geo.unpadded(gx.view(ci, n, *f.padded).transpose(0, 1))
     gd = g.double().reshape(n, co, -1)
-    wd = w.double().reshape(co, ci, -1)
     gip = torch.zeros((n, ci, *(s + 2 * p for s, p in zip(geo.size, geo.padding))), dtype=torch.float64,
                       device=g.device)
     for j, offset in enumerate(geo.offsets):
-        geo.shifted(gip, offset).add_(torch.matmul(wd[:, :, j].t(), gd).view(n, ci, *geo.out))
+        geo.shifted(gip, offset).add_(torch.matmul(wt[j], gd).view(n, ci, *geo.out))
     return geo.unpadded(gip)
 
 
 def weight_grad_high(g: torch.Tensor, y: torch.Tensor, w_shape, geo: Geometry) -> torch.Tensor:
     """float64 gradient of :func:`forward_high` with respect to W: (Co, Ci, *k)."""
     co, ci = w_shape[0], w_shape[1]
+    gw = torch.empty((co, ci, len(geo.offsets)), dtype=torch.float64, device=g.device)
+    if all(s == 1 for s in geo.stride):
+        f = Flat(geo, g.shape[0])
+        grid, x = f.grid(g)[:, :f.length], f.flat(y)
+        for j, shift in enumerate(f.shifts):
+            gw[:, :, j] = grid @ x[:, shift:shift + f.length].t()
+        return gw.view(*w_shape)
     yp = geo.padded(y.double())
     gflat = g.double().transpose(0, 1).reshape(co, -1)
-    gw = torch.empty((co, ci, len(geo.offsets)), dtype=torch.float64, device=g.device)
     for j, offset in enumerate(geo.offsets):
         gw[:, :, j] = gflat @ geo.shifted(yp, offset).transpose(0, 1).reshape(ci, -1).t()
     return gw.view(*w_shape)

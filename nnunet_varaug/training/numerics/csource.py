@@ -75,29 +75,6 @@ void nv_words(uint32_t k0, uint32_t k1, uint32_t op, uint32_t iter, int directed
     }
 }
 
-/* y[i] = round(x[i]) to float32: SR (t == 24) or random rounding at t bits, rounding address base + i */
-void nv_round_f32(const double* x, float* y, int64_t n, int t, uint32_t k0, uint32_t k1, uint32_t op,
-                  uint32_t iter, int directed, uint64_t base) {
-    noise_t nz = {k0, k1, op, iter, directed};
-    uint32_t w[4];
-    int64_t i = 0;
-    if (t == 24) {
-        while (i < n && ((base + (uint64_t)i) & 3)) { y[i] = sr32(x[i], word1(&nz, base + (uint64_t)i)); i++; }
-        for (; i + 4 <= n; i += 4) {
-            block_words(&nz, (base + (uint64_t)i) >> 2, w);
-            y[i] = sr32(x[i], w[0]); y[i + 1] = sr32(x[i + 1], w[1]);
-            y[i + 2] = sr32(x[i + 2], w[2]); y[i + 3] = sr32(x[i + 3], w[3]);
-        }
-        for (; i < n; i++) y[i] = sr32(x[i], word1(&nz, base + (uint64_t)i));
-    } else {
-        for (; i < n; i++) {
-            uint64_t a = base + (uint64_t)i;
-            block_words(&nz, a >> 1, w);
-            y[i] = rr32(x[i], t, w[2 * (a & 1)], w[2 * (a & 1) + 1]);
-        }
-    }
-}
-
 /* one rounding of x to float32 at address a */
 static inline float round1(const noise_t* nz, int t, uint64_t a, double x) {
     uint32_t w[4];
@@ -136,6 +113,127 @@ static inline float lane_tree(const noise_t* nz, int t, uint64_t a, float* acc, 
     return acc[0];
 }
 
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#define HAVE_VECTOR 1
+/* round keys, broadcast */
+typedef struct { __m256i k0[10], k1[10]; } vkeys_t;
+
+static inline void vkeys_init(const noise_t* nz, vkeys_t* vk) {
+    uint32_t k0 = nz->k0, k1 = nz->k1;
+    for (int r = 0; r < 10; r++) {
+        vk->k0[r] = _mm256_set1_epi64x(k0); vk->k1[r] = _mm256_set1_epi64x(k1); k0 += W0; k1 += W1;
+    }
+}
+
+/* Philox of the 4 blocks in the 64-bit lanes of `blocks`; out[i] = the 4 words of lane i's block */
+static inline void philox_v(const noise_t* nz, const vkeys_t* vk, __m256i blocks, __m256i out[4]) {
+    if (nz->directed) {
+        __m256i v = _mm256_set1_epi64x(nz->directed == 1 ? 0xFFFFFFFFll : 0);
+        out[0] = out[1] = out[2] = out[3] = v; return;
+    }
+    const __m256i lo = _mm256_set1_epi64x(0xFFFFFFFFll), m0 = _mm256_set1_epi64x(M0), m1 = _mm256_set1_epi64x(M1);
+    __m256i c0 = _mm256_and_si256(blocks, lo), c1 = _mm256_srli_epi64(blocks, 32);
+    __m256i c2 = _mm256_set1_epi64x(nz->op), c3 = _mm256_set1_epi64x(nz->iter);
+    for (int r = 0; r < 10; r++) {
+        __m256i p0 = _mm256_mul_epu32(c0, m0), p1 = _mm256_mul_epu32(c2, m1);
+        __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p1, 32), c1), vk->k0[r]);
+        __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p0, 32), c3), vk->k1[r]);
+        c1 = _mm256_and_si256(p1, lo); c3 = _mm256_and_si256(p0, lo); c0 = n0; c2 = n2;
+    }
+    __m256i t0 = _mm256_unpacklo_epi64(c0, c1), t1 = _mm256_unpackhi_epi64(c0, c1);
+    __m256i t2 = _mm256_unpacklo_epi64(c2, c3), t3 = _mm256_unpackhi_epi64(c2, c3);
+    out[0] = _mm256_permute2x128_si256(t0, t2, 0x20); out[1] = _mm256_permute2x128_si256(t1, t3, 0x20);
+    out[2] = _mm256_permute2x128_si256(t0, t2, 0x31); out[3] = _mm256_permute2x128_si256(t1, t3, 0x31);
+}
+
+/* SR of 4 doubles with the words in the low halves of u's 64-bit lanes (as sr32) */
+static inline __m128 sr_v(__m256d x, __m256i u) {
+    const __m256i mask = _mm256_set1_epi64x((long long)MASK29);
+    __m256i b = _mm256_castpd_si256(x);
+    __m256i e = _mm256_and_si256(_mm256_srli_epi64(b, 52), _mm256_set1_epi64x(0x7FF));
+    __m256i mag = _mm256_and_si256(b, _mm256_set1_epi64x(0x7FFFFFFFFFFFFFFFll));
+    __m256i fast = _mm256_or_si256(
+        _mm256_and_si256(_mm256_cmpgt_epi64(e, _mm256_set1_epi64x(896)),
+                         _mm256_cmpgt_epi64(_mm256_set1_epi64x(2047), e)),
+        _mm256_cmpeq_epi64(mag, _mm256_setzero_si256()));
+    if (_mm256_movemask_pd(_mm256_castsi256_pd(fast)) != 0xF) {
+        double xs[4]; uint64_t us[4]; float ys[4];
+        _mm256_storeu_pd(xs, x); _mm256_storeu_si256((__m256i*)us, u);
+        for (int q = 0; q < 4; q++) ys[q] = sr32(xs[q], (uint32_t)us[q]);
+        return _mm_loadu_ps(ys);
+    }
+    b = _mm256_andnot_si256(mask, _mm256_add_epi64(b, _mm256_and_si256(u, mask)));
+    return _mm256_cvtpd_ps(_mm256_castsi256_pd(b));
+}
+
+/* SR of the 8 doubles (lo, hi) with the words of two blocks */
+static inline __m256 sr_v8(__m256d lo, __m256d hi, __m256i ulo, __m256i uhi) {
+    return _mm256_set_m128(sr_v(hi, uhi), sr_v(lo, ulo));
+}
+
+static inline __m256i four_blocks(uint64_t a, uint64_t b, uint64_t c, uint64_t d) {
+    return _mm256_set_epi64x((long long)d, (long long)c, (long long)b, (long long)a);
+}
+
+static inline float dot1_v(const noise_t* nz, const vkeys_t* vk, const float* a, const float* b, int64_t K, int L,
+                           int64_t S, uint64_t ob, float* acc) {
+    uint64_t SL = (uint64_t)S * (uint64_t)L;
+    __m256i w[4];
+    float ta[8], tb[8];
+    for (int64_t s = 0; s < S; s++) {
+        for (int l = 0; l < L; l += 8) {
+            int64_t k = s * L + l;
+            __m256 av, bv;
+            if (k + 8 <= K) { av = _mm256_loadu_ps(a + k); bv = _mm256_loadu_ps(b + k); }
+            else {
+                for (int q = 0; q < 8; q++) { ta[q] = k + q < K ? a[k + q] : 0.0f; tb[q] = k + q < K ? b[k + q] : 0.0f; }
+                av = _mm256_loadu_ps(ta); bv = _mm256_loadu_ps(tb);
+            }
+            __m256d plo = _mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(av)),
+                                        _mm256_cvtps_pd(_mm256_castps256_ps128(bv)));
+            __m256d phi = _mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(av, 1)),
+                                        _mm256_cvtps_pd(_mm256_extractf128_ps(bv, 1)));
+            uint64_t pb = (ob + (uint64_t)k) >> 2;
+            uint64_t ab = s ? (ob + SL + (uint64_t)((s - 1) * L + l)) >> 2 : pb;
+            philox_v(nz, vk, four_blocks(pb, pb + 1, ab, ab + 1), w);
+            __m256 p = sr_v8(plo, phi, w[0], w[1]);
+            if (s == 0) { _mm256_storeu_ps(acc + l, p); continue; }
+            __m256 c = _mm256_loadu_ps(acc + l);
+            __m256d slo = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(c)), _mm256_cvtps_pd(_mm256_castps256_ps128(p)));
+            __m256d shi = _mm256_add_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(c, 1)), _mm256_cvtps_pd(_mm256_extractf128_ps(p, 1)));
+            _mm256_storeu_ps(acc + l, sr_v8(slo, shi, w[2], w[3]));
+        }
+    }
+    return lane_tree(nz, 24, ob + SL + (uint64_t)((S - 1) * L), acc, L);
+}
+
+/* lane additions of a per-instruction sum for steps s and s + 1 (L == 8), addresses (s - 1) L + l */
+static inline float sum1_v(const noise_t* nz, const vkeys_t* vk, const float* row, int64_t K, int64_t S, uint64_t ob,
+                           float* acc) {
+    __m256i w[4];
+    float t[8];
+    for (int q = 0; q < 8; q++) acc[q] = q < K ? row[q] : 0.0f;
+    __m256 c = _mm256_loadu_ps(acc);
+    for (int64_t s = 1; s < S; s += 2) {
+        uint64_t blk = (ob + (uint64_t)((s - 1) * 8)) >> 2;
+        philox_v(nz, vk, four_blocks(blk, blk + 1, blk + 2, blk + 3), w);
+        for (int64_t h = 0; h < 2 && s + h < S; h++) {
+            int64_t k = (s + h) * 8;
+            __m256 x;
+            if (k + 8 <= K) x = _mm256_loadu_ps(row + k);
+            else { for (int q = 0; q < 8; q++) t[q] = k + q < K ? row[k + q] : 0.0f; x = _mm256_loadu_ps(t); }
+            __m256d slo = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(c)), _mm256_cvtps_pd(_mm256_castps256_ps128(x)));
+            __m256d shi = _mm256_add_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(c, 1)), _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)));
+            c = sr_v8(slo, shi, w[2 * h], w[2 * h + 1]);
+        }
+    }
+    _mm256_storeu_ps(acc, c);
+    return lane_tree(nz, 24, ob + (uint64_t)((S - 1) * 8), acc, 8);
+}
+#endif
+
 /* per-instruction dot product of a[0..K) and b[0..K) (L lanes, S steps; layout of lanes.py: products at
    [0, SL), lane additions at SL + (s-1)L + l, tree at SL + (S-1)L + L - 2 half + j), addresses from ob */
 static inline float dot1(const noise_t* nz, int t, const float* a, const float* b, int64_t K, int L, int64_t S,
@@ -167,6 +265,15 @@ void nv_sr_dot(const float* A, int64_t lda, const float* B, int64_t ldb, float* 
     noise_t nz = {k0, k1, op, iter, directed};
     float acc[L];
     uint64_t I = 2 * (uint64_t)S * (uint64_t)L;
+#ifdef HAVE_VECTOR
+    vkeys_t vk; vkeys_init(&nz, &vk);
+    if (t == 24 && L % 8 == 0) {
+        for (int64_t j = j0; j < j1; j++)
+            for (int64_t i = 0; i < ma; i++)
+                out[i * nb + j] = dot1_v(&nz, &vk, A + i * lda, B + j * ldb, K, L, S, base + (uint64_t)(i * nb + j) * I, acc);
+        return;
+    }
+#endif
     for (int64_t j = j0; j < j1; j++)
         for (int64_t i = 0; i < ma; i++)
             out[i * nb + j] = dot1(&nz, t, A + i * lda, B + j * ldb, K, L, S, base + (uint64_t)(i * nb + j) * I, acc);
@@ -179,6 +286,14 @@ void nv_sr_rowdot(const float* A, const float* B, int64_t ld, float* out, int64_
     noise_t nz = {k0, k1, op, iter, directed};
     float acc[L];
     uint64_t I = 2 * (uint64_t)S * (uint64_t)L;
+#ifdef HAVE_VECTOR
+    vkeys_t vk; vkeys_init(&nz, &vk);
+    if (t == 24 && L % 8 == 0) {
+        for (int64_t r = r0; r < r1; r++)
+            out[r] = dot1_v(&nz, &vk, A + r * ld, B + r * ld, K, L, S, base + (uint64_t)r * I, acc);
+        return;
+    }
+#endif
     for (int64_t r = r0; r < r1; r++)
         out[r] = dot1(&nz, t, A + r * ld, B + r * ld, K, L, S, base + (uint64_t)r * I, acc);
 }
@@ -191,6 +306,13 @@ void nv_sr_sum(const float* X, int64_t ldx, float* out, int64_t r0, int64_t r1, 
     float acc[L];
     double x[4];
     uint64_t SL = (uint64_t)S * (uint64_t)L;
+#ifdef HAVE_VECTOR
+    vkeys_t vk; vkeys_init(&nz, &vk);
+    if (t == 24 && L == 8) {
+        for (int64_t r = r0; r < r1; r++) out[r] = sum1_v(&nz, &vk, X + r * ldx, K, S, base + (uint64_t)r * SL, acc);
+        return;
+    }
+#endif
     for (int64_t r = r0; r < r1; r++) {
         const float* row = X + r * ldx;
         uint64_t ob = base + (uint64_t)r * SL;
@@ -205,6 +327,37 @@ void nv_sr_sum(const float* X, int64_t ldx, float* out, int64_t r0, int64_t r1, 
             }
         }
         out[r] = lane_tree(&nz, t, ob + (uint64_t)((S - 1) * L), acc, L);
+    }
+}
+/* y[i] = round(x[i]) to float32: SR (t == 24) or random rounding at t bits, rounding address base + i */
+void nv_round_f32(const double* x, float* y, int64_t n, int t, uint32_t k0, uint32_t k1, uint32_t op,
+                  uint32_t iter, int directed, uint64_t base) {
+    noise_t nz = {k0, k1, op, iter, directed};
+    uint32_t w[4];
+    int64_t i = 0;
+    if (t == 24) {
+        while (i < n && ((base + (uint64_t)i) & 3)) { y[i] = sr32(x[i], word1(&nz, base + (uint64_t)i)); i++; }
+#ifdef HAVE_VECTOR
+        vkeys_t vk; vkeys_init(&nz, &vk);
+        __m256i u[4];
+        for (; i + 16 <= n; i += 16) {
+            uint64_t blk = (base + (uint64_t)i) >> 2;
+            philox_v(&nz, &vk, four_blocks(blk, blk + 1, blk + 2, blk + 3), u);
+            for (int q = 0; q < 4; q++) _mm_storeu_ps(y + i + 4 * q, sr_v(_mm256_loadu_pd(x + i + 4 * q), u[q]));
+        }
+#endif
+        for (; i + 4 <= n; i += 4) {
+            block_words(&nz, (base + (uint64_t)i) >> 2, w);
+            y[i] = sr32(x[i], w[0]); y[i + 1] = sr32(x[i + 1], w[1]);
+            y[i + 2] = sr32(x[i + 2], w[2]); y[i + 3] = sr32(x[i + 3], w[3]);
+        }
+        for (; i < n; i++) y[i] = sr32(x[i], word1(&nz, base + (uint64_t)i));
+    } else {
+        for (; i < n; i++) {
+            uint64_t a = base + (uint64_t)i;
+            block_words(&nz, a >> 1, w);
+            y[i] = rr32(x[i], t, w[2 * (a & 1)], w[2 * (a & 1) + 1]);
+        }
     }
 }
 """
