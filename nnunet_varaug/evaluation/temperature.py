@@ -9,7 +9,7 @@ model kind, fitted by minimising the NLL on labelled validation cases, applied t
   fixed seed and weighted by (case voxels / drawn voxels), so that every voxel of every case counts equally in
   expectation; smaller cases use every voxel.
 * **Optimizer.** The NLL is summed on a fixed grid of ``GRID`` temperatures, log-spaced from ``T_MIN`` to ``T_MAX``
-  (a ratio of 1.023 between neighbours; the sums are additive over cases, so a resumed run combines finished cases),
+  (a ratio of 1.047 between neighbours; the sums are additive over cases, so a resumed run combines finished cases),
   then the minimum is refined by the vertex of the parabola through the grid minimum and its two neighbours, in
   ln T. A minimum at either end of the grid is reported as such (T outside [T_MIN, T_MAX] is not searched).
 """
@@ -20,8 +20,8 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-T_MIN, T_MAX, GRID = 0.05, 20.0, 265
-MAX_VOXELS = 1 << 17
+T_MIN, T_MAX, GRID = 0.05, 20.0, 133
+MAX_VOXELS = 1 << 16
 NLL_FLOOR = 1e-12
 
 
