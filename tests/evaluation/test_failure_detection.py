@@ -110,6 +110,7 @@ def test_normalized_surface_dice_equals_brute_force(spacing, tau):
     ours = fd.normalized_surface_dice(pred, gt, spacing, tau)
     assert 0.05 < ours < 0.999
     assert ours == pytest.approx(brute_force_nsd(pred, gt, spacing, tau), abs=1e-12)
+    assert fd.normalized_surface_dice(gt, pred, spacing, tau) == pytest.approx(ours, abs=1e-12)  # symmetric
 
 
 def test_normalized_surface_dice_of_empty_masks():
