@@ -29,6 +29,10 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 
 from nnunet_varaug.commands.flags import add_device, add_disable_tta, add_quiet, add_start, add_trainer_arguments
+from nnunet_varaug.commands.uncertainty_flags import add_review_flags, review_options
+from nnunet_varaug.evaluation import case_record, structures as structure_stats
+from nnunet_varaug.inference.replica_stats import load_temperature, temperature_path
+from nnunet_varaug.report.uncertainty_report import ReviewOptions
 from nnunet_varaug.evaluation import uncertainty, variability
 from nnunet_varaug.inference.cases import Case
 from nnunet_varaug.inference.ensemble import (DEFAULT_WEIGHTS_GIB, ENSEMBLE, Weights, add_calibration, check_inputs,
@@ -63,7 +67,7 @@ def write_probabilities(out: str, case: str, mean: np.ndarray, props: dict) -> N
 
 
 def uncertainty_maps(ens: uncertainty.RunningEnsemble, consensus: np.ndarray, structures, folder: str, case: str,
-                     props: dict):
+                     props: dict, keep: Optional[dict] = None):
     """Write the entropy, mutual information and disagreement maps (per region too, for region-based
     ensembles), one map in memory at a time; the sums are used up. Returns (entropy for the picture: the
     entropy, or the largest region entropy; its maximum possible value; disagreement)."""
@@ -76,7 +80,10 @@ def uncertainty_maps(ens: uncertainty.RunningEnsemble, consensus: np.ndarray, st
         entropy = ens.entropy()
         ens.sum = None  # the mean is no longer needed
         write(entropy, "entropy")
-        write(ens.mutual_information(entropy, in_place=True), "mutual_information")
+        mi = ens.mutual_information(entropy, in_place=True)
+        write(mi, "mutual_information")
+        if keep is not None:  # the per-structure record needs it (one more map held until the case is exported)
+            keep["mi"] = mi
         ens.entropy_sum = None
         return entropy, None, dis
     shown = np.zeros(consensus.shape, dtype=np.float32)
@@ -92,7 +99,7 @@ def uncertainty_maps(ens: uncertainty.RunningEnsemble, consensus: np.ndarray, st
 
 
 def export_case(predictor, fin: Finished, out: str, structures, groups: Optional[List[List[int]]],
-                save_probabilities: bool, ignore: Optional[int]) -> dict:
+                save_probabilities: bool, ignore: Optional[int], review: Optional[ReviewOptions] = None) -> dict:
     """Finish one case's ensemble and write its files; returns its record for the state file."""
     lm, rw = predictor.label_manager, predictor.plans_manager.image_reader_writer_class()
     case, ens, props = fin.case, fin.ensemble, fin.properties
@@ -102,9 +109,22 @@ def export_case(predictor, fin: Finished, out: str, structures, groups: Optional
         add_calibration(fin.calibration, ENSEMBLE, mean, fin.gt, ignore, props["spacing"])
     if save_probabilities:
         write_probabilities(out, case.name, mean, props)
+    per_structure = review is not None and not ens.regions
+    soft = structure_stats.soft_voxels(mean, structures, lm.all_labels) if per_structure else None
     del mean
     os.makedirs(os.path.join(out, UNCERTAINTY), exist_ok=True)
-    shown, top, dis = uncertainty_maps(ens, consensus, structures, os.path.join(out, UNCERTAINTY), case.name, props)
+    kept = {}
+    shown, top, dis = uncertainty_maps(ens, consensus, structures, os.path.join(out, UNCERTAINTY), case.name, props,
+                                       kept)
+    extra = {}
+    if per_structure:  # issue 19: structures.csv, lesions, label agreement (docs/inference.md)
+        spacing = props["spacing"]
+        extra = case_record.case_record(
+            ens.maps, consensus, spacing, structures, soft, structure_stats.map_means(shown, consensus, structures,
+                                                                                      spacing),
+            structure_stats.map_means(kept["mi"], consensus, structures, spacing), mi_map=kept["mi"], gt=fin.gt,
+            ignore=ignore, instances=review.instances, nsd_tolerance=review.nsd_tolerance)
+    kept.clear()
     top = top or float(np.log2(len(lm.all_labels)))
     summary = uncertainty.summarize_case(ens.maps, consensus, props["spacing"], structures, groups)
     summary, folds = summary if groups else (summary, None)
@@ -120,6 +140,7 @@ def export_case(predictor, fin: Finished, out: str, structures, groups: Optional
               fin.calibration.to_json(), "picture": os.path.relpath(png, out)}
     if folds is not None:
         record["folds"] = [s.to_json() for s in folds]
+    record.update(extra)
     return record
 
 
@@ -173,6 +194,8 @@ class Options:
     nps: int = 0
     verbose: bool = False
     weights_gib: float = DEFAULT_WEIGHTS_GIB
+    review: ReviewOptions = dataclasses.field(default_factory=ReviewOptions)
+    temperature: Optional[Union[float, str]] = None  # a number, or "auto" (analyze --calibration's fit)
 
 
 def predict_folder(experiments: Union[Experiment, Sequence[Experiment]], images: str, output: str,
@@ -186,9 +209,13 @@ def predict_folder(experiments: Union[Experiment, Sequence[Experiment]], images:
     cases, paths = check_inputs(experiments, images, opt.labels, output, opt.checkpoint)
     labels = model_labels(experiments)
     folds = [e.fold for e in experiments]
+    shas = dict(zip(labels, (file_sha256(p) for p in paths)))
+    opt = dataclasses.replace(opt, temperature=resolve_temperature(experiments, opt.temperature, shas))
+    check_review_names(first, opt.review)
     identity = {"format": FORMAT_VERSION, "dataset": first.dataset, "plans": first.plans,
                 "configuration": first.configuration, "folds": folds, "checkpoint": opt.checkpoint, "tta": opt.tta,
-                "step_size": opt.step_size, "replicas": dict(zip(labels, (file_sha256(p) for p in paths)))}
+                "step_size": opt.step_size, "replicas": shas, "temperature": opt.temperature,
+                "instances": list(opt.review.instances), "nsd_tolerance": opt.review.nsd_tolerance}
     mine = cases[opt.part_id::opt.num_parts]
     records = read_records(output, identity)
     dj = first.dataset_json
@@ -203,7 +230,8 @@ def predict_folder(experiments: Union[Experiment, Sequence[Experiment]], images:
                                              if c not in todo and c.name in records}}
     predictor = load_predictor(first, first.replica_names[0], opt.checkpoint, opt.device, opt.tta, opt.step_size,
                                opt.verbose)
-    os.makedirs(output, exist_ok=True)
+    predictor.varaug_temperature = opt.temperature  # applied to each model's probabilities (inference.schedule)
+    os.makedirs(output, exist_ok=True)  # only now: every check above has passed
     copy_nnunet_files(predictor, output)
     weights = None
     groups = None
@@ -219,6 +247,34 @@ def predict_folder(experiments: Union[Experiment, Sequence[Experiment]], images:
     return {"predicted": [c.name for c in todo], "skipped": [c.name for c in mine if c not in todo],
             "output": output, "loads": dict(weights.loads) if weights else {},
             "resident": weights.resident if weights else None}
+
+
+def resolve_temperature(experiments: Sequence[Experiment], given, shas: dict) -> Optional[float]:
+    """``--temperature``: a number, or 'auto' = the fit of ``analyze --calibration`` for exactly these replicas
+    (one fold). Refused, before anything is written, when there is no such fit."""
+    if given is None:
+        return None
+    if given != "auto":
+        return float(given)
+    if len(experiments) > 1:
+        raise VarAugError("--temperature auto with several folds: each fold has its own fit; give the number")
+    exp = experiments[0]
+    path = temperature_path(os.environ.get("nnUNet_results", ""), exp.dataset, exp.base, exp.kind, exp.plans,
+                            exp.configuration, exp.fold)
+    try:
+        return float(load_temperature(path, {n: shas[n] for n in exp.replica_names if n in shas})["temperature"])
+    except ValueError as e:
+        raise VarAugError(f"--temperature auto: {e}. Fit it with `nnunet_varaug analyze {exp.flags} "
+                          f"--calibration` (on the fold's validation cases), or give a number") from None
+
+
+def check_review_names(exp: Experiment, review: ReviewOptions) -> None:
+    try:
+        structure_stats.check_structure_names(list(review.may_be_absent) + list(review.instances),
+                                              variability.structures_from_dataset_json(exp.dataset_json),
+                                              "--may-be-absent/--instances")
+    except ValueError as e:
+        raise VarAugError(str(e)) from None
 
 
 def record_case(state: dict, path: str, case: Case, inputs: dict, record: dict) -> None:
@@ -241,7 +297,8 @@ def run_cases(predictor, weights, labels, todo, output, opt: Options, structures
         work = ensembles(predictor, weights, labels, todo, scratch, opt.npp, ignore, opt.verbose)
         for fin in tqdm(work, total=len(todo), desc="predicting", unit="case", disable=not opt.progress):
             if pool is None:
-                done(fin.case, export_case(predictor, fin, output, structures, groups, opt.save_probabilities, ignore))
+                done(fin.case, export_case(predictor, fin, output, structures, groups, opt.save_probabilities, ignore,
+                                           opt.review))
                 scratch.drop(fin.case.name)
                 continue
             while len(pending) >= opt.nps:
@@ -249,7 +306,7 @@ def run_cases(predictor, weights, labels, todo, output, opt: Options, structures
                 done(case, future.result())
                 scratch.drop(case.name)
             pending.append((fin.case, pool.submit(export_case, predictor, fin, output, structures, groups,
-                                                  opt.save_probabilities, ignore)))
+                                                  opt.save_probabilities, ignore, opt.review)))
             del fin
         while pending:
             case, future = pending.popleft()
@@ -275,7 +332,8 @@ def write_tables(experiments, output: str, identity: dict, cases, structures, la
         return
     shown = experiments[0] if len(folds) == 1 else dataclasses.replace(experiments[0],
                                                                        fold=" ".join(map(str, folds)))
-    write_outputs(shown, output, done, structures, labels, opt.flag_above, opt.pictures)
+    write_outputs(shown, output, done, structures, labels, opt.flag_above, opt.pictures, opt.review,
+                  opt.temperature)
     if len(folds) > 1:
         import pandas as pd
 
@@ -324,6 +382,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true", help="nnU-Net's messages, the order of work and timings")
     add_quiet(p)
     p.add_argument("--disable_progress_bar", dest="quiet", action="store_true", help="as --quiet (nnU-Net's name)")
+    add_review_flags(p)
+    p.add_argument("--temperature", default=None, metavar="T|auto",
+                   help="scale every replica's probabilities by softmax(z / T) before averaging; 'auto': the T that "
+                        "`analyze --calibration` fitted for these replicas")
 
 
 def check_flags(args: argparse.Namespace) -> List[Union[int, str]]:
@@ -340,6 +402,17 @@ def check_flags(args: argparse.Namespace) -> List[Union[int, str]]:
     for flag in ("npp", "nps"):
         if getattr(args, flag) < 0:
             raise VarAugError(f"-{flag} {getattr(args, flag)}: use 0 (none) or more")
+    if args.num_replicas < 2:
+        raise VarAugError(f"-n {args.num_replicas}: one model gives no spread, so no uncertainty, review list or "
+                          f"volume interval; use -n 2 or more (train them with `nnunet_varaug replicas`), or "
+                          f"nnUNetv2_predict for a single model")
+    if args.temperature is not None and args.temperature != "auto":
+        try:
+            ok = float(args.temperature) > 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise VarAugError(f"--temperature {args.temperature}: give a number above 0 (e.g. 1.5) or 'auto'")
     if not args.weights_memory > 0:
         raise VarAugError(f"--weights-memory {args.weights_memory}: give the GiB allowed, e.g. 4")
     folds = [parse_fold(f) for f in args.fold]
@@ -350,12 +423,13 @@ def check_flags(args: argparse.Namespace) -> List[Union[int, str]]:
 
 def run(args: argparse.Namespace) -> int:
     folds = check_flags(args)
+    review = review_options(args)
     experiments = [Experiment.from_args(args.dataset, args.configuration, f, args.num_replicas, args.base, args.kind,
                                         args.plans, args.start) for f in folds]
     result = predict_folder(experiments, args.images, args.output, Options(
         args.labels, args.device, args.checkpoint, not args.disable_tta, args.step_size, args.flag_above,
         args.pictures, not args.quiet, args.save_probabilities, args.num_parts, args.part_id, args.npp, args.nps,
-        args.verbose, args.weights_memory))
+        args.verbose, args.weights_memory, review, args.temperature))
     part = "" if args.num_parts == 1 else f"part {args.part_id} of {args.num_parts}: "
     print(f"{part}predicted {len(result['predicted'])} case(s), skipped {len(result['skipped'])} unchanged; "
           f"outputs in {result['output']} (review.csv, volumes.csv, report.html)")

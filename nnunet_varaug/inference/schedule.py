@@ -29,7 +29,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from nnunet_varaug.evaluation import calibration, uncertainty
+from nnunet_varaug.evaluation import calibration, temperature, uncertainty
 from nnunet_varaug.evaluation.chunked import LabelMaps, label_dtype
 from nnunet_varaug.inference.cases import Case
 from nnunet_varaug.inference.ensemble import Weights, add_calibration, predict_model, preprocess
@@ -157,6 +157,11 @@ def new_ensemble(predictor, scratch: Scratch, case: Case) -> uncertainty.Running
 def add_model(predictor, weights, k, label, case, data, props, ens, gt, cal, ignore, verbose, log) -> None:
     start = time.perf_counter()
     probs, seg = predict_model(predictor, weights, k, label, case.name, data, props)
+    t = getattr(predictor, "varaug_temperature", None)  # predict --temperature (issue 19): softmax(z / T)
+    if t and t != 1.0:
+        if cal is not None:  # before scaling, for the report's before/after
+            add_calibration(cal, f"{label} (T=1)", probs, gt, ignore, props["spacing"])
+        probs = temperature.scale(probs, t)  # the argmax, so seg, is unchanged
     if cal is not None:
         add_calibration(cal, label, probs, gt, ignore, props["spacing"])
     ens.add(probs, seg, own=True)
