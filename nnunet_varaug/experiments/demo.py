@@ -97,8 +97,8 @@ def run_demo(output: str, num_replicas: int = 3, epochs: int = 10, iterations: i
          ["nnUNetv2_train", d, c, f, "-tr", f"{BASE}_varaug", "-device", "cpu"], env)
 
     report = os.path.join(out, "report")
-    print(step("variability report on the validation cases",
-               ["nnunet_varaug", "analyze", *flags, "-device", "cpu", "--quiet", "-o", report], env))
+    print(step("variability report on the validation cases (calibration and a fitted temperature)",
+               ["nnunet_varaug", "analyze", *flags, "-device", "cpu", "--quiet", "--calibration", "-o", report], env))
     print(validation_table(env["nnUNet_results"], os.path.basename(raw), num_replicas))
 
     cohort = os.path.join(out, "cohort")
@@ -113,7 +113,8 @@ def run_demo(output: str, num_replicas: int = 3, epochs: int = 10, iterations: i
             os.symlink(os.path.join(raw, "imagesTs", name), os.path.join(new, name))
     print(step("consensus, uncertainty maps and review list of 5 held-out images",
                ["nnunet_varaug", "predict", *flags, "-device", "cpu", "--quiet", "--disable_tta", "-i", new, "-l",
-                os.path.join(raw, "labelsTs"), "-o", os.path.join(out, "predict")], env).strip())
+                os.path.join(raw, "labelsTs"), "-o", os.path.join(out, "predict"), "--temperature", "auto",
+                "--instances", "lesion", "--may-be-absent", "lesion"], env).strip())  # failure detection, lesions
     targets = write_synthetic_targets(raw, os.path.join(out, "targets.csv"))
     print("\nThe downstream target is SYNTHETIC (lesion volume of the ground truth plus noise): this stage shows the "
           "mechanics of the paper's experiment, not a clinical result.")
