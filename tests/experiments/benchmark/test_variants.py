@@ -46,7 +46,7 @@ def bench_stub(tmp_path, devices="0,1"):
         os.makedirs(tmp_path / "logs", exist_ok=True)
         return str(tmp_path / "logs" / f"{stage}.log")
 
-    return types.SimpleNamespace(layout=None, device="cpu", devices=devices, _log=log, records=records)
+    return types.SimpleNamespace(layout=None, device="cpu", devices=devices, log=log, records=records)
 
 
 def test_models_train_side_by_side_one_per_device_each_with_its_log(tmp_path, monkeypatch):
