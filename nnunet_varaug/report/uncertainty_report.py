@@ -131,7 +131,7 @@ def _fmt(v, digits=3):
     return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{digits}f}"
 
 
-def headline_table(frame) -> str:
+def headline_table(frame, nsd_tolerance: float = fd.NSD_TOLERANCE_MM) -> str:
     """One compact row per structure over cases, with footnotes saying what each number is and over how many cases
     it is taken."""
     esc = html_lib.escape
@@ -177,8 +177,8 @@ def headline_table(frame) -> str:
         "empty that may not be absent; see docs/inference.md.",
     ]
     if "dice_to_labels" in frame:
-        notes.append("⁸ consensus against the labels: Dice; normalized surface Dice at the tolerance in "
-                     "structures.csv (nsd_tolerance_mm in the records); nnU-Net's convention for empty structures.")
+        notes.append(f"⁸ consensus against the labels: Dice / normalized surface Dice at {nsd_tolerance:g} mm; "
+                     f"a structure absent from both consensus and labels has no value (nnU-Net's convention).")
     return (f'<div class="wide"><table>{head}{"".join(body)}</table></div>'
             + "".join(f'<p class="note">{n}</p>' for n in notes))
 
@@ -191,7 +191,7 @@ def failure_html(fd_frame, thresholds, figure: str, opt: ReviewOptions) -> str:
              f"({int(case['left_out_no_dice'])} left out: no structure in consensus or labels). Ranked by the review "
              f"score, AURC <b>{_fmt(case['aurc'])}</b> (random ranking {_fmt(case['aurc_random'])}, lower is "
              f"better), E-AURC <b>{_fmt(case['eaurc'])}</b> (0 = cases ordered exactly by Dice), Spearman ρ with "
-             f"Dice {_fmt(case['spearman_rho'])}.</p>"]
+             f"Dice {_fmt(case['spearman_rho'])} (– : fewer than 3 cases, or no spread).</p>"]
     if len(thresholds) and int(thresholds["failures"].iloc[0]) > 0:
         rows = "".join(
             f"<tr><td>{100 * r.share_of_failures:.0f} %</td><td>{_fmt(r.threshold)}</td>"
@@ -238,7 +238,7 @@ def write_uncertainty_outputs(out: str, records: Dict[str, dict], opt: ReviewOpt
     _csv(frame, os.path.join(out, "structures.csv"))
     review = review_frame(records, opt)
     _csv(review, os.path.join(out, "review.csv"))
-    sections = {"structures": headline_table(frame)}
+    sections = {"structures": headline_table(frame, opt.nsd_tolerance)}
     lesion_rows = [{"case": c, **row} for c, r in records.items() for row in r.get("lesions", [])]
     count_rows = [{"case": c, **row} for c, r in records.items() for row in r.get("lesion_counts", [])]
     for name in ("lesions.csv", "lesion_counts.csv", "failure_detection.csv", "review_thresholds.csv"):
