@@ -167,19 +167,22 @@ def test_calibration_csv_matches_hand_computation(predicted):
                 p = probs[c][m] if model != "ensemble" else np.mean(np.stack(probs[c]), axis=0)
                 pairs.append((p[label].ravel(), (gts[c] == label).ravel()))
             ece, brier = hand_ece_brier(pairs)
-            row = table[(table["model"] == model) & (table["label"] == str(label))].iloc[0]
-            assert row["ece"] == pytest.approx(ece, abs=1e-5), (model, label)
+            row = table[(table["model"] == model) & (table["label"] == str(label)) & (table["scope"] == "all")].iloc[0]
+            assert row["classwise_ece"] == pytest.approx(ece, abs=1e-5), (model, label)
             assert row["brier"] == pytest.approx(brier, abs=1e-6), (model, label)
 
 
-def test_review_ranks_by_least_agreeing_structure(predicted):
+def test_review_ranks_by_the_size_aware_score(predicted):
+    """review.csv's score by hand (docs/inference.md): per structure (1 − mean pairwise Dice) × min(1, mean replica
+    volume / 100 mm³), 1 for a structure no replica finds; the case's score is the largest."""
     import pandas as pd
 
     table = pd.read_csv(predicted["out"] / "review.csv")
     expected = {}
     for case in predicted["cases"]:
         segs = [arr(f / f"{case}{ENDING}") for f in predicted["replicas"]]
-        worst = 1.0
+        voxel = float(np.prod(read(predicted["images"] / f"{case}_0000{ENDING}").GetSpacing()))
+        scores = []
         for label in (1, 2):
             dices = []
             for a in range(len(segs)):
@@ -187,18 +190,20 @@ def test_review_ranks_by_least_agreeing_structure(predicted):
                     x, y = segs[a] == label, segs[b] == label
                     s = x.sum() + y.sum()
                     dices.append(1.0 if s == 0 else 2 * np.logical_and(x, y).sum() / s)
-            worst = min(worst, float(np.mean(dices)))
-        expected[case] = 1 - worst
-    assert list(table["case"]) == sorted(expected, key=lambda c: -expected[c])
+            volume = np.mean([(seg == label).sum() * voxel for seg in segs])
+            scores.append(1.0 if volume == 0 else (1 - float(np.mean(dices))) * min(1.0, volume / 100.0))
+        expected[case] = max(scores)
     for _, row in table.iterrows():
         assert row["score"] == pytest.approx(expected[row["case"]], abs=1e-9)
+    assert list(table["score"]) == sorted(table["score"], reverse=True)
     assert list(table["rank"]) == list(range(1, len(expected) + 1))
 
 
 def test_report_embeds_pictures_and_calibration(predicted):
     text = (predicted["out"] / "report.html").read_text()
-    assert text.count("data:image/png;base64,") == len(predicted["cases"]) + 1  # pictures + reliability diagram
-    for section in ("review", "volumes", "calibration", "pictures"):
+    # pictures + reliability diagram + risk-coverage curves
+    assert text.count("data:image/png;base64,") == len(predicted["cases"]) + 2
+    for section in ("structures", "review", "failures", "volumes", "calibration", "pictures"):
         assert f"<!-- section:{section} -->" in text
 
 
@@ -278,28 +283,3 @@ def test_bad_input_is_refused_and_nothing_written(problem, predicted, seed_repli
     assert sorted(os.listdir(images)) == listing
     if out != images:
         assert not out.exists()
-
-
-def test_analyze_calibration_section_matches_predict(predicted, tmp_path):
-    """``analyze --calibration`` runs the same ensemble engine: on the same cases it reports the same figures."""
-    import pandas as pd
-
-    from nnunet_varaug.report import variability_report as report
-    from nnunet_varaug.inference.cases import list_cases
-    from nnunet_varaug.training.experiment import Experiment
-    from nnunet_varaug.report.calibration import add_calibration_section
-
-    exp = Experiment.from_args(101, "3d_fullres", 0, 3, TINY)
-    import torch
-
-    (tmp_path / "report.html").write_text(report.page("t", [report.section("overview", "o", "<p>x</p>")]))
-    threads = torch.get_num_threads()
-    try:
-        assert add_calibration_section(exp, list_cases(exp, str(predicted["images"]), str(predicted["labels"])),
-                                       str(tmp_path), "cpu")
-    finally:
-        torch.set_num_threads(threads)
-    ours = pd.read_csv(tmp_path / "calibration.csv", dtype={"label": str})
-    theirs = pd.read_csv(predicted["out"] / "calibration.csv", dtype={"label": str})
-    pd.testing.assert_frame_equal(ours, theirs, atol=1e-9)
-    assert "<!-- section:calibration -->" in (tmp_path / "report.html").read_text()
