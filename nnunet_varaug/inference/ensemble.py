@@ -146,20 +146,36 @@ def load_predictor(exp: Experiment, first: str, checkpoint: str, device: str, tt
 
 
 def state_bytes(state: dict) -> int:
-    """Bytes of a state dict's tensors."""
-    return int(sum(t.numel() * t.element_size() for t in state.values() if hasattr(t, "numel")))
+    """Bytes of a state dict's tensors, each storage counted once (nnU-Net's U-Net decoder holds the encoder, so
+    its state dict names every encoder tensor twice)."""
+    seen, total = set(), 0
+    for t in state.values():
+        if hasattr(t, "untyped_storage"):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+    return total
 
 
 def read_network_weights(path: str) -> dict:
-    """A checkpoint's ``network_weights``, copied into memory; the rest (optimizer state, logs) is memory-mapped
-    by ``torch.load(mmap=True)`` and never read."""
+    """A checkpoint's ``network_weights``, copied into memory (tensors that share storage stay shared); the rest
+    (optimizer state, logs) is memory-mapped by ``torch.load(mmap=True)`` and never read."""
     import torch
 
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except RuntimeError:  # not a zip-format checkpoint (legacy torch.save): read it whole
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    weights = {k: (v.clone() if hasattr(v, "clone") else v) for k, v in checkpoint["network_weights"].items()}
+    copies, weights = {}, {}
+    for name, t in checkpoint["network_weights"].items():
+        if not hasattr(t, "untyped_storage"):
+            weights[name] = t
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if key not in copies:
+            copies[key] = t.clone()
+        weights[name] = copies[key]
     del checkpoint
     return weights
 

@@ -1,8 +1,10 @@
 """``nnunet_varaug predict`` against nnU-Net's own commands and plain numpy/SimpleITK.
 
-One predict run (module scope) on Dataset101's two test images plus an anisotropic copy with a non-trivial
-origin and direction, with labels; the oracle is ``nnUNetv2_predict --save_probabilities`` of each replica and
-``nnUNetv2_ensemble`` of their outputs.
+One predict run (module scope, ``--save_probabilities``) on Dataset101's two test images plus an anisotropic copy
+with a non-trivial origin and direction, with labels; the oracle is ``nnUNetv2_predict --save_probabilities`` of
+each replica and ``nnUNetv2_ensemble --save_npz`` of their outputs. nnU-Net's readers, ``nnUNetv2_apply_
+postprocessing`` and ``nnUNetv2_evaluate_folder`` run on the output; ``-num_parts`` splits the cases; a large
+checkpoint is read once per run.
 """
 from __future__ import annotations
 
@@ -21,9 +23,9 @@ pytestmark = pytest.mark.e2e
 ENDING = ".nii.gz"
 
 
-def predict_args(images, out, n=3, labels=None):
+def predict_args(images, out, n=3, labels=None, *extra):
     args = ["predict", "-i", str(images), "-o", str(out), "-d", "101", "-c", "3d_fullres", "-f", "0", "-n", str(n),
-            "-tr", TINY, "-device", "cpu", "--quiet"]
+            "-tr", TINY, "-device", "cpu", "--quiet", "-npp", "0", *extra]
     return args + (["-l", str(labels)] if labels else [])
 
 
@@ -62,13 +64,13 @@ def predicted(seed_replicas, tmp_path_factory):
         img.SetDirection((-1, 0, 0, 0, 1, 0, 0, 0, 1))
         sitk.WriteImage(img, str(dst))
     out = root / "out"
-    assert main(predict_args(images, out, labels=labels)) == 0
+    assert main(predict_args(images, out, 3, labels, "--save_probabilities")) == 0
     folders = [root / name for name in seed_replicas["names"]]
     # nnU-Net's own predictions of each replica (the oracle), the three commands side by side
     run_clis_side_by_side(*(("nnUNetv2_predict", "-i", str(images), "-o", str(folder), "-d", "101", "-c", "3d_fullres",
                              "-f", "0", "-tr", name, "--save_probabilities", "-device", "cpu", "-npp", "0", "-nps", "0")
                             for name, folder in zip(seed_replicas["names"], folders)))
-    run_cli("nnUNetv2_ensemble", "-i", *map(str, folders), "-o", str(root / "ensemble"), "-np", "1")
+    run_cli("nnUNetv2_ensemble", "-i", *map(str, folders), "-o", str(root / "ensemble"), "-np", "1", "--save_npz")
     cases = sorted(os.path.basename(f)[: -len(ENDING)] for f in glob.glob(str(labels / f"*{ENDING}")))
     return {"root": root, "images": images, "labels": labels, "out": out, "replicas": folders,
             "ensemble": root / "ensemble", "cases": cases}
@@ -243,7 +245,8 @@ def _results_copy(seed_replicas, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("problem", ["missing_replica", "other_plans", "extra_channel", "multichannel_file",
-                                     "output_is_input", "output_inside_input", "label_of_other_grid"])
+                                     "output_is_input", "output_inside_input", "label_of_other_grid",
+                                     "cascade", "part_id_out_of_range"])
 def test_bad_input_is_refused_and_nothing_written(problem, predicted, seed_replicas, tmp_path, monkeypatch, capsys):
     import json
 
@@ -253,7 +256,10 @@ def test_bad_input_is_refused_and_nothing_written(problem, predicted, seed_repli
     expect = {"missing_replica": "nnunet_varaug replicas", "other_plans": "other plans",
               "extra_channel": "channel file", "multichannel_file": "one file per channel",
               "output_is_input": "input folder", "output_inside_input": "input folder",
-              "label_of_other_grid": "not the label"}[problem]
+              "label_of_other_grid": "not the label", "cascade": "nnUNetv2_predict -prev_stage_predictions",
+              "part_id_out_of_range": "part ids run from 0"}[problem]
+    extra = {"cascade": ["-prev_stage_predictions", str(tmp_path)],
+             "part_id_out_of_range": ["-num_parts", "2", "-part_id", "2"]}.get(problem, [])
     if problem == "missing_replica":
         n = 4
     elif problem == "other_plans":
@@ -276,10 +282,130 @@ def test_bad_input_is_refused_and_nothing_written(problem, predicted, seed_repli
         shutil.copytree(predicted["labels"], labels)
         sitk.WriteImage(sitk.Image(8, 8, 8, sitk.sitkUInt8), str(labels / "case_ts001.nii.gz"))
     listing = sorted(os.listdir(images))
-    rc = main(predict_args(images, out, n=n, labels=labels))
+    rc = main(predict_args(images, out, n, labels, *extra))
     err = capsys.readouterr().err
     assert rc == 2
     assert expect in err, err
     assert sorted(os.listdir(images)) == listing
     if out != images:
         assert not out.exists()
+
+
+def test_saved_probabilities_are_nnunet_ensembles_files(predicted, seed_replicas):
+    """<case>.npz / .pkl as nnU-Net writes them (read with nnU-Net's own readers), equal to nnUNetv2_ensemble
+    --save_npz of the replicas' nnUNetv2_predict outputs; dataset.json and plans.json as nnUNetv2_predict leaves."""
+    import json
+
+    from batchgenerators.utilities.file_and_folder_operations import load_pickle
+    from nnunetv2.ensembling.ensemble import average_probabilities
+
+    out, ens = predicted["out"], predicted["ensemble"]
+    for case in predicted["cases"]:
+        ours = average_probabilities([str(out / f"{case}.npz")])  # nnU-Net's reader of .npz probabilities
+        theirs = np.load(ens / f"{case}.npz")["probabilities"]
+        assert ours.dtype == np.float32 and ours.shape == theirs.shape
+        np.testing.assert_allclose(ours, theirs, atol=1e-4)
+        props, ref = load_pickle(str(out / f"{case}.pkl")), load_pickle(str(predicted["replicas"][0] / f"{case}.pkl"))
+        assert props.keys() == ref.keys()
+        for key in ("spacing", "shape_before_cropping", "bbox_used_for_cropping",
+                    "shape_after_cropping_and_before_resampling"):
+            assert np.array_equal(np.asarray(props[key]), np.asarray(ref[key])), key
+    for name in ("dataset.json", "plans.json"):
+        assert json.loads((out / name).read_text()) == json.loads((predicted["replicas"][0] / name).read_text())
+
+
+def test_nnunet_postprocessing_and_evaluation_run_on_the_output(predicted, tmp_path):
+    """The chain of docs/inference.md: nnUNetv2_apply_postprocessing, then nnUNetv2_evaluate_folder, on predict's
+    folder as it is (its dataset.json and plans.json); the Dice in summary.json equals numpy's."""
+    import json
+
+    from batchgenerators.utilities.file_and_folder_operations import save_pickle
+    from nnunetv2.postprocessing.remove_connected_components import remove_all_but_largest_component_from_segmentation
+
+    pkl = tmp_path / "postprocessing.pkl"
+    save_pickle(([remove_all_but_largest_component_from_segmentation], [{"labels_or_regions": [1, 2]}]), str(pkl))
+    post = tmp_path / "post"
+    run_cli("nnUNetv2_apply_postprocessing", "-i", str(predicted["out"]), "-o", str(post), "-pp_pkl_file", str(pkl),
+            "-np", "1")
+    assert sorted(f for f in os.listdir(post) if f.endswith(ENDING)) == [c + ENDING for c in predicted["cases"]]
+    summary = tmp_path / "summary.json"
+    run_cli("nnUNetv2_evaluate_folder", str(predicted["labels"]), str(predicted["out"]), "-djfile",
+            str(predicted["out"] / "dataset.json"), "-pfile", str(predicted["out"] / "plans.json"), "-o",
+            str(summary), "-np", "1")
+    metrics = {m["prediction_file"].split(os.sep)[-1]: m["metrics"] for m in json.loads(summary.read_text())
+               ["metric_per_case"]}
+    for case in predicted["cases"]:
+        seg, gt = arr(predicted["out"] / f"{case}{ENDING}"), arr(predicted["labels"] / f"{case}{ENDING}")
+        for label in (1, 2):
+            a, b = seg == label, gt == label
+            want = 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+            assert metrics[case + ENDING][str(label)]["Dice"] == pytest.approx(want)
+
+
+def test_parts_cover_every_case_once(predicted, tmp_path, capsys):
+    out = tmp_path / "out"
+    parts = []
+    for part, workers in ((0, ("-nps", "1")), (1, ("-npp", "1"))):  # background export, background preprocessing
+        assert main(predict_args(predicted["images"], out, 3, None, "-num_parts", "2", "-part_id", str(part),
+                                 "--continue_prediction", *workers)) == 0
+        printed = capsys.readouterr().out
+        parts.append(printed)
+    assert "not predicted yet" in parts[0] and "not predicted yet" not in parts[1]
+    import json
+
+    predicted_by = [set(json.loads((out / f"varaug_predict_part{p}of2.json").read_text())["cases"]) for p in (0, 1)]
+    assert not predicted_by[0] & predicted_by[1]
+    assert predicted_by[0] | predicted_by[1] == set(predicted["cases"])
+    import pandas as pd
+
+    assert sorted(pd.read_csv(out / "review.csv")["case"]) == predicted["cases"]
+    for case in predicted["cases"]:
+        assert np.array_equal(arr(out / f"{case}{ENDING}"), arr(predicted["out"] / f"{case}{ENDING}"))
+
+
+def test_a_large_checkpoint_is_read_once_per_run(predicted, seed_replicas, tmp_path, monkeypatch):
+    """Checkpoints whose optimizer state is padded far past the weights budget (scaled down: the budget is set
+    just above the 3 networks' weights): each replica is read once per run, kept in memory; with the budget below
+    the weights, predict goes replica by replica over batches of cases and reads each once per batch."""
+    import torch
+
+    from nnunet_varaug.commands.predict import predict_folder
+    from nnunet_varaug.inference import schedule
+    from nnunet_varaug.inference.ensemble import state_bytes
+    from nnunet_varaug.training.experiment import Experiment
+
+    base = _results_copy(seed_replicas, tmp_path, monkeypatch)
+    paths = [str(base / f"{n}__nnUNetPlans__3d_fullres" / "fold_0" / "checkpoint_final.pth")
+             for n in seed_replicas["names"]]
+    for p in paths:
+        saved = torch.load(p, map_location="cpu", weights_only=False)
+        saved["optimizer_state"] = {"padding": torch.zeros(1 << 20)}  # 4 MiB of optimizer state
+        torch.save(saved, p)
+    weight_bytes = state_bytes(saved["network_weights"])
+    assert all(os.path.getsize(p) > weight_bytes + (4 << 20) for p in paths)  # far past the budgets below
+
+    loads = {}
+    real_load = torch.load
+
+    def counting_load(f, *a, **kw):
+        loads[os.path.realpath(str(f))] = loads.get(os.path.realpath(str(f)), 0) + 1
+        return real_load(f, *a, **kw)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    exp = Experiment.from_args(101, "3d_fullres", 0, 3, TINY)
+    runs = {}
+    for budget, per_batch in (("fits", None), ("over", 2)):
+        if per_batch:
+            monkeypatch.setattr(schedule, "CASES_PER_BATCH", per_batch)
+        loads.clear()
+        gib = (3 * weight_bytes + (1 if budget == "fits" else -1)) / 2 ** 30
+        result = predict_folder([exp], str(predicted["images"]), str(tmp_path / budget), progress=False,
+                                device="cpu", weights_gib=gib)
+        assert result["resident"] is (budget == "fits")
+        times = 1 if budget == "fits" else 2  # 3 cases in batches of 2
+        assert {p: loads.get(os.path.realpath(p), 0) for p in paths} == {p: times for p in paths}
+        runs[budget] = tmp_path / budget
+    for case in predicted["cases"]:
+        for f in (f"{case}{ENDING}", f"uncertainty/{case}_entropy.nii.gz", f"uncertainty/{case}_disagreement.nii.gz"):
+            assert np.array_equal(arr(runs["fits"] / f), arr(runs["over"] / f)), f
+        assert np.array_equal(arr(runs["fits"] / f"{case}{ENDING}"), arr(predicted["out"] / f"{case}{ENDING}"))

@@ -64,3 +64,16 @@ def test_weights_already_read_by_nnunet_are_not_read_again(tmp_path):
         weights[k]
     assert weights[0] is first and dict(weights.loads) == {paths[1]: 1, paths[2]: 1}
     assert "3 models" in weights.describe() and "kept in memory" in weights.describe()
+
+
+def test_shared_tensors_count_once_and_stay_shared(tmp_path):
+    """nnU-Net's decoder holds the encoder: its state dict names each encoder tensor twice, stored once."""
+    import torch
+
+    conv = torch.randn(8, 4, 3, 3, 3)
+    path = str(tmp_path / "shared.pth")
+    torch.save({"network_weights": {"encoder.w": conv, "decoder.encoder.w": conv, "bias": torch.zeros(8)},
+                "optimizer_state": {}}, path)
+    w = ensemble.read_network_weights(path)
+    assert w["encoder.w"].untyped_storage().data_ptr() == w["decoder.encoder.w"].untyped_storage().data_ptr()
+    assert ensemble.state_bytes(w) == conv.numel() * 4 + 8 * 4
