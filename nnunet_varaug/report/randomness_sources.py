@@ -21,9 +21,9 @@ from nnunet_varaug.utilities.fileio import replacing
 CSV, FIGURE, MARKDOWN = "sources.csv", "figures/sources.png", "sources.md"
 
 #: What each source of randomness is, in words (the replica names say which trainer suffix).
-SOURCE_LABELS = {REFERENCE: "all sources at once (seed replicas)", "init": "initial weights",
-                 "order": "data order (cases and patch locations)", "aug": "augmentation parameters",
-                 "mca": "rounding (stochastic rounding)", "nondet": "GPU non-deterministic kernels"}
+SOURCE_LABELS = {REFERENCE: "every source at once (seed replicas)", "init": "the initial weights",
+                 "order": "the data order (cases and patch locations)", "aug": "the augmentation parameters",
+                 "mca": "the rounding (stochastic rounding)", "nondet": "the GPU's non-deterministic kernels"}
 SUM = "sum_of_single_sources"
 COLUMNS = ("structure", "randomness_source", "replicas", "cases", "mean_pairwise_dice", "dice_ci_low",
            "dice_ci_high", "volume_cv", "cv_ci_low", "cv_ci_high", "volume_variance_mm6", "variance_ratio_to_seed",
@@ -77,10 +77,12 @@ def verdict(rows: Sequence[SourceRow], sums: Sequence[Additivity], structures: S
                        f"to attribute.")
             continue
         top = singles[0]
-        text = (f"**{structure}**: {SOURCE_LABELS.get(top.source, top.source)} alone gives "
+        text = (f"**{structure}**: changing only {SOURCE_LABELS.get(top.source, top.source)} gives "
                 f"{fraction(top.variance_ratio)} of the seed replicas' between-replica volume variance (95 % "
                 f"interval {_ci(top.ratio_interval)}); ")
-        if top.variance_ratio >= 0.5:
+        if top.ratio_interval[0] <= 1 <= top.ratio_interval[1] or top.variance_ratio >= 1:
+            text += "on its own it moves the volumes as much as changing every source at once."
+        elif top.variance_ratio >= 0.5:
             text += "it explains most of the disagreement."
         else:
             text += "less than half of it" + (", and the largest share of the sources measured." if len(singles) > 1
@@ -88,20 +90,19 @@ def verdict(rows: Sequence[SourceRow], sums: Sequence[Additivity], structures: S
         if len(singles) > 1:
             second = singles[1]
             if math.isfinite(second.ratio_interval[1]) and second.ratio_interval[1] >= top.ratio_interval[0]:
-                text += (f" {SOURCE_LABELS.get(second.source, second.source).capitalize()} "
+                text += (f" Changing only {SOURCE_LABELS.get(second.source, second.source)} "
                          f"({second.variance_ratio:.3g}, {_ci(second.ratio_interval)}) cannot be told apart from "
                          f"it with these cases.")
             low = singles[-1]
-            text += (f" {SOURCE_LABELS.get(low.source, low.source).capitalize()} alone gives "
-                     f"{fraction(low.variance_ratio)}.")
+            text += f" Changing only {SOURCE_LABELS.get(low.source, low.source)} gives {fraction(low.variance_ratio)}."
         add = next((a for a in sums if a.structure == structure), None)
         if add is not None and len(add.sources) > 1 and math.isfinite(add.ratio_sum):
             low, high = add.interval
-            how = ("they add up to it (the interval holds 1)" if low <= 1 <= high else
-                   "they fall short of it: changing every source at once moves the volumes more than the sum of "
-                   "single changes" if high < 1 else "they exceed it: single changes are not additive")
+            how = ("within noise of it (the interval holds 1)" if low <= 1 <= high else
+                   "less than it: changing every source at once moves the volumes more than the single changes "
+                   "together" if high < 1 else "more than it: the single changes overlap rather than add")
             text += (f" Together the {len(add.sources)} single sources give {add.ratio_sum:.3g} ({_ci(add.interval)}) "
-                     f"of the seed replicas' variance: {how}.")
+                     f"of the seed replicas' variance, {how}.")
         out.append(text)
     return out
 
@@ -153,7 +154,7 @@ def write_markdown(path: str, rows: Sequence[SourceRow], sums: Sequence[Additivi
     """``sources.md``: what was compared, the verdict, the table and the figure."""
     lines = ["# Where does the replicas' disagreement come from?", "",
              f"{cases} cases; per source of randomness, the replicas compared:", ""]
-    lines += [f"- **{SOURCE_LABELS.get(s, s)}** (`{s}`): {', '.join(f'`{n}`' for n in names)}"
+    lines += [f"- `{s}`, {SOURCE_LABELS.get(s, s)}: {', '.join(f'`{n}`' for n in names)}"
               for s, names in replicas.items()]
     lines += ["", "## Verdict", ""] + [f"- {v}" for v in verdict(rows, sums, structures)]
     lines += ["", "## Table", "", "Variance ratio: the source's between-replica volume variance (mean over cases, "

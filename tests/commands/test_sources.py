@@ -65,7 +65,7 @@ def test_a_run_attributes_what_the_predictions_show(seed_replicas, monkeypatch, 
     assert sources_cli(monkeypatch, *flags(2, "order"), "--disable_tta", "--quiet", "--resamples", "200",
                        "-o", str(out)) == 0
     printed = capsys.readouterr().out
-    assert "report:" in printed and "data order (cases and patch locations) alone gives" in printed
+    assert "report:" in printed and "changing only the data order (cases and patch locations) gives" in printed
     for name in ("sources.csv", "figures/sources.png", "sources.md"):
         assert (out / name).is_file()
     assert (out / "figures" / "sources.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
