@@ -114,60 +114,95 @@ def _per_offset(w: torch.Tensor) -> torch.Tensor:
     return w.double().reshape(w.shape[0], w.shape[1], -1).permute(2, 0, 1).contiguous()
 
 
+#: im2col matrices above this many float64 values are not built; one GEMM per kernel offset instead.
+IM2COL_LIMIT = 1 << 21
+
+
+def choose_route(geo: Geometry, n: int, ci: int) -> str:
+    """'flat' (shifted GEMMs on the padded grid), 'im2col' (one GEMM) or 'offsets' (one GEMM per offset)."""
+    if _flat_pays(geo):
+        return "flat"
+    return "im2col" if n * geo.positions * ci * len(geo.offsets) <= IM2COL_LIMIT else "offsets"
+
+
+def _flat_pays(geo: Geometry) -> bool:
+    """The shifted-GEMM route for stride 1 when the padded grid is at most 1.5 times the output (else im2col)."""
+    if any(st != 1 for st in geo.stride):
+        return False
+    padded = 1
+    for size, pad in zip(geo.size, geo.padding):
+        padded *= size + 2 * pad
+    return padded <= 1.5 * geo.positions
+
+
 def forward_high(y: torch.Tensor, w: torch.Tensor, geo: Geometry) -> torch.Tensor:
-    """float64 convolution of Y (N, Ci, *S) with W (Co, Ci, *k): (N, Co, *out), one GEMM per offset."""
+    """float64 convolution of Y (N, Ci, *S) with W (Co, Ci, *k): (N, Co, *out); shifted GEMMs on the padded grid
+    (stride 1, large grids) or one im2col GEMM."""
     n, co = y.shape[0], w.shape[0]
-    wo = _per_offset(w)
-    if all(s == 1 for s in geo.stride):
+    route = choose_route(geo, n, y.shape[1])
+    if route == "flat":
         f = Flat(geo, n)
-        x = f.flat(y)
+        wo, x = _per_offset(w), f.flat(y)
         out = torch.zeros((co, f.total), dtype=torch.float64, device=y.device)
         valid = out[:, :f.length]
         for j, shift in enumerate(f.shifts):
             valid.addmm_(wo[j], x[:, shift:shift + f.length])
         return f.outputs(out)
-    yp = geo.padded(y.double())
-    result = torch.zeros((n, co, geo.positions), dtype=torch.float64, device=y.device)
-    for j, offset in enumerate(geo.offsets):
-        cols = geo.shifted(yp, offset).reshape(n, y.shape[1], -1)
-        result.baddbmm_(wo[j].expand(n, -1, -1), cols)
-    return result.view(n, co, *geo.out)
+    if route == "offsets":
+        wo, yp = _per_offset(w), geo.padded(y.double())
+        result = torch.zeros((n, co, geo.positions), dtype=torch.float64, device=y.device)
+        for j, offset in enumerate(geo.offsets):
+            result.baddbmm_(wo[j].expand(n, -1, -1), geo.shifted(yp, offset).reshape(n, y.shape[1], -1))
+        return result.view(n, co, *geo.out)
+    out = w.double().reshape(co, -1) @ geo.columns(y.double()).t()  # (Co, N * P)
+    return out.view(co, n, *geo.out).transpose(0, 1)
 
 
 def input_grad_high(g: torch.Tensor, w: torch.Tensor, geo: Geometry) -> torch.Tensor:
     """float64 gradient of :func:`forward_high` with respect to Y: (N, Ci, *S)."""
     n, co, ci = g.shape[0], w.shape[0], w.shape[1]
-    wt = _per_offset(w).transpose(1, 2).contiguous()  # (O, Ci, Co)
-    if all(s == 1 for s in geo.stride):
+    route = choose_route(geo, n, ci)
+    if route == "flat":
         f = Flat(geo, n)
+        wt = _per_offset(w).transpose(1, 2).contiguous()  # (O, Ci, Co)
         grid = f.grid(g)[:, :f.length]
         gx = torch.zeros((ci, f.total), dtype=torch.float64, device=g.device)
         for j, shift in enumerate(f.shifts):
             gx[:, shift:shift + f.length].addmm_(wt[j], grid)
         return geo.unpadded(gx.view(ci, n, *f.padded).transpose(0, 1))
-    gd = g.double().reshape(n, co, -1)
     gip = torch.zeros((n, ci, *(s + 2 * p for s, p in zip(geo.size, geo.padding))), dtype=torch.float64,
                       device=g.device)
+    if route == "offsets":
+        wt, gd = _per_offset(w).transpose(1, 2).contiguous(), g.double().reshape(n, co, -1)
+        for j, offset in enumerate(geo.offsets):
+            geo.shifted(gip, offset).add_(torch.matmul(wt[j], gd).view(n, ci, *geo.out))
+        return geo.unpadded(gip)
+    gpos = g.double().reshape(n, co, -1).permute(0, 2, 1).reshape(-1, co)  # (N * P, Co)
+    gcols = (gpos @ w.double().reshape(co, -1)).view(n, *geo.out, ci, len(geo.offsets))
     for j, offset in enumerate(geo.offsets):
-        geo.shifted(gip, offset).add_(torch.matmul(wt[j], gd).view(n, ci, *geo.out))
+        geo.shifted(gip, offset).add_(gcols[..., j].movedim(-1, 1))
     return geo.unpadded(gip)
 
 
 def weight_grad_high(g: torch.Tensor, y: torch.Tensor, w_shape, geo: Geometry) -> torch.Tensor:
     """float64 gradient of :func:`forward_high` with respect to W: (Co, Ci, *k)."""
     co, ci = w_shape[0], w_shape[1]
-    gw = torch.empty((co, ci, len(geo.offsets)), dtype=torch.float64, device=g.device)
-    if all(s == 1 for s in geo.stride):
+    route = choose_route(geo, g.shape[0], ci)
+    if route == "flat":
         f = Flat(geo, g.shape[0])
+        gw = torch.empty((co, ci, len(geo.offsets)), dtype=torch.float64, device=g.device)
         grid, x = f.grid(g)[:, :f.length], f.flat(y)
         for j, shift in enumerate(f.shifts):
             gw[:, :, j] = grid @ x[:, shift:shift + f.length].t()
         return gw.view(*w_shape)
-    yp = geo.padded(y.double())
-    gflat = g.double().transpose(0, 1).reshape(co, -1)
-    for j, offset in enumerate(geo.offsets):
-        gw[:, :, j] = gflat @ geo.shifted(yp, offset).transpose(0, 1).reshape(ci, -1).t()
-    return gw.view(*w_shape)
+    gflat = g.double().transpose(0, 1).reshape(co, -1)  # (Co, N * P)
+    if route == "offsets":
+        gw = torch.empty((co, ci, len(geo.offsets)), dtype=torch.float64, device=g.device)
+        yp = geo.padded(y.double())
+        for j, offset in enumerate(geo.offsets):
+            gw[:, :, j] = gflat @ geo.shifted(yp, offset).transpose(0, 1).reshape(ci, -1).t()
+        return gw.view(*w_shape)
+    return (gflat @ geo.columns(y.double())).view(*w_shape)
 
 
 # ---- instruction level -----------------------------------------------------------------------------------------

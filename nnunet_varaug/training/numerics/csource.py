@@ -360,4 +360,40 @@ void nv_round_f32(const double* x, float* y, int64_t n, int t, uint32_t k0, uint
         }
     }
 }
+
+/* y[i] = SR(a[i] OP b[i]) with b a tensor (b_step 1) or a scalar (b_step 0): OP 0: a + alpha b, 1: a * b, 2: a / b;
+   computed in float64 (products of float32 exact), rounding address base + i */
+static inline double binop(int op, double a, double b, double alpha) {
+    return op == 0 ? a + alpha * b : (op == 1 ? a * b : a / b);
+}
+
+void nv_binary_f32(const float* a, const float* b, int b_step, double bscalar, double alpha, int op, float* y,
+                   int64_t n, uint32_t k0, uint32_t k1, uint32_t opi, uint32_t iter, int directed, uint64_t base) {
+    noise_t nz = {k0, k1, opi, iter, directed};
+    int64_t i = 0;
+    while (i < n && ((base + (uint64_t)i) & 3)) {
+        double bv = b_step ? (double)b[i] : bscalar;
+        y[i] = sr32(binop(op, (double)a[i], bv, alpha), word1(&nz, base + (uint64_t)i)); i++;
+    }
+#ifdef HAVE_VECTOR
+    vkeys_t vk; vkeys_init(&nz, &vk);
+    __m256i u[4];
+    const __m256d al = _mm256_set1_pd(alpha), bs = _mm256_set1_pd(bscalar);
+    for (; i + 16 <= n; i += 16) {
+        uint64_t blk = (base + (uint64_t)i) >> 2;
+        philox_v(&nz, &vk, four_blocks(blk, blk + 1, blk + 2, blk + 3), u);
+        for (int q = 0; q < 4; q++) {
+            __m256d av = _mm256_cvtps_pd(_mm_loadu_ps(a + i + 4 * q));
+            __m256d bv = b_step ? _mm256_cvtps_pd(_mm_loadu_ps(b + i + 4 * q)) : bs;
+            __m256d r = op == 0 ? _mm256_add_pd(av, _mm256_mul_pd(al, bv))
+                      : (op == 1 ? _mm256_mul_pd(av, bv) : _mm256_div_pd(av, bv));
+            _mm_storeu_ps(y + i + 4 * q, sr_v(r, u[q]));
+        }
+    }
+#endif
+    for (; i < n; i++) {
+        double bv = b_step ? (double)b[i] : bscalar;
+        y[i] = sr32(binop(op, (double)a[i], bv, alpha), word1(&nz, base + (uint64_t)i));
+    }
+}
 """

@@ -27,6 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from nnunet_varaug.training.numerics import dtypes as dt
+from nnunet_varaug.training.numerics.fused import FUSED
 from nnunet_varaug.training.numerics.kernels import single_thread
 from nnunet_varaug.training.numerics.noise import GENERATOR, CounterNoise, DirectedNoise, noise_identity
 from nnunet_varaug.training.numerics.ops import plan_for
@@ -137,6 +138,12 @@ class MonteCarloArithmetic(TorchDispatchMode):
         self.perturbed_ops += 1
         self.rounder.begin_op()
         self.route = "generic"
+        fused = FUSED.get(func)
+        if fused is not None:
+            result = fused(self.rounder, *args, **kwargs)
+            if result is not NotImplemented:
+                self.route = "fused"
+                return result
         special = SPECIAL.get((self.granularity, func))
         if special is not None:
             with single_thread():

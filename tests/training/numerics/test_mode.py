@@ -154,3 +154,28 @@ def test_instruction_level_leaves_no_reduction_at_one_rounding():
     assert not reducing and summary(mca.profile)["once"] == 0
     assert {"aten.convolution.default", "aten.native_batch_norm.default", "aten._softmax.default",
             "aten.nll_loss2d_forward.default", "aten._foreach_norm.Scalar"} <= set(mca.profile)
+
+
+def test_fused_element_wise_ops_equal_the_generic_route(monkeypatch):
+    """add/sub with alpha, mul, div, in place and out of place, tensor, Python and 0-dim float64 operands: the
+    fused compiled kernels give the generic route's bits (Philox noise, so every address matters)."""
+    from nnunet_varaug.training.numerics import kernels
+
+    if kernels.library() is None:
+        pytest.skip(kernels.status())
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(10_001, generator=g), torch.randn(10_001, generator=g)
+
+    def ops():
+        with MonteCarloArithmetic(stream=7) as mode:
+            c = a.clone()
+            c.add_(b, alpha=0.3)
+            c.mul_(torch.tensor(0.7, dtype=torch.float64))
+            out = [a + b, a - 2.5 * b, torch.sub(a, b, alpha=0.1), a * b, a * 0.1, a / b, a / 3, c, c.div_(b)]
+        return out, mode.route
+
+    fused, route = ops()
+    assert route == "fused"
+    monkeypatch.setattr(kernels, "usable", lambda *tensors: False)
+    generic, _ = ops()
+    assert all(torch.equal(x, y) for x, y in zip(fused, generic))
