@@ -148,6 +148,34 @@ static inline void philox_v(const noise_t* nz, const vkeys_t* vk, __m256i blocks
     out[2] = _mm256_permute2x128_si256(t0, t2, 0x31); out[3] = _mm256_permute2x128_si256(t1, t3, 0x31);
 }
 
+/* two independent philox_v computations interleaved (8 blocks), for instruction-level parallelism */
+static inline void philox_v2(const noise_t* nz, const vkeys_t* vk, __m256i ba, __m256i bb, __m256i oa[4],
+                             __m256i ob[4]) {
+    if (nz->directed) { philox_v(nz, vk, ba, oa); philox_v(nz, vk, bb, ob); return; }
+    const __m256i lo = _mm256_set1_epi64x(0xFFFFFFFFll), m0 = _mm256_set1_epi64x(M0), m1 = _mm256_set1_epi64x(M1);
+    __m256i a0 = _mm256_and_si256(ba, lo), a1 = _mm256_srli_epi64(ba, 32);
+    __m256i b0 = _mm256_and_si256(bb, lo), b1 = _mm256_srli_epi64(bb, 32);
+    __m256i a2 = _mm256_set1_epi64x(nz->op), a3 = _mm256_set1_epi64x(nz->iter), b2 = a2, b3 = a3;
+    for (int r = 0; r < 10; r++) {
+        __m256i pa0 = _mm256_mul_epu32(a0, m0), pa1 = _mm256_mul_epu32(a2, m1);
+        __m256i pb0 = _mm256_mul_epu32(b0, m0), pb1 = _mm256_mul_epu32(b2, m1);
+        __m256i na0 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pa1, 32), a1), vk->k0[r]);
+        __m256i na2 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pa0, 32), a3), vk->k1[r]);
+        __m256i nb0 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pb1, 32), b1), vk->k0[r]);
+        __m256i nb2 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pb0, 32), b3), vk->k1[r]);
+        a1 = _mm256_and_si256(pa1, lo); a3 = _mm256_and_si256(pa0, lo); a0 = na0; a2 = na2;
+        b1 = _mm256_and_si256(pb1, lo); b3 = _mm256_and_si256(pb0, lo); b0 = nb0; b2 = nb2;
+    }
+    __m256i t0 = _mm256_unpacklo_epi64(a0, a1), t1 = _mm256_unpackhi_epi64(a0, a1);
+    __m256i t2 = _mm256_unpacklo_epi64(a2, a3), t3 = _mm256_unpackhi_epi64(a2, a3);
+    oa[0] = _mm256_permute2x128_si256(t0, t2, 0x20); oa[1] = _mm256_permute2x128_si256(t1, t3, 0x20);
+    oa[2] = _mm256_permute2x128_si256(t0, t2, 0x31); oa[3] = _mm256_permute2x128_si256(t1, t3, 0x31);
+    t0 = _mm256_unpacklo_epi64(b0, b1); t1 = _mm256_unpackhi_epi64(b0, b1);
+    t2 = _mm256_unpacklo_epi64(b2, b3); t3 = _mm256_unpackhi_epi64(b2, b3);
+    ob[0] = _mm256_permute2x128_si256(t0, t2, 0x20); ob[1] = _mm256_permute2x128_si256(t1, t3, 0x20);
+    ob[2] = _mm256_permute2x128_si256(t0, t2, 0x31); ob[3] = _mm256_permute2x128_si256(t1, t3, 0x31);
+}
+
 /* SR of 4 doubles with the words in the low halves of u's 64-bit lanes (as sr32) */
 static inline __m128 sr_v(__m256d x, __m256i u) {
     const __m256i mask = _mm256_set1_epi64x((long long)MASK29);
@@ -177,60 +205,81 @@ static inline __m256i four_blocks(uint64_t a, uint64_t b, uint64_t c, uint64_t d
     return _mm256_set_epi64x((long long)d, (long long)c, (long long)b, (long long)a);
 }
 
+/* products (lo, hi) of the 8 terms a[k..k+8), b[k..k+8), zeros beyond K */
+static inline void products8(const float* a, const float* b, int64_t k, int64_t K, __m256d* plo, __m256d* phi) {
+    __m256 av, bv;
+    if (k + 8 <= K) { av = _mm256_loadu_ps(a + k); bv = _mm256_loadu_ps(b + k); }
+    else {
+        float ta[8], tb[8];
+        for (int q = 0; q < 8; q++) { ta[q] = k + q < K ? a[k + q] : 0.0f; tb[q] = k + q < K ? b[k + q] : 0.0f; }
+        av = _mm256_loadu_ps(ta); bv = _mm256_loadu_ps(tb);
+    }
+    *plo = _mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(av)), _mm256_cvtps_pd(_mm256_castps256_ps128(bv)));
+    *phi = _mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(av, 1)), _mm256_cvtps_pd(_mm256_extractf128_ps(bv, 1)));
+}
+
+/* one step of 8 lanes: p = SR(products) with words w[0], w[1]; acc = p (first step) or SR(acc + p) with w[2], w[3] */
+static inline void lane_step(float* acc, __m256d plo, __m256d phi, const __m256i* w, int first) {
+    __m256 p = sr_v8(plo, phi, w[0], w[1]);
+    if (first) { _mm256_storeu_ps(acc, p); return; }
+    __m256 c = _mm256_loadu_ps(acc);
+    __m256d slo = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(c)), _mm256_cvtps_pd(_mm256_castps256_ps128(p)));
+    __m256d shi = _mm256_add_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(c, 1)), _mm256_cvtps_pd(_mm256_extractf128_ps(p, 1)));
+    _mm256_storeu_ps(acc, sr_v8(slo, shi, w[2], w[3]));
+}
+
 static inline float dot1_v(const noise_t* nz, const vkeys_t* vk, const float* a, const float* b, int64_t K, int L,
                            int64_t S, uint64_t ob, float* acc) {
     uint64_t SL = (uint64_t)S * (uint64_t)L;
-    __m256i w[4];
-    float ta[8], tb[8];
-    for (int64_t s = 0; s < S; s++) {
-        for (int l = 0; l < L; l += 8) {
-            int64_t k = s * L + l;
-            __m256 av, bv;
-            if (k + 8 <= K) { av = _mm256_loadu_ps(a + k); bv = _mm256_loadu_ps(b + k); }
-            else {
-                for (int q = 0; q < 8; q++) { ta[q] = k + q < K ? a[k + q] : 0.0f; tb[q] = k + q < K ? b[k + q] : 0.0f; }
-                av = _mm256_loadu_ps(ta); bv = _mm256_loadu_ps(tb);
-            }
-            __m256d plo = _mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(av)),
-                                        _mm256_cvtps_pd(_mm256_castps256_ps128(bv)));
-            __m256d phi = _mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(av, 1)),
-                                        _mm256_cvtps_pd(_mm256_extractf128_ps(bv, 1)));
-            uint64_t pb = (ob + (uint64_t)k) >> 2;
-            uint64_t ab = s ? (ob + SL + (uint64_t)((s - 1) * L + l)) >> 2 : pb;
-            philox_v(nz, vk, four_blocks(pb, pb + 1, ab, ab + 1), w);
-            __m256 p = sr_v8(plo, phi, w[0], w[1]);
-            if (s == 0) { _mm256_storeu_ps(acc + l, p); continue; }
-            __m256 c = _mm256_loadu_ps(acc + l);
-            __m256d slo = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(c)), _mm256_cvtps_pd(_mm256_castps256_ps128(p)));
-            __m256d shi = _mm256_add_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(c, 1)), _mm256_cvtps_pd(_mm256_extractf128_ps(p, 1)));
-            _mm256_storeu_ps(acc + l, sr_v8(slo, shi, w[2], w[3]));
+    __m256i w[4], v[4];
+    int64_t units = S * (L / 8);  /* (step, 8-lane group) pairs, in step order */
+    for (int64_t u = 0; u < units; u += 2) {
+        int64_t s0 = u / (L / 8), l0 = (u % (L / 8)) * 8, k0 = s0 * L + l0;
+        uint64_t pb0 = (ob + (uint64_t)k0) >> 2;
+        uint64_t ab0 = s0 ? (ob + SL + (uint64_t)((s0 - 1) * L + l0)) >> 2 : pb0;
+        __m256d plo, phi, qlo, qhi;
+        products8(a, b, k0, K, &plo, &phi);
+        if (u + 1 < units) {
+            int64_t s1 = (u + 1) / (L / 8), l1 = ((u + 1) % (L / 8)) * 8, k1 = s1 * L + l1;
+            uint64_t pb1 = (ob + (uint64_t)k1) >> 2;
+            uint64_t ab1 = s1 ? (ob + SL + (uint64_t)((s1 - 1) * L + l1)) >> 2 : pb1;
+            philox_v2(nz, vk, four_blocks(pb0, pb0 + 1, ab0, ab0 + 1), four_blocks(pb1, pb1 + 1, ab1, ab1 + 1), w, v);
+            lane_step(acc + l0, plo, phi, w, s0 == 0);
+            products8(a, b, k1, K, &qlo, &qhi);
+            lane_step(acc + l1, qlo, qhi, v, s1 == 0);
+        } else {
+            philox_v(nz, vk, four_blocks(pb0, pb0 + 1, ab0, ab0 + 1), w);
+            lane_step(acc + l0, plo, phi, w, s0 == 0);
         }
     }
     return lane_tree(nz, 24, ob + SL + (uint64_t)((S - 1) * L), acc, L);
 }
 
-/* lane additions of a per-instruction sum for steps s and s + 1 (L == 8), addresses (s - 1) L + l */
-static inline float sum1_v(const noise_t* nz, const vkeys_t* vk, const float* row, int64_t K, int64_t S, uint64_t ob,
-                           float* acc) {
-    __m256i w[4];
-    float t[8];
-    for (int q = 0; q < 8; q++) acc[q] = q < K ? row[q] : 0.0f;
+/* lane additions of a per-instruction sum, L a multiple of 8: unit (step s >= 1, 8-lane group) adds the 8 terms
+   to the group's lanes with addresses (s - 1) L + l; two units per Philox call */
+static inline void add8(float* acc, const float* row, int64_t k, int64_t K, const __m256i* w) {
+    __m256 x;
+    if (k + 8 <= K) x = _mm256_loadu_ps(row + k);
+    else { float t[8]; for (int q = 0; q < 8; q++) t[q] = k + q < K ? row[k + q] : 0.0f; x = _mm256_loadu_ps(t); }
     __m256 c = _mm256_loadu_ps(acc);
-    for (int64_t s = 1; s < S; s += 2) {
-        uint64_t blk = (ob + (uint64_t)((s - 1) * 8)) >> 2;
-        philox_v(nz, vk, four_blocks(blk, blk + 1, blk + 2, blk + 3), w);
-        for (int64_t h = 0; h < 2 && s + h < S; h++) {
-            int64_t k = (s + h) * 8;
-            __m256 x;
-            if (k + 8 <= K) x = _mm256_loadu_ps(row + k);
-            else { for (int q = 0; q < 8; q++) t[q] = k + q < K ? row[k + q] : 0.0f; x = _mm256_loadu_ps(t); }
-            __m256d slo = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(c)), _mm256_cvtps_pd(_mm256_castps256_ps128(x)));
-            __m256d shi = _mm256_add_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(c, 1)), _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)));
-            c = sr_v8(slo, shi, w[2 * h], w[2 * h + 1]);
-        }
+    __m256d slo = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(c)), _mm256_cvtps_pd(_mm256_castps256_ps128(x)));
+    __m256d shi = _mm256_add_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(c, 1)), _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)));
+    _mm256_storeu_ps(acc, sr_v8(slo, shi, w[0], w[1]));
+}
+
+static inline float sum1_v(const noise_t* nz, const vkeys_t* vk, const float* row, int64_t K, int L, int64_t S,
+                           uint64_t ob, float* acc) {
+    __m256i w[4];
+    for (int q = 0; q < L; q++) acc[q] = q < K ? row[q] : 0.0f;
+    int64_t groups = L / 8, units = (S - 1) * groups;
+    for (int64_t u = 0; u < units; u += 2) {
+        int64_t l0 = (u % groups) * 8, k0 = L + u * 8;  /* unit u: step 1 + u / groups, lanes l0.. */
+        uint64_t b0 = (ob + (uint64_t)(u * 8)) >> 2;
+        philox_v(nz, vk, four_blocks(b0, b0 + 1, b0 + 2, b0 + 3), w);
+        add8(acc + l0, row, k0, K, w);
+        if (u + 1 < units) add8(acc + ((u + 1) % groups) * 8, row, k0 + 8, K, w + 2);
     }
-    _mm256_storeu_ps(acc, c);
-    return lane_tree(nz, 24, ob + (uint64_t)((S - 1) * 8), acc, 8);
+    return lane_tree(nz, 24, ob + (uint64_t)((S - 1) * L), acc, L);
 }
 #endif
 
@@ -308,8 +357,8 @@ void nv_sr_sum(const float* X, int64_t ldx, float* out, int64_t r0, int64_t r1, 
     uint64_t SL = (uint64_t)S * (uint64_t)L;
 #ifdef HAVE_VECTOR
     vkeys_t vk; vkeys_init(&nz, &vk);
-    if (t == 24 && L == 8) {
-        for (int64_t r = r0; r < r1; r++) out[r] = sum1_v(&nz, &vk, X + r * ldx, K, S, base + (uint64_t)r * SL, acc);
+    if (t == 24 && L % 8 == 0) {
+        for (int64_t r = r0; r < r1; r++) out[r] = sum1_v(&nz, &vk, X + r * ldx, K, L, S, base + (uint64_t)r * SL, acc);
         return;
     }
 #endif

@@ -179,3 +179,28 @@ def test_fused_element_wise_ops_equal_the_generic_route(monkeypatch):
     monkeypatch.setattr(kernels, "usable", lambda *tensors: False)
     generic, _ = ops()
     assert all(torch.equal(x, y) for x, y in zip(fused, generic))
+
+
+@pytest.mark.parametrize("k", [3, 77, 3000, 9000])
+def test_compiled_lane_kernels_equal_the_reference(k, monkeypatch):
+    """Per-instruction dot products, row dot products and sums of K terms (8, 16 and 32 lanes, partial last
+    steps) through the compiled kernels equal the PyTorch reference with Philox noise."""
+    from nnunet_varaug.training.numerics import kernels
+    from nnunet_varaug.training.numerics.lanes import sr_dot, sr_dot_rows, sr_sum_rows
+    from nnunet_varaug.training.numerics.noise import CounterNoise
+    from nnunet_varaug.training.numerics.rounder import Rounder
+
+    if kernels.library() is None:
+        pytest.skip(kernels.status())
+    g = torch.Generator().manual_seed(k)
+    a, b = torch.randn(3, k, generator=g), torch.randn(5, k, generator=g)
+
+    def run():
+        rounder = Rounder(CounterNoise(11), None)
+        rounder.noise.begin_iteration()
+        rounder.begin_op()
+        return sr_dot(a, b, rounder), sr_dot_rows(a, b[:3], rounder), sr_sum_rows(b, rounder)
+
+    compiled = run()
+    monkeypatch.setattr(kernels, "usable", lambda *tensors: False)
+    assert all(torch.equal(x, y) for x, y in zip(compiled, run()))
