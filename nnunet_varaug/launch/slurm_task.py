@@ -8,8 +8,9 @@ the scheduler's signals reach it and the training process as follows:
   calls :meth:`TrainReplicaTask.checkpoint`, which forwards it to ``nnUNetv2_train`` (the trainer exits at once,
   its ``checkpoint_latest.pth`` holding the last completed epoch), then submitit requeues the job
   (``scontrol requeue``). A job that ended no epoch in its whole time limit is not requeued: it would never progress.
-* **SIGTERM**, sent to every process of the job on preemption, ``scontrol requeue`` or ``scancel``: the trainer
-  exits with ``STOPPED_EXIT_CODE`` (:mod:`nnunet_varaug.training.preemption`); this task then leaves without a result,
+* **SIGTERM**, sent on preemption, ``scontrol requeue`` or ``scancel`` to the batch shell (this process; its
+  children get SIGKILL only, ``KillWait`` seconds later): the task forwards it to ``nnUNetv2_train``, which exits
+  with ``STOPPED_EXIT_CODE`` (:mod:`nnunet_varaug.training.preemption`); the task then leaves without a result,
   and SLURM requeues the job (or, after ``scancel``, ends it).
 
 A requeued job runs the same pickled task again, which adds ``--c``: the replica continues at the epoch after its
@@ -20,6 +21,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
 from typing import Dict, List, Optional
 
@@ -90,6 +92,8 @@ class TrainReplicaTask(submitit.helpers.Checkpointable):
         where = (f"CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '')} "
                  f"SLURM_JOB_ID={env.get('SLURM_JOB_ID', '')} restarts={env.get('SLURM_RESTART_COUNT', '0')} "
                  f"pid={os.getpid()}")
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._forward)  # instead of submitit's handler, which only logs it
         code = run_logged(command, job.log, env, where, started=self._keep)
         if code in (STOPPED_EXIT_CODE, -signal.SIGTERM):
             # the scheduler stopped the job (preemption, scontrol requeue, scancel) and requeues or ends it itself:
@@ -100,6 +104,14 @@ class TrainReplicaTask(submitit.helpers.Checkpointable):
 
     def _keep(self, proc: subprocess.Popen) -> None:
         self._proc = proc
+
+    def _forward(self, signum, frame) -> None:
+        """SIGTERM reached the batch shell only: pass it on to the training (no wait here, see wait_for_exit)."""
+        if self._proc is not None:
+            try:
+                os.kill(self._proc.pid, signum)
+            except ProcessLookupError:
+                pass
 
     def checkpoint(self, job: TrainJob, forwarded: Dict[str, str],
                    timeout_min: int = 0) -> "submitit.helpers.DelayedSubmission":

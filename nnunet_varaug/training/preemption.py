@@ -8,8 +8,9 @@ epochs and dies on either signal. :class:`PreemptibleTrainingMixin`, mixed into 
 
 * **a checkpoint after every epoch**, nnU-Net's own ``checkpoint_latest.pth`` (``save_every = 1``), written to a
   temporary name and renamed, so the file on disk is always a complete checkpoint of the last completed epoch;
-* **a clean exit on SIGTERM and SIGUSR2**: the trainer logs which epoch the checkpoint holds and exits with
-  :data:`STOPPED_EXIT_CODE`; a signal that arrives while a checkpoint is being written waits for the rename;
+* **a clean exit on SIGTERM and SIGUSR2**: the trainer logs which epoch the checkpoint holds, stops its
+  augmentation workers and exits at once with :data:`STOPPED_EXIT_CODE`; a signal that arrives while a checkpoint
+  is being written waits for the rename;
 * **each epoch's random state a function of (replica, epoch) alone**: at the start of every epoch python, numpy
   and torch are seeded from ``derive_seed(K, "epoch", e)`` and the augmenters' sampling and augmentation streams
   restart keyed by (K, augmenter, e) (:func:`~nnunet_varaug.training.seeding.restart_streams`; workers drop the
@@ -55,6 +56,10 @@ class _StopOnSignal:
     """SIGTERM/SIGUSR2 handlers for one training process: exit at once, or right after a checkpoint being
     written. A worker process forked from the trainer inherits the handlers and dies as it would have."""
 
+    #: How the process ends: at once, without the interpreter's slow teardown (torch, threads), which under load
+    #: took longer than SLURM's KillWait; the checkpoint on disk is complete and every log line is flushed first.
+    exit = staticmethod(os._exit)
+
     def __init__(self, trainer) -> None:
         self.trainer = trainer
         self.owner = os.getpid()
@@ -95,7 +100,8 @@ class _StopOnSignal:
             if finish is not None:
                 finish(timeout=2)
         sys.stdout.flush()
-        sys.exit(STOPPED_EXIT_CODE)
+        sys.stderr.flush()
+        self.exit(STOPPED_EXIT_CODE)
 
 
 class PreemptibleTrainingMixin:

@@ -95,15 +95,11 @@ def test_usr2_after_a_whole_time_limit_without_an_epoch_is_not_requeued(tmp_path
     assert "not requeued" in (tmp_path / "train.log").read_text()
 
 
-def test_sigterm_from_the_scheduler_leaves_no_result(tmp_path):
-    """Preemption or scontrol requeue: the scheduler signals every process; the trainer exits 75 and the task
-    leaves at once, without returning (a result would tell the waiting command that the replica had ended)."""
-    def sigterm_trainer(proc):
-        pids = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-        assert len(pids) == 1, pids
-        os.kill(int(pids[0]), signal.SIGTERM)
-
-    done = drive(tmp_path, "epoch", sigterm_trainer)
+def test_sigterm_from_the_scheduler_is_forwarded_and_leaves_no_result(tmp_path):
+    """Preemption or scontrol requeue: SLURM sends SIGTERM to the batch shell, i.e. the task (its children would get
+    only SIGKILL, later). The task passes it on, the trainer exits 75, and the task leaves at once without
+    returning (a result would tell the waiting command that the replica had ended)."""
+    done = drive(tmp_path, "epoch", lambda p: p.send_signal(signal.SIGTERM))
     assert done.returncode == slurm_task.STOPPED_EXIT_CODE and "RESULT" not in done.stdout, done.stdout
     assert (tmp_path / "stopped_by").read_text() == "SIGTERM"
     assert "stopped by the scheduler (SIGTERM)" in (tmp_path / "train.log").read_text()
