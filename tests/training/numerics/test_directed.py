@@ -164,9 +164,9 @@ def test_instruction_level_transposed_convolution(direction, path):
 def test_op_level_convolution_rounds_the_exact_result_once(direction, route, path, monkeypatch):
     """At op level a convolution (and each gradient, and a transposed one) is its exact value rounded once, by each
     of the three float64 routes (shifted GEMMs on the padded grid, one im2col GEMM, one GEMM per offset)."""
-    from nnunet_varaug.training.numerics import conv
+    from nnunet_varaug.training.numerics import conv as conv_routes
 
-    monkeypatch.setattr(conv, "choose_route", lambda geo, n, ci: route if route != "flat" or all(
+    monkeypatch.setattr(conv_routes, "choose_route", lambda geo, n, ci: route if route != "flat" or all(
         s == 1 for s in geo.stride) else "offsets")
     x, w, bias = _values((2, 2, 4, 4, 3), 7), _values((3, 2, 3, 3, 3), 8), _values((3,), 9)
     rnd = _rnd(direction)
