@@ -59,13 +59,30 @@ class Geometry:
     def unpadded(self, xp: torch.Tensor) -> torch.Tensor:
         return xp[(slice(None), slice(None)) + tuple(slice(p, p + s) for p, s in zip(self.padding, self.size))]
 
+    def _windows(self, y: torch.Tensor) -> torch.Tensor:
+        """(N, Ci, *out, *k): every output position's window, a view when the dilation is 1 (else a copy)."""
+        yp = self.padded(y)
+        dims = len(self.out)
+        if all(d == 1 for d in self.dilation):
+            for i in range(dims):
+                yp = yp.unfold(2 + i, self.kernel[i], self.stride[i])
+            return yp
+        cols = torch.stack([self.shifted(yp, o) for o in self.offsets], dim=-1)  # N, Ci, *out, O
+        return cols.view(*cols.shape[:-1], *self.kernel)
+
     def columns(self, y: torch.Tensor) -> torch.Tensor:
         """im2col of Y (N, Ci, *S): (N * P, Ci * prod(k)), columns ordered (channel, offsets)."""
-        yp = self.padded(y)
-        cols = torch.stack([self.shifted(yp, o) for o in self.offsets], dim=2)  # N, Ci, O, *out
-        n, ci = y.shape[:2]
-        dims = list(range(3, cols.dim()))
-        return cols.permute(0, *dims, 1, 2).reshape(n * self.positions, ci * len(self.offsets))
+        win = self._windows(y)
+        dims = len(self.out)
+        order = [0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims)]
+        return win.permute(*order).reshape(y.shape[0] * self.positions, -1)
+
+    def columns_t(self, y: torch.Tensor) -> torch.Tensor:
+        """The transpose of :meth:`columns`, built in one copy: (Ci * prod(k), N * P)."""
+        win = self._windows(y)
+        dims = len(self.out)
+        order = [1, *range(2 + dims, 2 + 2 * dims), 0, *range(2, 2 + dims)]
+        return win.permute(*order).reshape(-1, y.shape[0] * self.positions)
 
 
 def supported(x: torch.Tensor, w: torch.Tensor, groups: int) -> bool:
@@ -230,7 +247,7 @@ def weight_grad_instr(g: torch.Tensor, y: torch.Tensor, w_shape, geo: Geometry, 
     """Per-instruction weight gradient: dot products of the output gradient and the im2col columns over N * P."""
     co = w_shape[0]
     gflat = g.transpose(0, 1).reshape(co, -1)
-    return sr_dot(gflat, geo.columns(y).t(), rounder).view(*w_shape)
+    return sr_dot(gflat, geo.columns_t(y), rounder).view(*w_shape)
 
 
 def bias_grad_instr(g: torch.Tensor, rounder: Rounder) -> torch.Tensor:

@@ -205,6 +205,26 @@ static inline __m256i four_blocks(uint64_t a, uint64_t b, uint64_t c, uint64_t d
     return _mm256_set_epi64x((long long)d, (long long)c, (long long)b, (long long)a);
 }
 
+/* the halving tree over acc[0..L) (L a multiple of 8) with its L - 1 words from vectorised Philox; addresses
+   from a (a multiple of 8), as lane_tree */
+static inline float lane_tree_v(const noise_t* nz, const vkeys_t* vk, uint64_t a, float* acc, int L) {
+    uint32_t words[L];
+    uint64_t lanes[4];
+    __m256i w[4];
+    for (int b = 0; b < L / 4; b += 4) {
+        uint64_t blk = (a >> 2) + (uint64_t)b;
+        philox_v(nz, vk, four_blocks(blk, blk + 1, blk + 2, blk + 3), w);
+        for (int q = 0; q < 4 && b + q < L / 4; q++) {
+            _mm256_storeu_si256((__m256i*)lanes, w[q]);
+            for (int r = 0; r < 4; r++) words[4 * (b + q) + r] = (uint32_t)lanes[r];
+        }
+    }
+    for (int half = L / 2; half >= 1; half /= 2)
+        for (int j = 0; j < half; j++)
+            acc[j] = sr32((double)acc[j] + (double)acc[j + half], words[L - 2 * half + j]);
+    return acc[0];
+}
+
 /* products (lo, hi) of the 8 terms a[k..k+8), b[k..k+8), zeros beyond K */
 static inline void products8(const float* a, const float* b, int64_t k, int64_t K, __m256d* plo, __m256d* phi) {
     __m256 av, bv;
@@ -226,6 +246,22 @@ static inline void lane_step(float* acc, __m256d plo, __m256d phi, const __m256i
     __m256d slo = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(c)), _mm256_cvtps_pd(_mm256_castps256_ps128(p)));
     __m256d shi = _mm256_add_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(c, 1)), _mm256_cvtps_pd(_mm256_extractf128_ps(p, 1)));
     _mm256_storeu_ps(acc, sr_v8(slo, shi, w[2], w[3]));
+}
+
+/* a dot product of K <= 8 terms (one step of 8 lanes): its 15 roundings lie in the 4 blocks from ob / 4 (products
+   at ob + 0..7, tree at ob + 8..14); w holds those blocks' words */
+static inline float dot8_words(const float* a, const float* b, int64_t K, const __m256i* w) {
+    __m256d plo, phi;
+    products8(a, b, 0, K, &plo, &phi);
+    float acc[8];
+    uint64_t tw[8];
+    _mm256_storeu_ps(acc, sr_v8(plo, phi, w[0], w[1]));
+    _mm256_storeu_si256((__m256i*)tw, w[2]);
+    _mm256_storeu_si256((__m256i*)(tw + 4), w[3]);
+    for (int half = 4; half >= 1; half /= 2)
+        for (int j = 0; j < half; j++)
+            acc[j] = sr32((double)acc[j] + (double)acc[j + half], (uint32_t)tw[8 - 2 * half + j]);
+    return acc[0];
 }
 
 static inline float dot1_v(const noise_t* nz, const vkeys_t* vk, const float* a, const float* b, int64_t K, int L,
@@ -252,7 +288,7 @@ static inline float dot1_v(const noise_t* nz, const vkeys_t* vk, const float* a,
             lane_step(acc + l0, plo, phi, w, s0 == 0);
         }
     }
-    return lane_tree(nz, 24, ob + SL + (uint64_t)((S - 1) * L), acc, L);
+    return lane_tree_v(nz, vk, ob + SL + (uint64_t)((S - 1) * L), acc, L);
 }
 
 /* lane additions of a per-instruction sum, L a multiple of 8: unit (step s >= 1, 8-lane group) adds the 8 terms
@@ -279,7 +315,7 @@ static inline float sum1_v(const noise_t* nz, const vkeys_t* vk, const float* ro
         add8(acc + l0, row, k0, K, w);
         if (u + 1 < units) add8(acc + ((u + 1) % groups) * 8, row, k0 + 8, K, w + 2);
     }
-    return lane_tree(nz, 24, ob + (uint64_t)((S - 1) * L), acc, L);
+    return lane_tree_v(nz, vk, ob + (uint64_t)((S - 1) * L), acc, L);
 }
 #endif
 
@@ -316,6 +352,25 @@ void nv_sr_dot(const float* A, int64_t lda, const float* B, int64_t ldb, float* 
     uint64_t I = 2 * (uint64_t)S * (uint64_t)L;
 #ifdef HAVE_VECTOR
     vkeys_t vk; vkeys_init(&nz, &vk);
+    if (t == 24 && L == 8 && S == 1) {  /* short dots: two outputs per interleaved Philox call */
+        __m256i w[4], v[4];
+        int64_t count = (j1 - j0) * ma;
+        for (int64_t q = 0; q < count; q += 2) {
+            int64_t j = j0 + q / ma, i = q % ma;
+            uint64_t o = (uint64_t)(i * nb + j), blk = (base + o * I) >> 2;
+            if (q + 1 < count) {
+                int64_t j2 = j0 + (q + 1) / ma, i2 = (q + 1) % ma;
+                uint64_t o2 = (uint64_t)(i2 * nb + j2), blk2 = (base + o2 * I) >> 2;
+                philox_v2(&nz, &vk, four_blocks(blk, blk + 1, blk + 2, blk + 3),
+                          four_blocks(blk2, blk2 + 1, blk2 + 2, blk2 + 3), w, v);
+                out[o2] = dot8_words(A + i2 * lda, B + j2 * ldb, K, v);
+            } else {
+                philox_v(&nz, &vk, four_blocks(blk, blk + 1, blk + 2, blk + 3), w);
+            }
+            out[o] = dot8_words(A + i * lda, B + j * ldb, K, w);
+        }
+        return;
+    }
     if (t == 24 && L % 8 == 0) {
         for (int64_t j = j0; j < j1; j++)
             for (int64_t i = 0; i < ma; i++)

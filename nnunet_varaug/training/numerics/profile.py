@@ -1,12 +1,13 @@
 """Per-op profile of the dispatch mode (the one job of this module): time, values rounded and route of each aten
 op, and a count of the additions an op rounded only once.
 
-``mode.profile = {}`` turns it on. For each aten op it records ``calls``, ``seconds``, ``rounded`` (values
-rounded: results at op level, instructions at instruction level), ``routes`` (how many calls took the
-instruction-level route, the op-level convolution route or the generic one-rounding route) and ``once``: for
-generic-route calls of ops that are not pointwise, the floating-point input values minus output values, an upper
-bound of the additions (and multiply-adds) done inside the op and rounded only once; element-wise ops
-(:func:`elementwise`) count none. :func:`summary` totals them.
+``mode.profile = {}`` turns it on. For each aten op it records ``calls``, ``seconds`` (CPU time of the process,
+so that other jobs on the machine do not count), ``rounded`` (values rounded: results at op level, instructions
+at instruction level), ``routes`` (how many calls took each route: ``instruction`` or ``op`` (the special routes
+of :mod:`.routes`), ``fused`` (:mod:`.fused`), ``generic`` (one rounding of PyTorch's float64 result)) and
+``once``: for generic-route calls of ops that are not element-wise (:func:`elementwise`), the floating-point
+input values minus output values, an estimate of the additions (and multiply-adds) done inside the op and
+rounded only once. :func:`summary` totals them.
 """
 from __future__ import annotations
 
@@ -39,9 +40,9 @@ def record(mode, func, args, kwargs):
     """Dispatch ``func`` through ``mode`` and add its time, roundings and route to ``mode.profile``."""
     before = mode.rounder.elements
     mode.route = None
-    start = time.perf_counter()
+    start = time.process_time()
     out = mode._dispatch(func, args, kwargs)
-    seconds = time.perf_counter() - start
+    seconds = time.process_time() - start
     entry = mode.profile.setdefault(str(func), {"calls": 0, "seconds": 0.0, "rounded": 0, "once": 0,
                                                 "routes": {}})
     entry["calls"] += 1
