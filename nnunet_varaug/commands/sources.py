@@ -33,7 +33,7 @@ from nnunet_varaug.launch.runner import (nnunet_command, parse_devices, plugin_e
                                          train_job)
 from nnunet_varaug.report import randomness_sources as report
 from nnunet_varaug.training.experiment import Experiment
-from nnunet_varaug.training.seeding import layout_warning
+from nnunet_varaug.training.seeding import STREAM_LAYOUT, layout_warning
 from nnunet_varaug.utilities.errors import VarAugError
 
 SOURCES = ("init", "order", "aug", "mca", "nondet")
@@ -100,10 +100,13 @@ def train_missing(sets, missing: List[str], device: str, devices: List[str]) -> 
                           + ". Rerun the same command to retry them (finished ones are kept)")
 
 
-def check_layouts(seed: Experiment, names: Dict[str, List[str]]) -> Optional[str]:
-    """An error when ``<Base>_seed0`` or a one-source replica was trained with another stream layout than the
-    rest (their isolation holds only within one layout); a warning (returned) when only seed replicas differ."""
+def check_layouts(seed: Experiment, names: Dict[str, List[str]], missing: List[str]) -> Optional[str]:
+    """An error when ``<Base>_seed0`` or a one-source replica was (or, for the ``missing`` ones, will be) trained
+    with another stream layout than the rest (their isolation holds only within one layout); a warning (returned)
+    when only seed replicas differ. Checked before anything is trained."""
     def record(name: str):
+        if name in missing:
+            return {"streams": {"layout": STREAM_LAYOUT}}  # what this version will record
         try:
             with open(os.path.join(seed.fold_folder(name), "debug.json")) as f:
                 return json.load(f).get("nnunet_varaug")
@@ -143,12 +146,12 @@ def measure_sources(args: argparse.Namespace) -> int:
     cases = list_cases(seed, args.images, args.labels)
     missing = list(dict.fromkeys(n for _, exp in sets for n in exp.replica_names
                                  if exp.replica_state(n) != "finished"))
+    warning = check_layouts(seed, names, missing)
     if missing and args.no_train:
         print_commands(sets, missing, args.device)
         return 0
     if missing:
         train_missing(sets, missing, args.device, devices)
-    warning = check_layouts(seed, names)
     if warning:
         print(f"nnunet_varaug sources: warning: {warning}", file=sys.stderr)
     output = os.path.abspath(args.output)

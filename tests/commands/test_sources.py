@@ -97,3 +97,26 @@ def test_a_run_attributes_what_the_predictions_show(seed_replicas, monkeypatch, 
         assert (structure, "sum_of_single_sources:order") in rows
     markdown = (out / "sources.md").read_text()
     assert f"`{TINY}_order1`" in markdown and "## Verdict" in markdown and "](figures/sources.png)" in markdown
+
+
+@pytest.mark.nnunet
+def test_a_seed0_of_another_layout_is_refused_before_training(synthetic_3d, monkeypatch, tmp_path, capsys):
+    """_seed0 is replica 0 of the one-source sets: trained with the previous stream layout it differs from them in
+    every source, so the command names it and stops before training or writing anything."""
+    import json
+
+    results = tmp_path / "results"
+    monkeypatch.setenv("nnUNet_results", str(results))
+    old = {"trainer": f"{TINY}_seed0", "base": TINY, "seed": {"seed": 0}, "determinism": {"device": "cpu"}}
+    for k in (0, 1):
+        fold = results / synthetic_3d["name"] / f"{TINY}_seed{k}__nnUNetPlans__3d_fullres" / "fold_0"
+        fold.mkdir(parents=True)
+        (fold / "checkpoint_final.pth").write_bytes(b"")
+        (fold / "debug.json").write_text(json.dumps({"nnunet_varaug": {**old, "trainer": f"{TINY}_seed{k}"}}))
+    out = tmp_path / "out"
+    assert sources_cli(monkeypatch, *flags(2, "order"), "-o", str(out)) == 2
+    err = capsys.readouterr().err
+    assert f"layout 1: {TINY}_seed0" in err and f"layout 2: {TINY}_order1" in err
+    assert f"Train {TINY}_seed0 again" in err
+    assert not out.exists()
+    assert not (results / synthetic_3d["name"] / f"{TINY}_order1__nnUNetPlans__3d_fullres").exists()
