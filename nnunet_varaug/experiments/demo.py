@@ -1,9 +1,11 @@
 """``nnunet_varaug demo``: the whole pipeline on a built-in synthetic dataset, on the CPU, in minutes.
 
 Every stage is the same command a user runs (printed before it runs), in nnU-Net folders under OUT:
-synthetic dataset -> plan and preprocess -> K tiny seed replicas -> variability samples -> a ``_varaug`` model ->
-variability report -> predict on held-out images -> downstream experiment on the replicas' volumes. Rerunning
-reuses what is done.
+synthetic dataset -> plan and preprocess -> K tiny seed replicas -> variability samples -> K seed replicas of the
+``_varaug`` model -> variability report -> predict on held-out images -> downstream experiment on the replicas'
+volumes -> ``compare``'s verdict, varaug against plain, on the held-out cohort. The varaug model is trained as K
+seed replicas, not once: one training is one draw of its seed noise, and one number beside the plain replicas'
+reads as a verdict that it is not. Rerunning reuses what is done.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import sys
 import time
 from typing import List
 
+from nnunet_varaug.utilities import names
 from nnunet_varaug.utilities.errors import VarAugError
 
 DEMO_ID = 990
@@ -93,13 +96,17 @@ def run_demo(output: str, num_replicas: int = 3, epochs: int = 10, iterations: i
     samples_flags = [*flags, "-device", "cpu", "--no-tta"]  # the demo skips mirroring TTA after training
     print(last_line(step("variability samples of the training cases", ["nnunet_varaug", "samples", *samples_flags],
                          env)))
-    step("nnU-Net trained with variability samples (p = 0.5)",
-         ["nnUNetv2_train", d, c, f, "-tr", f"{BASE}_varaug", "-device", "cpu"], env)
+    varaug = names.varaug_name(BASE)
+    varaug_flags = ["-d", d, "-c", c, "-f", f, "-n", str(num_replicas), "-tr", varaug]
+    print(step(f"{num_replicas} seed replicas of nnU-Net trained with variability samples (p = 0.5)",
+               ["nnunet_varaug", "replicas", *varaug_flags, "-device", "cpu"], env))
 
     report = os.path.join(out, "report")
     print(step("variability report on the validation cases (calibration and a fitted temperature)",
                ["nnunet_varaug", "analyze", *flags, "-device", "cpu", "--quiet", "--calibration", "-o", report], env))
     print(validation_table(env["nnUNet_results"], os.path.basename(raw), num_replicas))
+    print("One training of either is one draw of its seed noise: the comparison at the end says whether the "
+          "difference is larger than that.")
 
     cohort = os.path.join(out, "cohort")
     print(step("replica volumes of a held-out cohort (features for the downstream experiment)",
@@ -120,12 +127,23 @@ def run_demo(output: str, num_replicas: int = 3, epochs: int = 10, iterations: i
           "mechanics of the paper's experiment, not a clinical result.")
     verdict = step("downstream experiment: replica rows as extra regression samples",
                    ["nnunet_varaug", "downstream", "--features", os.path.join(cohort, "cases.csv"), "--targets",
-                    targets, "--test-size", "0.2", "--splits", "5", "--reference", f"{BASE}_seed0", "-o", report],
+                    targets, "--test-size", "0.2", "--splits", "5", "--reference", names.replica_name(BASE, "seed", 0),
+                    "-o", report],
                    env)  # no <Base>_ieee model in the demo: seed 0 is the reference, outside the replica pool
     print("\n".join(line for line in verdict.splitlines() if not line.startswith("  split")))
+    print(compare_stage(raw, out, num_replicas, env))
     print(f"\nDemo finished in {time.time() - t_start:.0f} s (CPU {children_cpu_seconds():.0f} s). "
           f"Open the report: {os.path.join(report, 'report.html')}")
     return 0
+
+
+def compare_stage(raw: str, out: str, k: int, env: dict) -> str:
+    """``compare``'s verdict, the varaug replicas against the plain ones on the held-out cohort; its output."""
+    varaug = names.varaug_name(BASE)
+    return step(f"is {varaug} better than {BASE}, beyond seed noise? ({k} seed replicas each, the held-out cohort)",
+                ["nnunet_varaug", "compare", "-d", str(DEMO_ID), "-c", "3d_fullres", "-f", "0", "-tr", BASE, varaug,
+                 "-n", str(k), "-device", "cpu", "--quiet", "--disable_tta", "-i", os.path.join(raw, "imagesTs"),
+                 "-l", os.path.join(raw, "labelsTs"), "-o", os.path.join(out, "compare")], env).strip()
 
 
 def last_line(text: str) -> str:
@@ -134,18 +152,23 @@ def last_line(text: str) -> str:
 
 
 def validation_table(results: str, dataset: str, k: int) -> str:
-    """nnU-Net's own validation Dice (fold_0/validation/summary.json) of each replica and of the varaug model."""
+    """nnU-Net's own validation Dice (fold_0/validation/summary.json) of each plain replica and each replica of the
+    varaug model."""
     import json
 
     rows = []
-    for name in [f"{BASE}_seed{i}" for i in range(k)] + [f"{BASE}_varaug"]:
+    for base in (BASE, names.varaug_name(BASE)):
+        rows += [names.replica_name(base, "seed", i) for i in range(k)]
+    lines = []
+    for name in rows:
         path = os.path.join(results, dataset, f"{name}__nnUNetPlans__3d_fullres", "fold_0", "validation",
                             "summary.json")
         with open(path) as fh:
             summary = json.load(fh)
         per_label = "  ".join(f"label {lab}: {m['Dice']:.4f}" for lab, m in summary["mean"].items())
-        rows.append(f"  {name:<28} mean {summary['foreground_mean']['Dice']:.4f}   {per_label}")
-    return "\nnnU-Net validation Dice (fold 0), replicas and the model trained with their samples:\n" + "\n".join(rows)
+        lines.append(f"  {name:<34} mean {summary['foreground_mean']['Dice']:.4f}   {per_label}")
+    return ("\nnnU-Net validation Dice (fold 0), the plain replicas and the replicas trained with their samples:\n"
+            + "\n".join(lines))
 
 
 def write_synthetic_targets(raw: str, path: str, seed: int = 0) -> str:
