@@ -22,7 +22,6 @@ COMMANDS = {
     "downstream": "the paper's augmentation experiment on per-replica features",
     "benchmark": "the Medical Segmentation Decathlon benchmark, stage by stage",
     "demo": "the whole pipeline on a built-in synthetic dataset, on the CPU",
-    "compare": "is trainer B better than trainer A beyond seed noise? (K seed replicas of each)",
 }
 
 
