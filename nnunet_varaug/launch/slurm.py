@@ -126,8 +126,8 @@ def make_executor(folder: str, settings: SlurmSettings, name: str):
 
     executor = submitit.AutoExecutor(folder=folder, cluster=settings.executor, slurm_max_num_timeout=MAX_REQUEUES,
                                      local_max_num_timeout=MAX_REQUEUES)
-    params = dict(timeout_min=settings.time_min, gpus_per_node=settings.gpus_per_node, tasks_per_node=1, nodes=1,
-                  name=name, mem_gb=settings.mem_gb, cpus_per_task=settings.cpus_per_task)
+    params = dict(timeout_min=settings.time_min, gpus_per_node=settings.gpus_per_node or None,  # 0: ask for none
+                  tasks_per_node=1, nodes=1, name=name, mem_gb=settings.mem_gb, cpus_per_task=settings.cpus_per_task)
     if settings.executor == "slurm":
         task = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit",
                          shlex.quote(str(Path(folder).expanduser().absolute()))])
