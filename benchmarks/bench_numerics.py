@@ -6,13 +6,16 @@ training path of the numerical replicas, no noise: the reference of every ratio)
 stochastic rounding per op) and, with ``--sides ieee op instr``, ``<trainer>_mca0_instr`` (per instruction).
 Each is initialised (PlainConvUNet, deep-supervision DC+CE loss, SGD) and its own ``train_step`` (forward,
 loss, backward, gradient clipping, optimizer step) is timed on the same batch of ``--batch`` patches, the
-sides alternating so that they see the same machine load. ``--device cuda`` times the same on a GPU (TF32 off
-on every side, as the replicas train).
+sides alternating so that they see the same machine load. Each step is timed in wall time and in the process's
+CPU time (the better measure on a loaded machine; ratios are reported for both). ``--profile`` adds one step per
+MCA side with the mode's per-op profile (CPU seconds, values rounded, route of each aten op, and the additions
+left at one rounding). ``--device cuda`` times the same on a GPU (TF32 off on every side, as the replicas train;
+the numerics then run their PyTorch reference code, which gives the CPU kernels' bits).
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_numerics.py --shape 32 32 32                 # op level, CPU
+    OMP_NUM_THREADS=1 python benchmarks/bench_numerics.py --shape 32 32 32 --profile       # op level, CPU
     OMP_NUM_THREADS=1 python benchmarks/bench_numerics.py --shape 32 32 32 -tr nnUNetTrainerTiny \
-        --sides ieee op instr --steps 2                                                     # + instruction level
-    python benchmarks/bench_numerics.py --device cuda --shape 32 32 32                     # GPU
+        --sides ieee op instr --steps 5                                                     # + instruction level
+    python benchmarks/bench_numerics.py --device cuda --shape 32 32 32 --sides ieee op instr   # GPU
 """
 from __future__ import annotations
 
