@@ -11,6 +11,7 @@ import json
 import os
 from typing import TYPE_CHECKING, Dict, List, Sequence
 
+from nnunet_varaug.experiments.benchmark import verdicts
 from nnunet_varaug.experiments.benchmark.state import fmt_seconds
 from nnunet_varaug.utilities.fileio import write_text
 
