@@ -184,8 +184,8 @@ def test_replicas_keep_going_resume_interrupted_and_skip_finished(interrupted_re
 
 def test_an_interrupted_then_resumed_replica_is_reproducible(interrupted_replicas, tmp_path):
     """The same replica interrupted after epoch 0 and resumed with --c, once more in another nnUNet_results:
-    bitwise the same final weights as the fixture's. (Not the weights of an uninterrupted run: a resumed run
-    reseeds at its start epoch, see SeedReplicaMixin.on_train_start.)"""
+    bitwise the same final weights as the fixture's. (That they also equal an uninterrupted run's, epochs being
+    seeded from (replica, epoch) alone, is tested in tests/training/test_preemption.py.)"""
     assert interrupted_replicas["second"].returncode == 0, interrupted_replicas["second"].stdout
     env = dict(interrupted_replicas["env"], nnUNet_results=str(tmp_path / "results"), INTERRUPT_SEED="0")
     train = ("nnUNetv2_train", str(SYNTHETIC_3D_ID), "3d_fullres", "0", "-tr", RESUMED, "-p", "nnUNetPlans",

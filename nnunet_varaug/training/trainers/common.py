@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Dict
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, List
 
 import torch
 from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
@@ -36,10 +37,33 @@ class RecordSettingsMixin:
             write_json(path, debug, indent=4)
 
     def save_checkpoint(self, filename: str) -> None:
-        super().save_checkpoint(filename)
-        if self.local_rank == 0 and not self.disable_checkpointing and isfile(filename):
+        """nnU-Net's checkpoint with ``nnunet_varaug`` added as nnU-Net writes it (one write: the replicas
+        checkpoint every epoch); read back and rewritten only if nnU-Net saved it some other way."""
+        with _record_added(filename, self.varaug_record) as added:
+            super().save_checkpoint(filename)
+        if self.local_rank == 0 and not self.disable_checkpointing and isfile(filename) and not added:
             checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
             checkpoint[SETTINGS_KEY] = self.varaug_record()
             tmp = temporary_name(filename)
             torch.save(checkpoint, tmp)
             os.replace(tmp, filename)
+
+
+@contextmanager
+def _record_added(filename: str, record: Callable[[], Dict[str, Any]]) -> Iterator[List[bool]]:
+    """While open, ``torch.save`` of a checkpoint dict (``network_weights`` in it) to ``filename`` adds
+    ``record()`` under :data:`SETTINGS_KEY`; the yielded list holds ``True`` once that happened."""
+    original, added = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)) and os.fspath(f) == os.fspath(filename) and isinstance(obj, dict) \
+                and "network_weights" in obj:
+            obj = {**obj, SETTINGS_KEY: record()}
+            added.append(True)
+        return original(obj, f, *args, **kwargs)
+
+    torch.save = save
+    try:
+        yield added
+    finally:
+        torch.save = original

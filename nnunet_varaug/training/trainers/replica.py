@@ -85,7 +85,7 @@ class SeedReplicaMixin(PreemptibleTrainingMixin, RecordSettingsMixin):
         self.varaug_determinism.update(self.configure_kernels())
         self.varaug_determinism["platform"] = platform_record(self.device)  # after nnUNetv2_train set the threads
         self.varaug_nondeterminism.install()
-        # Seeded per start epoch: a fresh run and a run resumed at epoch e are each reproducible.
+        # Each epoch is reseeded from (replica, epoch) by training/preemption.py; this seeds what runs before the first.
         seed_everything(derive_seed(self.stream_seed("train"), "train", self.current_epoch))
         super().on_train_start()
 
