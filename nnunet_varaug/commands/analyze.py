@@ -32,7 +32,7 @@ from nnunet_varaug.report.analysis_sections import add_calibration_section, add_
 from nnunet_varaug.report.tables import format_summary
 from nnunet_varaug.report.uncertainty_report import ReviewOptions
 from nnunet_varaug.training.experiment import Experiment
-from nnunet_varaug.training.platforms import platform_warning
+from nnunet_varaug.training.platforms import replica_warnings
 from nnunet_varaug.utilities.errors import VarAugError
 from nnunet_varaug.utilities.paths import require_env
 
@@ -148,8 +148,7 @@ def check_experiments(experiments: List[Experiment]) -> List[Experiment]:
         if [e.kind for e in experiments].count(exp.kind) > 1:
             raise VarAugError(f"--kind {exp.kind} is given twice")
         exp.require_finished()
-    warning = platform_warning(experiments)
-    if warning:
+    for warning in replica_warnings(experiments):
         print(f"nnunet_varaug analyze: warning: {warning}", file=sys.stderr)
     return experiments
 

@@ -1,5 +1,5 @@
-"""analyze.platform_warning: replicas trained on different machines or software (their debug.json's
-``determinism.platform``) are named with what differs; agreeing or missing records give no warning."""
+"""What replicas analysed together must share (training/platforms.py, printed by analyze): platform, stream layout
+and noise generator, each difference named; agreeing or missing records give no warning."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from nnunet_varaug.training.platforms import platform_warning
+from nnunet_varaug.training.platforms import platform_warning, replica_warnings
 
 pytestmark = pytest.mark.unit
 EPYC = {"cpu": "AMD EPYC", "simd": "avx512f", "torch_threads": 2, "os": "Linux-6.18", "python": "3.11.7",
@@ -47,3 +47,35 @@ def test_kinds_are_compared_together(tmp_path):
     seed = replicas(tmp_path / "seed", {"T_seed0": EPYC, "T_seed1": EPYC})
     mca = replicas(tmp_path / "mca", {"T_mca0": dict(EPYC, torch="2.15.0"), "T_mca1": dict(EPYC, torch="2.15.0")})
     assert "torch=2.15.0" in platform_warning([seed, mca])
+
+
+def records(tmp_path, by_name: dict):
+    """A stand-in experiment whose replica ``name`` has the ``nnunet_varaug`` record ``by_name[name]``."""
+    for name, record in by_name.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "debug.json").write_text(json.dumps({"nnunet_varaug": record}))
+    return types.SimpleNamespace(replica_names=list(by_name), fold_folder=lambda name: os.path.join(tmp_path, name))
+
+
+def test_replicas_of_two_stream_layouts_are_named(tmp_path):
+    exp = records(tmp_path, {"T_seed0": {"streams": {"layout": 2}}, "T_seed1": {"seed": {}, "determinism": {}},
+                             "T_seed2": {"streams": {"layout": 2}}})
+    warnings = replica_warnings([exp])
+    assert len(warnings) == 1 and "layout 1: T_seed1; layout 2: T_seed0, T_seed2" in warnings[0]
+    assert "Train T_seed1 again" in warnings[0]
+
+
+def test_numerical_replicas_of_two_generators_are_named(tmp_path):
+    philox = {"name": "Philox4x32-10", "version": 1}
+    exp = records(tmp_path, {"T_mca0": {"numerics": {"kind": "mca", "generator": philox}},
+                             "T_mca1": {"numerics": {"kind": "mca"}},
+                             "T_ieee": {"numerics": {"kind": "ieee"}}})
+    warnings = replica_warnings([exp])
+    assert len(warnings) == 1 and "T_mca0: Philox4x32-10 version 1" in warnings[0]
+    assert "T_mca1: no generator recorded" in warnings[0] and "T_ieee" not in warnings[0]
+
+
+def test_agreeing_replicas_give_no_warning(tmp_path):
+    same = {"streams": {"layout": 2}, "determinism": {"platform": EPYC},
+            "numerics": {"kind": "mca", "generator": {"name": "Philox4x32-10", "version": 1}}}
+    assert replica_warnings([records(tmp_path, {"T_mca0": same, "T_mca1": same})]) == []
