@@ -1,8 +1,9 @@
 """What a checkpoint after every epoch costs a seed replica (nnunet_varaug.training.preemption).
 
 nnU-Net writes ``checkpoint_latest.pth`` every 50 epochs with one ``torch.save``. A seed or numerical replica writes
-it after every epoch, the way its trainer does: nnU-Net's ``torch.save`` to a temporary name, the settings record
-added (``RecordSettingsMixin.save_checkpoint``: load, add, save again, rename), then renamed over the old file. This
+it after every epoch through the real mixins of a seed replica (``PreemptibleTrainingMixin`` then
+``RecordSettingsMixin`` over a stand-in for nnU-Net's ``save_checkpoint``, one ``torch.save`` of the dict): to a
+temporary name, the settings record added as nnU-Net's ``torch.save`` writes it, then renamed over the old file. This
 script builds the network nnU-Net plans for a typical 3D dataset (``PlainConvUNet``, 6 stages of 32..320 features,
 two 3x3x3 convolutions per stage, instance norm, deep supervision) with the SGD optimizer of nnUNetTrainer after one
 step (so that its momentum buffers exist), and times both writes, interleaved ``--repeats`` times, into ``--folder``
@@ -52,16 +53,22 @@ def nnunet_write(content: dict, path: str) -> None:
 
 
 def replica_write(content: dict, path: str) -> None:
-    """The seed replica's write: to a temporary name, the record added (load, add, save, rename), renamed."""
+    """The seed replica's write, through the mixins its trainer uses (module docstring)."""
     import torch
 
-    tmp = path + ".preemption.tmp"
-    torch.save(content, tmp)
-    loaded = torch.load(tmp, map_location="cpu", weights_only=False)
-    loaded["nnunet_varaug"] = {"trainer": "nnUNetTrainer_seed0", "seed": {"seed": 0}}
-    torch.save(loaded, tmp + ".record")
-    os.replace(tmp + ".record", tmp)
-    os.replace(tmp, path)
+    from nnunet_varaug.training.preemption import PreemptibleTrainingMixin
+    from nnunet_varaug.training.trainers.common import RecordSettingsMixin
+
+    class NnUNetSave:  # what nnUNetTrainer.save_checkpoint does on rank 0
+        local_rank, disable_checkpointing, current_epoch = 0, False, 499
+
+        def save_checkpoint(self, filename: str) -> None:
+            torch.save(content, filename)
+
+    class Replica(PreemptibleTrainingMixin, RecordSettingsMixin, NnUNetSave):
+        varaug_settings = {"seed": {"seed": 0}}
+
+    Replica().save_checkpoint(path)
 
 
 def main() -> None:
@@ -92,6 +99,7 @@ def main() -> None:
                 print(f"  {name}: median {median:.3f} s (runs: {', '.join(f'{t:.3f}' for t in times[name])})")
             ratio = medians["seed replica's write"] / medians["nnU-Net's torch.save"]
             print(f"  ratio seed replica / nnU-Net per write: {ratio:.2f}")
+
 
 if __name__ == "__main__":
     main()
