@@ -35,7 +35,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from nnunet_varaug.evaluation.voting import check_labels, vote_flat
+from nnunet_varaug.evaluation.voting import vote_block
 
 EMPTY_DICE = 1.0
 """Dice of two replicas' empty masks (the structure is absent from both): perfect agreement."""
@@ -318,52 +318,51 @@ def analyze_case(maps: np.ndarray, spacing: Sequence[float], structures: Sequenc
     k = maps.shape[0]
     check_case_inputs(maps, gt, reference, probabilities)
     labels = sorted(int(v) for v in labels)
-    known = np.zeros(max(labels) + 1, dtype=bool)
-    known[labels] = True
-    flat = maps.reshape(k, -1)
-    n = flat.shape[1]
-    majority = np.empty(n, dtype=maps.dtype)
-    entropy = np.zeros(n, dtype=np.float32)
-    disagreement = np.zeros(n, dtype=np.float32)
-    # rows: K replicas, the majority vote, then (with ground truth) its structure mask and its ignore mask, then
-    # (with a reference model) its map
-    n_gt = 0 if gt is None else 1 if ignore is None else 2
-    rows = k + 1 + n_gt + (reference is not None)
+    # rows of the counts: K replicas, the majority vote, then (with ground truth) its structure mask and its ignore
+    # mask, then (with a reference model) its map
+    free: List[FreeRow] = []
+    if gt is not None:
+        gflat = gt.reshape(-1)
+        free = [(gflat, None)] + ([] if ignore is None else [(gflat, (int(ignore),))])
+    if reference is not None:
+        free.append((reference.reshape(-1), None))
     prob = None if probabilities is None else probabilities.reshape(probabilities.shape[0], -1)
-    rflat = None if reference is None else reference.reshape(-1)
-    ties = by_prob = 0
-    bits = _bit_matrix(rows) if rows <= _MAX_BITS else None
-    counts = np.zeros((len(structures), rows, rows), dtype=np.int64)
-    gflat = None if gt is None else gt.reshape(-1)
-    for start in range(0, n, chunk):
-        block = np.ascontiguousarray(flat[:, start:start + chunk])
-        agree = np.logical_and.reduce(block[1:] == block[0], axis=0)
-        maj = block[0].copy()
-        differ = np.flatnonzero(~agree)
-        if differ.size:  # the vote only where replicas differ; elsewhere it is their common label
-            p = None if prob is None else np.take(prob[:, start:start + chunk], differ, axis=1)
-            m, e, d, ok, t, b = vote_flat(np.take(block, differ, axis=1), labels, p)
-            ties, by_prob = ties + t, by_prob + b
-            if not ok:
-                check_labels(block, labels, "the label maps")
-            maj[differ] = m
-            entropy[start + differ] = e
-            disagreement[start + differ] = d
-        if block[0].size and (int(block[0].min()) < 0 or int(block[0].max()) >= known.size or not known[block[0]].all()):
-            check_labels(block[0], labels, "the label maps")
-        majority[start:start + chunk] = maj
-        free: List[FreeRow] = []
-        if gflat is not None:
-            g = gflat[start:start + chunk]
-            free = [(g, None)] + ([] if ignore is None else [(g, (int(ignore),))])
-        if rflat is not None:
-            free.append((rflat[start:start + chunk], None))
-        _count_chunk(counts, np.concatenate([block, maj[None]]), structures, bits, agree, free)
+    counts, majority, entropy, disagreement, ties, by_prob = _vote_and_count(maps.reshape(k, -1), labels, prob, free,
+                                                                             structures, chunk)
     spatial = maps.shape[1:]
     result = CaseResult(list(structures), k, float(np.prod(np.asarray(spacing, dtype=np.float64))),
                         counts[:, : k + 1, : k + 1].copy(), majority.reshape(spatial), entropy.reshape(spatial),
                         disagreement.reshape(spatial), tie_voxels=ties, ties_by_probability=by_prob)
     return attach_reference_counts(result, counts, gt is not None, ignore, reference is not None)
+
+
+def _vote_and_count(flat: np.ndarray, labels: List[int], prob: Optional[np.ndarray], free: Sequence[FreeRow],
+                    structures: Sequence[Structure], chunk: int):
+    """The one chunked pass of :func:`analyze_case` over ``(K, n)`` maps: each chunk's vote, then the overlap counts
+    of the replicas, the vote and the ``free`` rows (flat maps cut per chunk). Returns (counts, majority, entropy,
+    disagreement, tie voxels, ties decided by probability)."""
+    known = np.zeros(max(labels) + 1, dtype=bool)
+    known[labels] = True
+    k, n = flat.shape
+    majority = np.empty(n, dtype=flat.dtype)
+    entropy = np.zeros(n, dtype=np.float32)
+    disagreement = np.zeros(n, dtype=np.float32)
+    rows = k + 1 + len(free)
+    ties = by_prob = 0
+    bits = _bit_matrix(rows) if rows <= _MAX_BITS else None
+    counts = np.zeros((len(structures), rows, rows), dtype=np.int64)
+    for start in range(0, n, chunk):
+        block = np.ascontiguousarray(flat[:, start:start + chunk])
+        agree, maj, differ, e, d, t, b = vote_block(block, labels, known,
+                                                    None if prob is None else prob[:, start:start + chunk])
+        ties, by_prob = ties + t, by_prob + b
+        if differ.size:
+            entropy[start + differ] = e
+            disagreement[start + differ] = d
+        majority[start:start + chunk] = maj
+        rows_free = [(a[start:start + chunk], values) for a, values in free]
+        _count_chunk(counts, np.concatenate([block, maj[None]]), structures, bits, agree, rows_free)
+    return counts, majority, entropy, disagreement, ties, by_prob
 
 
 def check_case_inputs(maps: np.ndarray, gt: Optional[np.ndarray], reference: Optional[np.ndarray],

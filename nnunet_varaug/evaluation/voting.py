@@ -77,3 +77,26 @@ def check_labels(array: np.ndarray, labels: Sequence[int], what: str) -> None:
                          f"(it defines {sorted(int(v) for v in labels)})")
 
 
+
+
+def vote_block(block: np.ndarray, labels: Sequence[int], known: np.ndarray, prob: Optional[np.ndarray] = None):
+    """The vote of one chunk ``(K, n)`` of the replicas' maps, computed only where they differ (elsewhere it is their
+    common label); a value outside ``labels`` (``known``: a boolean table indexed by value) raises ValueError.
+
+    Returns ``(agree, majority, differ, entropy, disagreement, ties, ties_by_probability)``: ``agree`` the voxels
+    where all replicas agree, ``entropy`` and ``disagreement`` for the ``differ`` voxels only (None when none).
+    ``prob``: the chunk's ``(C, n)`` mean probabilities, or None."""
+    agree = np.logical_and.reduce(block[1:] == block[0], axis=0)
+    maj = block[0].copy()
+    differ = np.flatnonzero(~agree)
+    e = d = None
+    ties = by_prob = 0
+    if differ.size:
+        p = None if prob is None else np.take(prob, differ, axis=1)
+        m, e, d, ok, ties, by_prob = vote_flat(np.take(block, differ, axis=1), labels, p)
+        if not ok:
+            check_labels(block, labels, "the label maps")
+        maj[differ] = m
+    if block[0].size and (int(block[0].min()) < 0 or int(block[0].max()) >= known.size or not known[block[0]].all()):
+        check_labels(block[0], labels, "the label maps")
+    return agree, maj, differ, e, d, ties, by_prob
