@@ -196,25 +196,43 @@ def make_msd_task(root: str, task: str = "Task04_Hippocampus", num_cases: int = 
     training, test = [], []
     for i in range(num_cases + num_test):
         case = f"{prefix}_{i:03d}.nii.gz"
-        images, labels = synthetic_case(rng, shape, len(modalities))
-        if len(label_names) == 1:
-            labels = (labels > 0).astype(np.uint8)
         split = "Tr" if i < num_cases else "Ts"
-        image_path = os.path.join(tmp, f"images{split}", case)
-        if len(modalities) > 1:
-            write_4d_image(images, spacing, image_path)
-        else:
-            write_image(images[0], spacing, image_path)
+        _write_msd_case(tmp, case, split, rng, shape, spacing, len(modalities), len(label_names), macos_junk)
         if split == "Tr":
-            write_image(labels, spacing, os.path.join(tmp, "labelsTr", case))
             training.append({"image": f"./imagesTr/{case}", "label": f"./labelsTr/{case}"})
         else:
             test.append(f"./imagesTs/{case}")
-        if macos_junk:
-            for sub in (f"images{split}",) + (("labelsTr",) if split == "Tr" else ()):
-                with open(os.path.join(tmp, sub, f"._{case}"), "wb") as f:
-                    f.write(b"\x00\x05\x16\x07AppleDouble")
-    dataset = {
+    dataset = _msd_dataset_json(task, modalities, label_names, num_cases, num_test, training, test)
+    with open(os.path.join(tmp, "dataset.json"), "w") as f:
+        json.dump(dataset, f, indent=4)
+    os.replace(tmp, folder)
+    return folder
+
+
+def _write_msd_case(tmp: str, case: str, split: str, rng, shape: Sequence[int], spacing: Sequence[float],
+                    num_modalities: int, num_labels: int, macos_junk: bool) -> None:
+    """One case of :func:`make_msd_task`: its image (4D with several modalities) in ``images<split>``, its label map
+    in ``labelsTr`` for a training case, and the AppleDouble files when asked."""
+    images, labels = synthetic_case(rng, shape, num_modalities)
+    if num_labels == 1:
+        labels = (labels > 0).astype(np.uint8)
+    image_path = os.path.join(tmp, f"images{split}", case)
+    if num_modalities > 1:
+        write_4d_image(images, spacing, image_path)
+    else:
+        write_image(images[0], spacing, image_path)
+    if split == "Tr":
+        write_image(labels, spacing, os.path.join(tmp, "labelsTr", case))
+    if macos_junk:
+        for sub in (f"images{split}",) + (("labelsTr",) if split == "Tr" else ()):
+            with open(os.path.join(tmp, sub, f"._{case}"), "wb") as f:
+                f.write(b"\x00\x05\x16\x07AppleDouble")
+
+
+def _msd_dataset_json(task: str, modalities: Sequence[str], label_names: Sequence[str], num_cases: int,
+                      num_test: int, training: list, test: list) -> dict:
+    """The Decathlon's dataset.json of :func:`make_msd_task` (its "relase" spelling kept)."""
+    return {
         "name": task.split("_", 1)[1],
         "description": "tiny synthetic task in the Medical Segmentation Decathlon's format (nnunet_varaug)",
         "reference": "nnunet_varaug.experiments.datasets.make_msd_task",
@@ -228,7 +246,3 @@ def make_msd_task(root: str, task: str = "Task04_Hippocampus", num_cases: int = 
         "training": training,
         "test": test,
     }
-    with open(os.path.join(tmp, "dataset.json"), "w") as f:
-        json.dump(dataset, f, indent=4)
-    os.replace(tmp, folder)
-    return folder

@@ -87,6 +87,26 @@ def run_demo(output: str, num_replicas: int = 3, epochs: int = 10, iterations: i
     print(f"\n== synthetic dataset: {raw} ({cases} cases of 32^3 voxels: organ + low-contrast lesion)")
     d, c, f = str(DEMO_ID), "3d_fullres", "0"
     flags = ["-d", d, "-c", c, "-f", f, "-n", str(num_replicas), "-tr", BASE]
+    _train_stages(env, raw, d, c, f, flags, num_replicas)
+
+    report = os.path.join(out, "report")
+    print(step("variability report on the validation cases (calibration and a fitted temperature)",
+               ["nnunet_varaug", "analyze", *flags, "-device", "cpu", "--quiet", "--calibration", "-o", report], env))
+    print(validation_table(env["nnUNet_results"], os.path.basename(raw), num_replicas))
+    print("One training of either is one draw of its seed noise: the comparison at the end says whether the "
+          "difference is larger than that.")
+
+    cohort = _cohort_and_predict_stages(out, raw, flags, env)
+    _downstream_stage(raw, out, cohort, report, env)
+    print(compare_stage(raw, out, num_replicas, env))
+    print(f"\nDemo finished in {time.time() - t_start:.0f} s (CPU {children_cpu_seconds():.0f} s). "
+          f"Open the report: {os.path.join(report, 'report.html')}")
+    return 0
+
+
+def _train_stages(env: dict, raw: str, d: str, c: str, f: str, flags: list, num_replicas: int) -> None:
+    """Plan and preprocess (once), the seed replicas, the variability samples, and the replicas of nnU-Net trained
+    with them."""
     plans = os.path.join(env["nnUNet_preprocessed"], os.path.basename(raw), "nnUNetPlans.json")
     if not os.path.isfile(plans):
         step("plan and preprocess", ["nnUNetv2_plan_and_preprocess", "-d", d, "-c", c, "-np", "1", "-npfp", "1"], env,
@@ -101,13 +121,10 @@ def run_demo(output: str, num_replicas: int = 3, epochs: int = 10, iterations: i
     print(step(f"{num_replicas} seed replicas of nnU-Net trained with variability samples (p = 0.5)",
                ["nnunet_varaug", "replicas", *varaug_flags, "-device", "cpu"], env))
 
-    report = os.path.join(out, "report")
-    print(step("variability report on the validation cases (calibration and a fitted temperature)",
-               ["nnunet_varaug", "analyze", *flags, "-device", "cpu", "--quiet", "--calibration", "-o", report], env))
-    print(validation_table(env["nnUNet_results"], os.path.basename(raw), num_replicas))
-    print("One training of either is one draw of its seed noise: the comparison at the end says whether the "
-          "difference is larger than that.")
 
+def _cohort_and_predict_stages(out: str, raw: str, flags: list, env: dict) -> str:
+    """analyze of the held-out cohort (the downstream experiment's features) and predict on 5 held-out images;
+    returns the cohort's report folder."""
     cohort = os.path.join(out, "cohort")
     print(step("replica volumes of a held-out cohort (features for the downstream experiment)",
                ["nnunet_varaug", "analyze", *flags, "-device", "cpu", "--quiet", "--disable_tta",
@@ -122,6 +139,11 @@ def run_demo(output: str, num_replicas: int = 3, epochs: int = 10, iterations: i
                ["nnunet_varaug", "predict", *flags, "-device", "cpu", "--quiet", "--disable_tta", "-i", new, "-l",
                 os.path.join(raw, "labelsTs"), "-o", os.path.join(out, "predict"), "--temperature", "auto",
                 "--instances", "lesion", "--may-be-absent", "lesion"], env).strip())  # failure detection, lesions
+    return cohort
+
+
+def _downstream_stage(raw: str, out: str, cohort: str, report: str, env: dict) -> None:
+    """The downstream experiment on synthetic targets: replica rows as extra regression samples."""
     targets = write_synthetic_targets(raw, os.path.join(out, "targets.csv"))
     print("\nThe downstream target is SYNTHETIC (lesion volume of the ground truth plus noise): this stage shows the "
           "mechanics of the paper's experiment, not a clinical result.")
@@ -131,10 +153,6 @@ def run_demo(output: str, num_replicas: int = 3, epochs: int = 10, iterations: i
                     "-o", report],
                    env)  # no <Base>_ieee model in the demo: seed 0 is the reference, outside the replica pool
     print("\n".join(line for line in verdict.splitlines() if not line.startswith("  split")))
-    print(compare_stage(raw, out, num_replicas, env))
-    print(f"\nDemo finished in {time.time() - t_start:.0f} s (CPU {children_cpu_seconds():.0f} s). "
-          f"Open the report: {os.path.join(report, 'report.html')}")
-    return 0
 
 
 def compare_stage(raw: str, out: str, k: int, env: dict) -> str:
