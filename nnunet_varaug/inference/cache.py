@@ -74,12 +74,29 @@ def predict_replicas(experiments: Sequence[Experiment], cases: Sequence[Case], o
     Returns ``replica -> folder`` of its predictions (``OUT/predictions/<replica>/<case><file_ending>``), in the
     input image's grid exactly as ``nnUNetv2_predict`` writes them.
     """
-    import torch
     from tqdm import tqdm
 
     ending = experiments[0].dataset_json["file_ending"]
     keep_probs = not variability.has_regions(experiments[0].dataset_json)
     hashes = image_hashes(cases)
+    folders, plans = _plan_predictions(experiments, cases, output, reference, ending, tta, step_size, hashes,
+                                       keep_probs, calibrate)
+    total = sum(len(t[2]) for _, jobs, _, _ in plans for t in jobs.values())
+    bar = tqdm(total=total, desc="predicting", unit="prediction", disable=not progress or total == 0)
+    dev = torch_device(device) if total else None
+    for exp, jobs, stale, shas in plans:
+        _predict_experiment(exp, jobs, stale, shas, cases, output, dev, tta, step_size, ending, hashes, calibrate,
+                            bar)
+    bar.close()
+    return folders
+
+
+def _plan_predictions(experiments: Sequence[Experiment], cases: Sequence[Case], output: str, reference: Optional[str],
+                      ending: str, tta: bool, step_size: float, hashes: dict, keep_probs: bool, calibrate: bool):
+    """What :func:`predict_replicas` must predict: ``replica -> folder``, and per experiment with work left
+    ``(exp, jobs, stale, shas)``: ``jobs`` ``replica -> (folder, record, cases to predict, sha)``, ``stale`` the cases
+    whose probability sum and replica statistics must be made again (every replica predicted), ``shas`` the
+    replicas' checkpoint hashes."""
     folders, plans = {}, []
     for i, exp in enumerate(experiments):
         state = {}
@@ -97,49 +114,53 @@ def predict_replicas(experiments: Sequence[Experiment], cases: Sequence[Case], o
         jobs = {n: st for n, st in state.items() if st[2]}
         if jobs:
             plans.append((exp, jobs, stale, shas))
-    total = sum(len(t[2]) for _, jobs, _, _ in plans for t in jobs.values())
-    bar = tqdm(total=total, desc="predicting", unit="prediction", disable=not progress or total == 0)
-    dev = torch_device(device) if total else None
-    for exp, jobs, stale, shas in plans:
-        predictor = make_predictor(exp, exp.replica_names[0], dev, tta=tta, who="analyze", step_size=step_size)
-        weights = {n: torch.load(exp.final_checkpoint(n), map_location="cpu",
-                                 weights_only=False)["network_weights"] for n in jobs}
-        for folder, record, _, _ in jobs.values():
-            os.makedirs(folder, exist_ok=True)
-            write_json(os.path.join(folder, FINGERPRINT), record)  # drops entries of a stale checkpoint first
-        preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
-        reader = predictor.plans_manager.image_reader_writer_class()
-        ignore = variability.ignore_label(exp.dataset_json)
-        for case in cases:
-            names = [n for n in jobs if case.name in jobs[n][2]]
-            if not names:
-                continue
-            with contextlib.redirect_stdout(io.StringIO()):
-                data, _, props = preprocessor.run_case(case.images, None, predictor.plans_manager,
-                                                       predictor.configuration_manager, predictor.dataset_json)
-            data = torch.from_numpy(data)
-            summed, stats = None, None
-            if case.name in stale:
-                gt = None if not (calibrate and case.label) else reader.read_seg(case.label)[0][0]
-                stats = replica_stats.Accumulator(predictor.label_manager.all_labels, gt, ignore, props["spacing"],
-                                                  calibrate)
-            for name in names:
-                folder, record, _, _ = jobs[name]
-                want = case.name in stale and name in shas
-                probs = predict_one(predictor, weights[name], data, props, folder, case.name, ending, want)
-                if want:
-                    summed = probs if summed is None else summed + probs
-                    stats.add(name, probs)
-                    del probs
-                record["cases"][case.name] = hashes[case.name]
-                write_json(os.path.join(folder, FINGERPRINT), record)
-                bar.update(1)
-            if summed is not None:
-                probsums.save(output, exp.kind, case.name, summed, shas)
-                stats.add_ensemble(probsums.load(output, exp.kind, case.name))
-                stats.save(output, exp.kind, case.name, stats_identity(shas, hashes[case.name], case))
-    bar.close()
-    return folders
+    return folders, plans
+
+
+def _predict_experiment(exp: Experiment, jobs: dict, stale: set, shas: Dict[str, str], cases: Sequence[Case],
+                        output: str, dev, tta: bool, step_size: float, ending: str, hashes: dict, calibrate: bool,
+                        bar) -> None:
+    """One experiment's planned predictions (:func:`_plan_predictions`): each case preprocessed once, then every
+    replica's weights in turn; the probability sum and replica statistics saved for the stale cases."""
+    import torch
+
+    predictor = make_predictor(exp, exp.replica_names[0], dev, tta=tta, who="analyze", step_size=step_size)
+    weights = {n: torch.load(exp.final_checkpoint(n), map_location="cpu",
+                             weights_only=False)["network_weights"] for n in jobs}
+    for folder, record, _, _ in jobs.values():
+        os.makedirs(folder, exist_ok=True)
+        write_json(os.path.join(folder, FINGERPRINT), record)  # drops entries of a stale checkpoint first
+    preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
+    reader = predictor.plans_manager.image_reader_writer_class()
+    ignore = variability.ignore_label(exp.dataset_json)
+    for case in cases:
+        names = [n for n in jobs if case.name in jobs[n][2]]
+        if not names:
+            continue
+        with contextlib.redirect_stdout(io.StringIO()):
+            data, _, props = preprocessor.run_case(case.images, None, predictor.plans_manager,
+                                                   predictor.configuration_manager, predictor.dataset_json)
+        data = torch.from_numpy(data)
+        summed, stats = None, None
+        if case.name in stale:
+            gt = None if not (calibrate and case.label) else reader.read_seg(case.label)[0][0]
+            stats = replica_stats.Accumulator(predictor.label_manager.all_labels, gt, ignore, props["spacing"],
+                                              calibrate)
+        for name in names:
+            folder, record, _, _ = jobs[name]
+            want = case.name in stale and name in shas
+            probs = predict_one(predictor, weights[name], data, props, folder, case.name, ending, want)
+            if want:
+                summed = probs if summed is None else summed + probs
+                stats.add(name, probs)
+                del probs
+            record["cases"][case.name] = hashes[case.name]
+            write_json(os.path.join(folder, FINGERPRINT), record)
+            bar.update(1)
+        if summed is not None:
+            probsums.save(output, exp.kind, case.name, summed, shas)
+            stats.add_ensemble(probsums.load(output, exp.kind, case.name))
+            stats.save(output, exp.kind, case.name, stats_identity(shas, hashes[case.name], case))
 
 
 def stats_identity(shas: Dict[str, str], images: list, case: Case) -> dict:

@@ -62,39 +62,51 @@ def make_figures(folder: str, pairs, cases, majority, summary, experiments) -> L
                                    os.path.join(folder, "volume_cv.png")))
 
     if cases["dice_to_gt"].notna().any():
-        fig, ax = plt.subplots(figsize=(max(5.0, 1.6 + 1.4 * len(labels)), 3.6))
-        rep_kind = cases["replica"].map(kind_of)
-        for i, kind in enumerate(kinds):
-            pos = np.arange(len(labels)) + (i - (len(kinds) - 1) / 2) * width
-            data = [cases.loc[(cases["label"] == l) & (rep_kind == kind), "dice_to_gt"].dropna().to_numpy()
-                    for l in labels]  # NaN: structure absent from prediction and ground truth (nnU-Net's rule)
-            box = ax.boxplot(data, positions=pos, widths=width * 0.85, patch_artist=True)
-            for patch in box["boxes"]:
-                patch.set_facecolor(f"C{i}")
-                patch.set_alpha(0.5)
-            maj = [majority.loc[(majority["label"] == l) & (majority["kind"] == kind), "dice_to_gt"].mean()
-                   for l in labels]
-            ax.scatter(pos, maj, marker="D", color="k", zorder=5, s=22,
-                       label="majority vote (mean)" if i == 0 else None)
-            ax.plot([], [], color=f"C{i}", lw=6, alpha=0.5, label=f"{kind} replicas")
-        written.append(_per_label_axes(fig, ax, ticks, "Dice to ground truth",
-                                       "Single replicas vs their majority vote", os.path.join(folder, "dice_to_gt.png")))
+        written.append(_dice_to_gt_figure(plt, folder, cases, majority, kinds, kind_of, labels, ticks, width))
 
     comparison = compare_kinds(summary)
     if comparison is not None:
-        a, b = comparison.attrs["kinds"]
-        fig, ax = plt.subplots(figsize=(4.2, 4.0))
-        x, y = comparison[f"pairwise_dice_mean_{a}"], comparison[f"pairwise_dice_mean_{b}"]
-        ax.scatter(x, y)
-        for _, row in comparison.iterrows():
-            ax.annotate(row["name"], (row[f"pairwise_dice_mean_{a}"], row[f"pairwise_dice_mean_{b}"]), fontsize=8)
-        lo, hi = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
-        ax.plot([lo, hi], [lo, hi], "k:", lw=1)
-        ax.set_xlabel(f"mean pairwise Dice, {a} replicas")
-        ax.set_ylabel(f"mean pairwise Dice, {b} replicas")
-        ax.set_title(f"Per structure (Pearson r = {comparison.attrs['pearson_r']:.3f})")
-        written.append(os.path.join(folder, "kinds.png"))
-        save_figure(fig, written[-1], dpi=110)
+        written.append(_kinds_figure(plt, folder, comparison))
     return written
+
+
+def _dice_to_gt_figure(plt, folder: str, cases, majority, kinds, kind_of: dict, labels, ticks, width: float) -> str:
+    """dice_to_gt.png: the single replicas' Dice to the ground truth per structure and kind, with the majority
+    vote's mean; returns its path."""
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 + 1.4 * len(labels)), 3.6))
+    rep_kind = cases["replica"].map(kind_of)
+    for i, kind in enumerate(kinds):
+        pos = np.arange(len(labels)) + (i - (len(kinds) - 1) / 2) * width
+        data = [cases.loc[(cases["label"] == l) & (rep_kind == kind), "dice_to_gt"].dropna().to_numpy()
+                for l in labels]  # NaN: structure absent from prediction and ground truth (nnU-Net's rule)
+        box = ax.boxplot(data, positions=pos, widths=width * 0.85, patch_artist=True)
+        for patch in box["boxes"]:
+            patch.set_facecolor(f"C{i}")
+            patch.set_alpha(0.5)
+        maj = [majority.loc[(majority["label"] == l) & (majority["kind"] == kind), "dice_to_gt"].mean()
+               for l in labels]
+        ax.scatter(pos, maj, marker="D", color="k", zorder=5, s=22,
+                   label="majority vote (mean)" if i == 0 else None)
+        ax.plot([], [], color=f"C{i}", lw=6, alpha=0.5, label=f"{kind} replicas")
+    return _per_label_axes(fig, ax, ticks, "Dice to ground truth", "Single replicas vs their majority vote",
+                           os.path.join(folder, "dice_to_gt.png"))
+
+
+def _kinds_figure(plt, folder: str, comparison) -> str:
+    """kinds.png: one kind's mean pairwise Dice per structure against the other's; returns its path."""
+    a, b = comparison.attrs["kinds"]
+    fig, ax = plt.subplots(figsize=(4.2, 4.0))
+    x, y = comparison[f"pairwise_dice_mean_{a}"], comparison[f"pairwise_dice_mean_{b}"]
+    ax.scatter(x, y)
+    for _, row in comparison.iterrows():
+        ax.annotate(row["name"], (row[f"pairwise_dice_mean_{a}"], row[f"pairwise_dice_mean_{b}"]), fontsize=8)
+    lo, hi = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
+    ax.plot([lo, hi], [lo, hi], "k:", lw=1)
+    ax.set_xlabel(f"mean pairwise Dice, {a} replicas")
+    ax.set_ylabel(f"mean pairwise Dice, {b} replicas")
+    ax.set_title(f"Per structure (Pearson r = {comparison.attrs['pearson_r']:.3f})")
+    path = os.path.join(folder, "kinds.png")
+    save_figure(fig, path, dpi=110)
+    return path
 
 

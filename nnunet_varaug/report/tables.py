@@ -62,61 +62,76 @@ def build_tables(experiments, results: Dict[str, Dict[str, variability.CaseResul
         acc = {s: {"vol": [], "vox": [], "ref": [], "pw": [], "empty": [], "gt": [], "maj": [], "to_ref": []}
                for s in range(len(structures))}
         for case, res in per_case.items():
-            volumes, voxels, pw, both = res.volumes_mm3, res.voxels, res.pairwise_dice, res.pairwise_both_empty
-            to_gt, maj_gt, to_ref = res.dice_to_gt, res.majority_dice_to_gt, res.dice_to_reference
-            maj_vol = np.diagonal(res.overlap, axis1=1, axis2=2)[:, k] * res.voxel_volume
-            for s, st in enumerate(structures):
-                for i, name in enumerate(names):
-                    cases_rows.append((case, st.key, name, "replica", float(volumes[s, i]),
-                                       _f(None if to_gt is None else to_gt[s, i]),
-                                       _f(None if to_ref is None else to_ref[s, i])))
-                if res.has_reference and reference and (case, st.key) not in ref_done:
-                    ref_done.add((case, st.key))
-                    ref_gt = res.reference_dice_to_gt
-                    cases_rows.append((case, st.key, reference, "reference", float(res.reference_volume_mm3[s]),
-                                       _f(None if ref_gt is None else ref_gt[s]), 1.0))
-                for p, (a, b) in enumerate(pairs):
-                    pair_rows.append((case, st.key, names[a], names[b], float(pw[s, p]), bool(both[s, p])))
-                maj_rows.append((case, st.key, exp.kind, float(maj_vol[s]),
-                                 _f(None if maj_gt is None else maj_gt[s]),
-                                 _f(None if to_ref is None else to_ref[s, k]), res.tie_voxels,
-                                 res.ties_by_probability))
-                a = acc[s]
-                a["vol"].append(volumes[s])
-                a["vox"].append(voxels[s])
-                a["pw"].append(pw[s])
-                a["empty"].append(both[s])
-                if res.has_reference:
-                    a["ref"].append(res.reference_volume_mm3[s])
-                    a["to_ref"].append(to_ref[s, :k])
-                if to_gt is not None:
-                    a["gt"].append(to_gt[s])
-                    a["maj"].append(maj_gt[s])
+            _add_case_rows(exp, case, res, structures, pairs, reference, ref_done, acc,
+                           (cases_rows, pair_rows, maj_rows))
         for s, st in enumerate(structures):
-            a = acc[s]
-            ref = np.asarray(a["ref"]) if len(a["ref"]) == len(a["vol"]) else None
-            spread = volume_stats.volume_spread(np.stack(a["vol"], axis=1), np.stack(a["vox"], axis=1), ref)
-            d, empty = np.concatenate(a["pw"]), np.concatenate(a["empty"])
-            gt = np.concatenate(a["gt"]) if a["gt"] else np.array([])
-            maj = np.asarray(a["maj"], dtype=np.float64)
-            summary_rows.append({
-                "kind": exp.kind, "label": st.key, "name": st.name, "cases": len(per_case), "replicas": k,
-                "pairwise_dice_min": float(d.min()), "pairwise_dice_mean": float(d.mean()),
-                "pairwise_dice_mean_nonempty": float(d[~empty].mean()) if (~empty).any() else math.nan,
-                "both_empty_pairs": int(empty.sum()), "pairs": int(d.size),
-                "volume_mean_mm3": _nanmean(spread["mean"]), "volume_std_mm3": _nanmean(spread["std"]),
-                "volume_cv": _nanmean(spread["cv"]),
-                **volume_stats.summarize_digits(spread),
-                "sig_reference": reference if ref is not None else "replica mean",
-                "dice_to_gt_mean": _nanmean(gt), "gt_both_empty": int(np.isnan(gt).sum()),
-                "majority_dice_to_gt_mean": _nanmean(maj), "majority_gt_both_empty": int(np.isnan(maj).sum()),
-                "dice_to_reference_mean": _nanmean(np.concatenate(a["to_ref"])) if a["to_ref"] else math.nan,
-            })
+            summary_rows.append(_summary_row(exp, st, acc[s], len(per_case), k, reference))
     cases = pd.DataFrame(cases_rows, columns=CASES_COLUMNS)
     pairs = pd.DataFrame(pair_rows, columns=PAIRS_COLUMNS)
     majority = pd.DataFrame(maj_rows, columns=MAJORITY_COLUMNS)
     summary = pd.DataFrame(summary_rows)
     return cases, pairs, majority, summary
+
+
+def _add_case_rows(exp, case: str, res: variability.CaseResult, structures, pairs, reference: Optional[str],
+                   ref_done: set, acc: dict, rows: tuple) -> None:
+    """One case's rows of the cases, pairs and majority tables (``rows``, appended to; the reference model's
+    rows once per case and structure, ``ref_done``), and its values gathered per structure in ``acc``."""
+    cases_rows, pair_rows, maj_rows = rows
+    names = exp.replica_names
+    k = len(names)
+    volumes, voxels, pw, both = res.volumes_mm3, res.voxels, res.pairwise_dice, res.pairwise_both_empty
+    to_gt, maj_gt, to_ref = res.dice_to_gt, res.majority_dice_to_gt, res.dice_to_reference
+    maj_vol = np.diagonal(res.overlap, axis1=1, axis2=2)[:, k] * res.voxel_volume
+    for s, st in enumerate(structures):
+        for i, name in enumerate(names):
+            cases_rows.append((case, st.key, name, "replica", float(volumes[s, i]),
+                               _f(None if to_gt is None else to_gt[s, i]),
+                               _f(None if to_ref is None else to_ref[s, i])))
+        if res.has_reference and reference and (case, st.key) not in ref_done:
+            ref_done.add((case, st.key))
+            ref_gt = res.reference_dice_to_gt
+            cases_rows.append((case, st.key, reference, "reference", float(res.reference_volume_mm3[s]),
+                               _f(None if ref_gt is None else ref_gt[s]), 1.0))
+        for p, (a, b) in enumerate(pairs):
+            pair_rows.append((case, st.key, names[a], names[b], float(pw[s, p]), bool(both[s, p])))
+        maj_rows.append((case, st.key, exp.kind, float(maj_vol[s]),
+                         _f(None if maj_gt is None else maj_gt[s]),
+                         _f(None if to_ref is None else to_ref[s, k]), res.tie_voxels,
+                         res.ties_by_probability))
+        a = acc[s]
+        a["vol"].append(volumes[s])
+        a["vox"].append(voxels[s])
+        a["pw"].append(pw[s])
+        a["empty"].append(both[s])
+        if res.has_reference:
+            a["ref"].append(res.reference_volume_mm3[s])
+            a["to_ref"].append(to_ref[s, :k])
+        if to_gt is not None:
+            a["gt"].append(to_gt[s])
+            a["maj"].append(maj_gt[s])
+
+
+def _summary_row(exp, st: variability.Structure, a: dict, num_cases: int, k: int, reference: Optional[str]) -> dict:
+    """The summary row of one kind and structure from the values gathered over its cases (:func:`_add_case_rows`)."""
+    ref = np.asarray(a["ref"]) if len(a["ref"]) == len(a["vol"]) else None
+    spread = volume_stats.volume_spread(np.stack(a["vol"], axis=1), np.stack(a["vox"], axis=1), ref)
+    d, empty = np.concatenate(a["pw"]), np.concatenate(a["empty"])
+    gt = np.concatenate(a["gt"]) if a["gt"] else np.array([])
+    maj = np.asarray(a["maj"], dtype=np.float64)
+    return {
+        "kind": exp.kind, "label": st.key, "name": st.name, "cases": num_cases, "replicas": k,
+        "pairwise_dice_min": float(d.min()), "pairwise_dice_mean": float(d.mean()),
+        "pairwise_dice_mean_nonempty": float(d[~empty].mean()) if (~empty).any() else math.nan,
+        "both_empty_pairs": int(empty.sum()), "pairs": int(d.size),
+        "volume_mean_mm3": _nanmean(spread["mean"]), "volume_std_mm3": _nanmean(spread["std"]),
+        "volume_cv": _nanmean(spread["cv"]),
+        **volume_stats.summarize_digits(spread),
+        "sig_reference": reference if ref is not None else "replica mean",
+        "dice_to_gt_mean": _nanmean(gt), "gt_both_empty": int(np.isnan(gt).sum()),
+        "majority_dice_to_gt_mean": _nanmean(maj), "majority_gt_both_empty": int(np.isnan(maj).sum()),
+        "dice_to_reference_mean": _nanmean(np.concatenate(a["to_ref"])) if a["to_ref"] else math.nan,
+    }
 
 
 def compare_kinds(summary):

@@ -219,10 +219,7 @@ def _summary_table(summary) -> str:
 def headlines(summary, num_replicas: int) -> str:
     """A compact table, one row per structure (and kind), each number marked with a footnote that says what it
     averages over, over how many values (cases carrying a value, pairs), and by which convention."""
-    esc = html_lib.escape
     k = num_replicas
-    prob = volume_stats.bound_probability(k)
-    needed = volume_stats.trials_needed()
     multi = summary["kind"].nunique() > 1
     has_gt = summary["dice_to_gt_mean"].notna().any()
     has_ref = summary.get("dice_to_reference_mean", summary["dice_to_gt_mean"] * np.nan).notna().any()
@@ -231,26 +228,43 @@ def headlines(summary, num_replicas: int) -> str:
             + (["Dice to reference⁶"] if has_ref else []))
     rows = []
     for _, r in summary.iterrows():
-        n_cases, pairs = int(r["cases"]), int(r["pairs"])
-        sig_cases = int(r.get("sig_cases", n_cases))
-        cells = [f"{esc(r['name'])} ({esc(r['label'])})"] + ([esc(r["kind"])] if multi else [])
-        cells += [f"{r['pairwise_dice_mean']:.4f}<br><small>{pairs} pairs; without {int(r['both_empty_pairs'])} "
-                  f"empty–empty: {r['pairwise_dice_mean_nonempty']:.4f}</small>",
-                  f"{format_volume(r['volume_mean_mm3'])}<br><small>{n_cases} cases</small>",
-                  f"{100 * r['volume_cv']:.2f} %",
-                  f"{r['sig_bits_median']:.1f} ({r['sig_digits_median']:.2f} digits)<br><small>median over "
-                  f"{sig_cases} cases; {int(r['unanimous_cases'])} unanimous; mean {r['sig_bits_mean']:.1f}"
-                  f"</small>"]
-        if has_gt:
-            n_gt = n_cases * k - int(r["gt_both_empty"])
-            cells += [f"{r['dice_to_gt_mean']:.4f}<br><small>{n_gt} values, {int(r['gt_both_empty'])} NaN left "
-                      f"out</small>",
-                      f"{r['majority_dice_to_gt_mean']:.4f}<br><small>{n_cases - int(r['majority_gt_both_empty'])}"
-                      f" cases</small>"]
-        if has_ref:
-            v = r.get("dice_to_reference_mean", math.nan)
-            cells.append("–" if math.isnan(v) else f"{v:.4f}<br><small>{n_cases * k} values</small>")
+        cells = _headline_cells(r, k, multi, has_gt, has_ref)
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    notes = _headline_notes(summary, k, has_gt, has_ref)
+    table = ("<div class=\"wide\"><table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"
+             + "".join(rows) + "</table></div>")
+    return table + "".join(f'<p class="note">{n}</p>' for n in notes)
+
+
+def _headline_cells(r, k: int, multi: bool, has_gt: bool, has_ref: bool) -> List[str]:
+    """The cells of one summary row (``r``) in :func:`headlines`' table."""
+    esc = html_lib.escape
+    n_cases, pairs = int(r["cases"]), int(r["pairs"])
+    sig_cases = int(r.get("sig_cases", n_cases))
+    cells = [f"{esc(r['name'])} ({esc(r['label'])})"] + ([esc(r["kind"])] if multi else [])
+    cells += [f"{r['pairwise_dice_mean']:.4f}<br><small>{pairs} pairs; without {int(r['both_empty_pairs'])} "
+              f"empty–empty: {r['pairwise_dice_mean_nonempty']:.4f}</small>",
+              f"{format_volume(r['volume_mean_mm3'])}<br><small>{n_cases} cases</small>",
+              f"{100 * r['volume_cv']:.2f} %",
+              f"{r['sig_bits_median']:.1f} ({r['sig_digits_median']:.2f} digits)<br><small>median over "
+              f"{sig_cases} cases; {int(r['unanimous_cases'])} unanimous; mean {r['sig_bits_mean']:.1f}"
+              f"</small>"]
+    if has_gt:
+        n_gt = n_cases * k - int(r["gt_both_empty"])
+        cells += [f"{r['dice_to_gt_mean']:.4f}<br><small>{n_gt} values, {int(r['gt_both_empty'])} NaN left "
+                  f"out</small>",
+                  f"{r['majority_dice_to_gt_mean']:.4f}<br><small>{n_cases - int(r['majority_gt_both_empty'])}"
+                  f" cases</small>"]
+    if has_ref:
+        v = r.get("dice_to_reference_mean", math.nan)
+        cells.append("–" if math.isnan(v) else f"{v:.4f}<br><small>{n_cases * k} values</small>")
+    return cells
+
+
+def _headline_notes(summary, k: int, has_gt: bool, has_ref: bool) -> List[str]:
+    """The footnotes of :func:`headlines`' table: what each number averages over and by which convention."""
+    prob = volume_stats.bound_probability(k)
+    needed = volume_stats.trials_needed()
     ref_text = ("the replicas' mean volume" if (summary["sig_reference"] == "replica mean").all()
                 else "the volume of the IEEE reference model where one was predicted")
     parity = ("odd: with two labels (background and one structure) a voxel cannot tie; with three or more it can"
@@ -285,9 +299,7 @@ def headlines(summary, num_replicas: int) -> str:
     if has_ref:
         notes.append("⁶ Single replicas against the reference model, mean over (case, replica) values, two empty "
                      "masks counted as 1.")
-    table = ("<div class=\"wide\"><table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"
-             + "".join(rows) + "</table></div>")
-    return table + "".join(f'<p class="note">{n}</p>' for n in notes)
+    return notes
 
 
 def build_html(experiments, summary, comparison, figures: Sequence[str], cases, output: str) -> str:
