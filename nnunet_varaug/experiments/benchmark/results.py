@@ -76,23 +76,7 @@ def render_results(bench: "Benchmark") -> str:
         lines += [""] + render_verdicts(bench, ev, verdicts.verdict_lines)
         stability = ev["test"].get("stability") or {}
         if stability:
-            lines += ["", "## Stability across training seeds, on the held-out test split", ""]
-            keys = list(ev["labels"])
-            head = ["models", *[f"{ev['labels'][k]} ({k}): {m}" for k in keys
-                                for m in ("pairwise Dice", "volume CV")]]
-            rows = []
-            for group, g in stability.items():
-                title = (f"plain replicas `{g['members'][0]}`…" if group == "replicas"
-                         else f"`{group}`, seeds `{g['members'][0]}`…")
-                rows.append([f"{title} (K={len(g['members'])})",
-                             *[f"{g['labels'][k][m]:.4f}" for k in keys for m in ("pairwise_dice", "volume_cv")]])
-            lines += _table(head, rows)
-            lines += ["", "Per test case: the mean Dice over all pairs of the K models, and the coefficient of "
-                          "variation (sd / mean) of the label's volume across them; then the mean over test cases. "
-                          "A more stable method has higher pairwise Dice and lower volume CV. Same cases, same "
-                          "metrics as `analyze` (`evaluation/dice.json` has min pairwise Dice and volume sd too)."]
-            lines += ["", "Seed noise of the test Dice, and its ratio to the plain replicas':", ""]
-            lines += render_verdicts(bench, ev, verdicts.seed_noise_lines)
+            lines += _stability_lines(bench, ev, stability)
     else:
         lines += ["(not evaluated yet: run the `evaluate` stage)"]
     lines += ["", f"## Dice on fold {bench.fold}'s validation cases (cross-validation; not for comparing sources)", ""]
@@ -102,6 +86,38 @@ def render_results(bench: "Benchmark") -> str:
                       "`validation/summary.json` of each model. Optimistic for out-of-fold (`_oof`) models: their "
                       "samples of fold " f"{bench.fold}'s training cases come from replicas of the other folds, which "
                       "were trained on these very validation cases."]
+    lines += _analysis_lines(bench)
+    lines += _published(bench, ev)
+    lines += _compute_lines(bench)
+    return "\n".join(lines)
+
+
+def _stability_lines(bench: "Benchmark", ev: dict, stability: dict) -> List[str]:
+    """results.md's stability section: pairwise Dice and volume CV across training seeds on the test split, and
+    the seed noise of the test Dice."""
+    lines = ["", "## Stability across training seeds, on the held-out test split", ""]
+    keys = list(ev["labels"])
+    head = ["models", *[f"{ev['labels'][k]} ({k}): {m}" for k in keys
+                        for m in ("pairwise Dice", "volume CV")]]
+    rows = []
+    for group, g in stability.items():
+        title = (f"plain replicas `{g['members'][0]}`…" if group == "replicas"
+                 else f"`{group}`, seeds `{g['members'][0]}`…")
+        rows.append([f"{title} (K={len(g['members'])})",
+                     *[f"{g['labels'][k][m]:.4f}" for k in keys for m in ("pairwise_dice", "volume_cv")]])
+    lines += _table(head, rows)
+    lines += ["", "Per test case: the mean Dice over all pairs of the K models, and the coefficient of "
+                  "variation (sd / mean) of the label's volume across them; then the mean over test cases. "
+                  "A more stable method has higher pairwise Dice and lower volume CV. Same cases, same "
+                  "metrics as `analyze` (`evaluation/dice.json` has min pairwise Dice and volume sd too)."]
+    lines += ["", "Seed noise of the test Dice, and its ratio to the plain replicas':", ""]
+    lines += render_verdicts(bench, ev, verdicts.seed_noise_lines)
+    return lines
+
+
+def _analysis_lines(bench: "Benchmark") -> List[str]:
+    """results.md's in-fold vs out-of-fold and replica-variability tables, from ``analysis/`` where written."""
+    lines = []
     sources_csv = os.path.join(bench.out, "analysis", "sources.csv")
     if os.path.isfile(sources_csv):
         table = _csv(sources_csv)
@@ -117,8 +133,12 @@ def render_results(bench: "Benchmark") -> str:
             lines += ["", "## Variability of the replicas on the held-out test split (`analysis/summary.csv`)", ""]
             lines += _table(table[0], [[_short(c) for c in r] for r in table[1:21]])
             lines += ["", "Full report: [analysis/report.html](analysis/report.html)"]
-    lines += _published(bench, ev)
-    lines += ["", "## Compute", ""]
+    return lines
+
+
+def _compute_lines(bench: "Benchmark") -> List[str]:
+    """results.md's compute table: per stage its status, compute time, attempts and log."""
+    lines = ["", "## Compute", ""]
     rows, total = [], 0.0
     for stage in bench.stages:
         rec = bench.state["stages"].get(stage, {})
@@ -131,7 +151,7 @@ def render_results(bench: "Benchmark") -> str:
     lines += _table(["stage", "status", "compute (h:mm:ss)", "attempts", "log"], rows)
     lines += ["", "Compute is wall time of the stage's commands on this machine, summed over attempts (resumed "
                   "stages count every attempt); a stage found complete on disk without a record shows –.", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def render_verdicts(bench: "Benchmark", ev: dict, make) -> List[str]:
