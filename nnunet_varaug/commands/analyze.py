@@ -19,8 +19,8 @@ import sys
 from typing import Dict, List, Optional, Sequence, Union
 
 from nnunet_varaug.commands.flags import add_device, add_disable_tta, add_experiment_arguments, add_quiet
-from nnunet_varaug.commands.uncertainty_flags import add_review_flags, review_options
-from nnunet_varaug.evaluation import structures as structure_stats, variability
+from nnunet_varaug.commands.uncertainty_flags import add_review_flags, check_review_names, review_options
+from nnunet_varaug.evaluation import variability
 from nnunet_varaug.evaluation.case_record import record_from_arrays
 from nnunet_varaug.evaluation.uncertainty import entropy_bits
 from nnunet_varaug.inference import probsums, replica_stats
@@ -85,31 +85,44 @@ def analyze_experiment(experiments: Union[Experiment, Sequence[Experiment]], out
     experiments = check_experiments(experiments)
     first = experiments[0]
     review = review or ReviewOptions()
-    try:
-        structure_stats.check_structure_names(list(review.may_be_absent) + list(review.instances),
-                                              variability.structures_from_dataset_json(first.dataset_json),
-                                              "--may-be-absent/--instances")
-    except ValueError as e:
-        raise VarAugError(str(e)) from None
+    check_review_names(first, review)
     if output is None:
         require_env("nnUNet_results", "the default report folder lies there (or pass -o)")
         output = default_output(experiments)
     output = os.path.abspath(output)
-    dj = first.dataset_json
-    cases = list_cases(first, images, labels)
-    rw = reader_for(dj, cases[0].images[0])
-    ignore = variability.ignore_label(dj)
-    check_ground_truth(rw, cases, variability.label_values(dj) + ([] if ignore is None else [ignore]))
-
-    if calibrate and not any(c.label for c in cases):
-        raise VarAugError("--calibration needs labelled cases: the fold's validation cases, or -i with -l")
-
+    cases, rw = _checked_cases(first, images, labels, calibrate)
     os.makedirs(output, exist_ok=True)
     reference = reference_model(first, [e.kind for e in experiments])
     # calibration counts and NLL sums are gathered for every labelled case while its probabilities exist, so that a
     # later --calibration run reuses them instead of predicting again
     folders = predict_replicas(experiments, cases, output, device, progress, reference, tta, step_size,
                                calibrate=not regions)
+    summary = _write_report(output, experiments, cases, folders, reference, rw, progress, review, calibrate, tta,
+                            step_size)
+    summary.attrs["report_dir"] = output
+    summary.attrs["report_html"] = os.path.join(output, "report.html")
+    write_source_comparison_for(experiments[0], output)  # sources.csv, when both sample sets of the fold exist
+    return summary
+
+
+def _checked_cases(first: Experiment, images: Optional[str], labels: Optional[str], calibrate: bool):
+    """The cases to analyze and the image reader/writer, their labels checked before anything is written."""
+    dj = first.dataset_json
+    cases = list_cases(first, images, labels)
+    rw = reader_for(dj, cases[0].images[0])
+    ignore = variability.ignore_label(dj)
+    check_ground_truth(rw, cases, variability.label_values(dj) + ([] if ignore is None else [ignore]))
+    if calibrate and not any(c.label for c in cases):
+        raise VarAugError("--calibration needs labelled cases: the fold's validation cases, or -i with -l")
+    return cases, rw
+
+
+def _write_report(output: str, experiments: List[Experiment], cases, folders: Dict[str, str],
+                  reference: Optional[str], rw, progress: bool, review: ReviewOptions, calibrate: bool, tta: bool,
+                  step_size: float):
+    """The report from the cached predictions: tables and maps (staged, so a failure leaves the previous report),
+    overlays, the uncertainty sections and, with ``calibrate``, the calibration section (else an earlier run's
+    calibration files removed). Returns the summary table."""
     stage = report.ReportStage(output)
     try:
         results, records = analyze_cases(experiments, cases, folders, reference, rw, stage, progress, review)
@@ -125,9 +138,6 @@ def analyze_experiment(experiments: Union[Experiment, Sequence[Experiment]], out
         for name in ("calibration.csv", "temperature.json"):  # from an earlier --calibration run
             if os.path.exists(os.path.join(output, name)):
                 os.remove(os.path.join(output, name))
-    summary.attrs["report_dir"] = output
-    summary.attrs["report_html"] = os.path.join(output, "report.html")
-    write_source_comparison_for(experiments[0], output)  # sources.csv, when both sample sets of the fold exist
     return summary
 
 

@@ -1,11 +1,12 @@
 """The flags of ``predict`` and ``analyze`` that say how the review score and the failure detection are defined
-(docs/inference.md), declared once."""
+(docs/inference.md), declared and checked once."""
 from __future__ import annotations
 
 import argparse
 
-from nnunet_varaug.evaluation import failure_detection, structures
+from nnunet_varaug.evaluation import failure_detection, structures, variability
 from nnunet_varaug.report.uncertainty_report import ReviewOptions
+from nnunet_varaug.training.experiment import Experiment
 from nnunet_varaug.utilities.errors import VarAugError
 
 
@@ -37,3 +38,13 @@ def review_options(args: argparse.Namespace) -> ReviewOptions:
     return ReviewOptions(min_volume=args.min_volume, may_be_absent=tuple(args.may_be_absent),
                          flag_above=getattr(args, "flag_above", None), failure_dice=args.failure_dice,
                          instances=tuple(args.instances), nsd_tolerance=args.nsd_tolerance)
+
+
+def check_review_names(exp: Experiment, review: ReviewOptions) -> None:
+    """--may-be-absent and --instances name structures of the experiment's dataset (else VarAugError)."""
+    try:
+        structures.check_structure_names(list(review.may_be_absent) + list(review.instances),
+                                         variability.structures_from_dataset_json(exp.dataset_json),
+                                         "--may-be-absent/--instances")
+    except ValueError as e:
+        raise VarAugError(str(e)) from None
