@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import timeit
+
+from _workspace import nnunet_folders, workspace
 
 BIN = os.path.dirname(sys.executable)
 DATASET = 987
@@ -47,13 +47,9 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, default=60)
     p.add_argument("--keep", default=None, help="work in this folder and keep it (a second run reuses its dataset)")
     args = p.parse_args(argv)
-    root = args.keep or tempfile.mkdtemp(prefix="bench_streams_")
-    env = {"nnUNet_raw": os.path.join(root, "raw"), "nnUNet_preprocessed": os.path.join(root, "pre"),
-           "nnUNet_results": os.path.join(root, "results"), "nnUNet_n_proc_DA": "0", "nnUNet_compile": "f"}
-    for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        os.makedirs(env[key], exist_ok=True)
-    os.environ.update(env)
-    try:
+    with workspace(args.keep, "bench_streams_") as root:
+        env = {**nnunet_folders(root), "nnUNet_n_proc_DA": "0", "nnUNet_compile": "f"}
+        os.environ.update(env)
         from nnunet_varaug.experiments.datasets import make_synthetic_dataset
         from nnunet_varaug.training.seeding import RandomStream
 
@@ -88,9 +84,6 @@ def main(argv=None) -> int:
         print(f"  ratio streams / nnU-Net's: {streamed / plain:.3f}")
         print(f"  one stream activation (3 generators' states swapped in and out, best of 7 x 200): "
               f"{1e6 * swap:.1f} µs; a batch of 2 samples makes 3")
-    finally:
-        if args.keep is None:
-            shutil.rmtree(root, ignore_errors=True)
     return 0
 
 

@@ -22,8 +22,9 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
+
+from _workspace import nnunet_folders, workspace
 
 BIN = os.path.dirname(sys.executable)
 DATASET = 986
@@ -58,18 +59,14 @@ def main(argv=None) -> int:
     from nnunet_varaug.experiments.datasets import make_synthetic_dataset
     from nnunet_varaug.training.registry import ext_trainer_value
 
-    root = args.keep or tempfile.mkdtemp(prefix="bench_tiny_validation_")
-    user = os.path.join(root, "user_trainers")
-    os.makedirs(user, exist_ok=True)
-    with open(os.path.join(user, "stock_validation.py"), "w") as f:
-        f.write(USER_TRAINER)
-    env = dict(os.environ, nnUNet_raw=os.path.join(root, "raw"), nnUNet_preprocessed=os.path.join(root, "pre"),
-               nnUNet_results=os.path.join(root, "results"), nnUNet_compile="f", nnUNet_def_n_proc="1",
-               nnUNet_n_proc_DA="0", nnUNet_extTrainer=ext_trainer_value(user))
-    for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        os.makedirs(env[key], exist_ok=True)
-    try:
-        os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
+    with workspace(args.keep, "bench_tiny_validation_") as root:
+        user = os.path.join(root, "user_trainers")
+        os.makedirs(user, exist_ok=True)
+        with open(os.path.join(user, "stock_validation.py"), "w") as f:
+            f.write(USER_TRAINER)
+        env = dict(os.environ, **nnunet_folders(root), nnUNet_compile="f", nnUNet_def_n_proc="1",
+                   nnUNet_n_proc_DA="0", nnUNet_extTrainer=ext_trainer_value(user))
+        os.environ.update(nnunet_folders(root))
         raw = make_synthetic_dataset(DATASET, env["nnUNet_raw"], name="BenchValidation", num_cases=10, seed=1)
         run([os.path.join(BIN, "nnUNetv2_plan_and_preprocess"), "-d", str(DATASET), "-c", "3d_fullres", "-np", "1",
              "-npfp", "1"], {**env, "nnUNet_n_proc_DA": "1"})
@@ -100,9 +97,6 @@ def main(argv=None) -> int:
         print(f"  ratio tiny / nnU-Net's: {tiny / stock:.3f}; saved per validation: {stock - tiny:.2f} s")
         print(f"  validation foreground Dice: {dice[STOCK]!r} vs {dice[TINY]!r} "
               f"({'identical' if dice[STOCK] == dice[TINY] else 'DIFFERENT'})")
-    finally:
-        if args.keep is None:
-            shutil.rmtree(root, ignore_errors=True)
     return 0
 
 
