@@ -26,7 +26,7 @@ Counts are accumulated per case (:class:`CalibrationCounts`, additive and JSON-s
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -45,12 +45,18 @@ def roi_mask(foreground: np.ndarray, spacing: Sequence[float], margin_mm: float 
     if not foreground.any():
         return out
     spacing = np.asarray(spacing, dtype=np.float64)
-    pad = np.ceil(margin_mm / spacing).astype(int) + 1
-    idx = np.nonzero(foreground)
-    box = tuple(slice(max(0, int(i.min()) - p), min(n, int(i.max()) + p + 1))
-                for i, p, n in zip(idx, pad, foreground.shape))
+    box = padded_box(foreground, spacing, margin_mm)
     out[box] = ndimage.distance_transform_edt(~foreground[box], sampling=spacing) <= margin_mm
     return out
+
+
+def padded_box(mask: np.ndarray, spacing: np.ndarray, margin_mm: float) -> Tuple[slice, ...]:
+    """The bounding box of a non-empty ``mask`` widened by ``margin_mm`` plus one voxel on each side (``spacing`` in
+    mm per axis), clipped to the array: every voxel within the margin of the mask lies inside it."""
+    pad = np.ceil(margin_mm / spacing).astype(int) + 1
+    idx = np.nonzero(mask)
+    return tuple(slice(max(0, int(i.min()) - p), min(n, int(i.max()) + p + 1))
+                 for i, p, n in zip(idx, pad, mask.shape))
 
 
 def model_roi(probabilities: np.ndarray, gt: np.ndarray, labels: Sequence[int], spacing: Sequence[float],

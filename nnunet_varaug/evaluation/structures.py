@@ -37,6 +37,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from nnunet_varaug.evaluation import variability
+from nnunet_varaug.evaluation.calibration import padded_box
 
 BAND_MM = 2.0
 """Half-width of the boundary band around the consensus structure's surface, in mm."""
@@ -60,10 +61,7 @@ def boundary_band(mask: np.ndarray, spacing: Sequence[float], width: float = BAN
     if not mask.any():
         return band
     spacing = np.asarray(spacing, dtype=np.float64)
-    pad = np.ceil(width / spacing).astype(int) + 1
-    idx = np.nonzero(mask)
-    box = tuple(slice(max(0, int(i.min()) - p), min(n, int(i.max()) + p + 1))
-                for i, p, n in zip(idx, pad, mask.shape))
+    box = padded_box(mask, spacing, width)
     m = mask[box]
     # distance of an inside voxel to the nearest outside voxel, and vice versa (edt: distance to the nearest zero);
     # outside the image counts as outside the structure
