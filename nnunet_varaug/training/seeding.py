@@ -80,6 +80,15 @@ def compile_decision(environ: Optional[MutableMapping[str, str]] = None) -> Tupl
                    "nnUNet_compile=t turns it on")
 
 
+def determinism_settings() -> Dict[str, object]:
+    """The kernel-selection settings as torch reports them: deterministic algorithms (and warn-only), cuDNN
+    deterministic and benchmark mode."""
+    return {"deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
+            "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+            "cudnn_benchmark": bool(torch.backends.cudnn.benchmark)}
+
+
 def make_deterministic() -> Dict[str, object]:
     """Deterministic kernels: ``torch.use_deterministic_algorithms(True, warn_only=True)``, cuDNN deterministic
     and benchmark mode off (nnU-Net's ``run_training`` turns benchmark mode on, which picks kernels by timing).
@@ -87,10 +96,7 @@ def make_deterministic() -> Dict[str, object]:
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
-    return {"deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-            "warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
-            "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
-            "cudnn_benchmark": bool(torch.backends.cudnn.benchmark)}
+    return determinism_settings()
 
 
 def allow_nondeterminism() -> Dict[str, object]:
@@ -100,10 +106,7 @@ def allow_nondeterminism() -> Dict[str, object]:
     torch.use_deterministic_algorithms(False)
     torch.backends.cudnn.deterministic = False
     torch.backends.cudnn.benchmark = True
-    return {"deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-            "warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
-            "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
-            "cudnn_benchmark": bool(torch.backends.cudnn.benchmark)}
+    return determinism_settings()
 
 
 def platform_record(device: "torch.device", cpuinfo: str = "/proc/cpuinfo") -> Dict[str, object]:

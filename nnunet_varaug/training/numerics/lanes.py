@@ -91,14 +91,20 @@ def sr_dot(a: torch.Tensor, b: torch.Tensor, rounder: Rounder) -> torch.Tensor:
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
+def _kernel_call(rounder: Rounder):
+    """What every compiled kernel call takes besides the data: the library, the rounder's noise arguments and the
+    float32 rounding's type code."""
+    key, op, iteration, directed = rounder.kernel_noise()
+    lib = kernels.library()
+    args = kernels.noise_args(key, op, iteration, directed)
+    return lib, args, rounder.t(F32)
+
+
 def _dot_compiled(a, b, rounder: Rounder, lanes: int, steps: int, base: int) -> torch.Tensor:
     m, k = a.shape
     n = b.shape[0]
     out = torch.empty((m, n), dtype=F32)
-    key, op, iteration, directed = rounder.kernel_noise()
-    t = rounder.t(F32)
-    lib = kernels.library()
-    args = kernels.noise_args(key, op, iteration, directed)
+    lib, args, t = _kernel_call(rounder)
 
     def work(j0: int, j1: int) -> None:
         lib.nv_sr_dot(ctypes.c_void_p(a.data_ptr()), ctypes.c_int64(k), ctypes.c_void_p(b.data_ptr()),
@@ -121,10 +127,7 @@ def sr_dot_rows(a: torch.Tensor, b: torch.Tensor, rounder: Rounder) -> torch.Ten
     a, b = a.contiguous(), b.contiguous()
     if kernels.usable(a, b) and k > 0:
         out = torch.empty(r, dtype=F32)
-        key, op, iteration, directed = rounder.kernel_noise()
-        lib = kernels.library()
-        args = kernels.noise_args(key, op, iteration, directed)
-        t = rounder.t(F32)
+        lib, args, t = _kernel_call(rounder)
 
         def work(r0: int, r1: int) -> None:
             lib.nv_sr_rowdot(ctypes.c_void_p(a.data_ptr()), ctypes.c_void_p(b.data_ptr()), ctypes.c_int64(k),
@@ -161,10 +164,7 @@ def sr_sum_rows(x: torch.Tensor, rounder: Rounder) -> torch.Tensor:
     x = x.contiguous()
     if kernels.usable(x) and k > 0:
         out = torch.empty(r, dtype=F32)
-        key, op, iteration, directed = rounder.kernel_noise()
-        lib = kernels.library()
-        args = kernels.noise_args(key, op, iteration, directed)
-        t = rounder.t(F32)
+        lib, args, t = _kernel_call(rounder)
 
         def work(r0: int, r1: int) -> None:
             lib.nv_sr_sum(ctypes.c_void_p(x.data_ptr()), ctypes.c_int64(k), ctypes.c_void_p(out.data_ptr()),
