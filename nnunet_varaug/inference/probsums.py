@@ -18,7 +18,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from nnunet_varaug.utilities.fileio import replacing, write_json
+from nnunet_varaug.utilities.fileio import read_npz_array, replacing, write_json
 
 FOLDER = "_probabilities"
 
@@ -55,8 +55,4 @@ def save(output: str, kind: str, case: str, total: np.ndarray, shas: Dict[str, s
 
 def load(output: str, kind: str, case: str) -> Optional[np.ndarray]:
     """The stored ``(C, *spatial)`` mean probabilities of ``case``, or None."""
-    path = os.path.join(folder(output, kind), case + ".npz")
-    if not os.path.isfile(path):
-        return None
-    with np.load(path) as f:
-        return f["mean"]
+    return read_npz_array(os.path.join(folder(output, kind), case + ".npz"), "mean")

@@ -15,7 +15,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 from nnunet_varaug.evaluation import calibration, temperature, uncertainty
-from nnunet_varaug.utilities.fileio import replacing, write_json
+from nnunet_varaug.utilities.fileio import read_npz_array, replacing, write_json
 
 FOLDER = "_replica_stats"
 ENSEMBLE = "ensemble"
@@ -46,11 +46,7 @@ def is_current(output: str, kind: str, case: str, identity: dict, need_calibrati
 
 
 def load_entropy_sum(output: str, kind: str, case: str) -> Optional[np.ndarray]:
-    path = os.path.join(folder(output, kind), case + ".npz")
-    if not os.path.isfile(path):
-        return None
-    with np.load(path) as f:
-        return f["entropy_sum"]
+    return read_npz_array(os.path.join(folder(output, kind), case + ".npz"), "entropy_sum")
 
 
 class Accumulator:

@@ -1,4 +1,4 @@
-"""Files on disk: atomic writes and content fingerprints.
+"""Files on disk: atomic writes, content fingerprints, an array read back from an ``.npz`` file.
 
 Writes go to a temporary file beside the target, then ``os.replace`` it into place: readers never see half a
 file, and an interrupted write leaves the old file (or none) where it was. ``replacing`` is that pattern for any
@@ -64,3 +64,13 @@ def file_sha256(path: str, block: int = 1 << 22) -> str:
         for chunk in iter(lambda: f.read(block), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def read_npz_array(path: str, key: str):
+    """The array ``key`` of the ``.npz`` file ``path``, or None where there is no such file."""
+    import numpy as np
+
+    if not os.path.isfile(path):
+        return None
+    with np.load(path) as f:
+        return f[key]
