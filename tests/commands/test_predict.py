@@ -17,6 +17,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import TINY, run_cli, run_clis_side_by_side
+from predict_helpers import arr, main
 
 pytestmark = pytest.mark.e2e
 
@@ -29,24 +30,8 @@ def predict_args(images, out, n=3, labels=None, *extra):
     return args + (["-l", str(labels)] if labels else [])
 
 
-def main(args):
-    from nnunet_varaug.cli import main as cli_main
-
-    import torch
-
-    threads = torch.get_num_threads()
-    try:
-        return cli_main(args)
-    finally:
-        torch.set_num_threads(threads)
-
-
 def read(path):
     return sitk.ReadImage(str(path))
-
-
-def arr(path):
-    return sitk.GetArrayFromImage(read(path))
 
 
 @pytest.fixture(scope="module")

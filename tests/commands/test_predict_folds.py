@@ -13,30 +13,14 @@ import shutil
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
 from conftest import TINY, run_cli, run_clis_side_by_side
+from predict_helpers import arr, main
 
 pytestmark = pytest.mark.e2e
 
 ENDING = ".nii.gz"
 NAMES = [f"{TINY}_seed{k}" for k in range(2)]
-
-
-def arr(path):
-    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-
-
-def main(args):
-    import torch
-
-    from nnunet_varaug.cli import main as cli_main
-
-    threads = torch.get_num_threads()
-    try:
-        return cli_main(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 DATASET_ID = 101

@@ -8,19 +8,15 @@ import shutil
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
 from conftest import TINY, plan_and_preprocess, run_cli, run_clis_side_by_side, side_by_side_env
+from predict_helpers import arr, main
 
 pytestmark = pytest.mark.e2e
 
 REGION_ID = 141
 ENDING = ".nii.gz"
 REGIONS = {"whole": (1, 2), "lesion": (2,)}  # dataset.json's regions, in regions_class_order's order (1, 2)
-
-
-def arr(path):
-    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
 
 
 def h2(q):
@@ -30,18 +26,6 @@ def h2(q):
         t = np.where(q > 0, q * np.log2(np.where(q > 0, q, 1)), 0)
         u = np.where(q < 1, (1 - q) * np.log2(np.where(q < 1, 1 - q, 1)), 0)
     return -(t + u)
-
-
-def main(args):
-    import torch
-
-    from nnunet_varaug.cli import main as cli_main
-
-    threads = torch.get_num_threads()
-    try:
-        return cli_main(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def predict_args(images, out, *extra):

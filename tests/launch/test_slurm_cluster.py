@@ -19,28 +19,11 @@ from conftest import SYNTHETIC_3D_ID, TINY, side_by_side_env
 from nnunet_varaug.launch.slurm import SLURM_RECORD
 from nnunet_varaug.training.preemption import CONTINUING
 from nnunet_varaug.training.registry import ext_trainer_value
+from pausing_trainer import PAUSING_TRAINER
 from slurm_cluster import FEATURE, PARTITION, slurm_cluster  # noqa: F401 (slurm_cluster: the fixture)
 
 pytestmark = pytest.mark.e2e
 
-# nnUNetTrainerTiny, pausing after the first epoch of a fresh run (its checkpoint written) until a signal stops it
-PAUSING_TRAINER = '''
-import os
-import time
-
-from nnunet_varaug.training.trainers.tiny import nnUNetTrainerTiny
-
-
-class PausingTiny(nnUNetTrainerTiny):
-    def on_epoch_end(self):
-        super().on_epoch_end()
-        folder = os.environ.get("VARAUG_TEST_PAUSE")
-        if folder and self.current_epoch == 1:
-            open(os.path.join(folder, type(self).__name__ + ".paused"), "w").close()
-            deadline = time.time() + 600
-            while time.time() < deadline:
-                time.sleep(0.05)
-'''
 REPLICAS = ("replicas", "-d", str(SYNTHETIC_3D_ID), "-c", "3d_fullres", "-f", "0", "-device", "cpu",
             "--launcher", "slurm", "--slurm-partition", PARTITION, "--slurm-time", "30")
 

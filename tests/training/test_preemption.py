@@ -8,7 +8,6 @@ import random
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import numpy as np
@@ -20,6 +19,7 @@ from nnunet_varaug.training.preemption import (CONTINUING, STOPPED_EXIT_CODE, Pr
                                                restart_epoch_randomness)
 from nnunet_varaug.training.registry import ext_trainer_value
 from nnunet_varaug.training.seeding import SeededWorkerLoader, derive_seed
+from pausing_trainer import PAUSING_TRAINER
 
 
 class FakeBase:
@@ -137,28 +137,6 @@ def test_each_epoch_seeds_the_generators_and_restarts_the_streams_from_replica_a
     key = derive_seed(5, "augmenter", 1, "epoch", 7)  # no workers: the loader's sampling stream restarts in place
     expected = np.random.RandomState(derive_seed(0, "sampling", key, 0)).rand(2).tolist()
     assert [next(T.dataloader_val), next(T.dataloader_val)] == expected
-
-
-PAUSING_TRAINER = textwrap.dedent('''
-    import os
-    import time
-
-    from nnunet_varaug.training.trainers.tiny import nnUNetTrainerTiny
-
-
-    class PausingTiny(nnUNetTrainerTiny):
-        """nnUNetTrainerTiny that, with VARAUG_TEST_PAUSE naming a folder, waits after the first epoch of a fresh run
-        (its checkpoint written) until a signal stops it, announcing the wait with <folder>/<trainer>.paused."""
-
-        def on_epoch_end(self):
-            super().on_epoch_end()
-            folder = os.environ.get("VARAUG_TEST_PAUSE")
-            if folder and self.current_epoch == 1:
-                open(os.path.join(folder, type(self).__name__ + ".paused"), "w").close()
-                deadline = time.time() + 600
-                while time.time() < deadline:
-                    time.sleep(0.05)
-''')
 
 
 def pausing_trainer_folder(tmp_path) -> str:
