@@ -2,7 +2,7 @@
 on disk or made earlier in the same run (else the command that makes them)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from nnunet_varaug.utilities.errors import VarAugError
 
@@ -23,12 +23,14 @@ def check_trainers(bench: "Benchmark") -> None:
         raise VarAugError(f"unknown base trainer '{bench.base}': {e}") from None
 
 
-def check_requirements(bench: "Benchmark", stage: str, planned: Sequence[str]) -> None:
-    """A stage asked for before its inputs exist (and not about to be made by this run) is an error."""
+def check_requirements(bench: "Benchmark", stage: str, planned: Sequence[str],
+                       done: Callable[["Benchmark", str], bool]) -> None:
+    """A stage asked for before its inputs exist (``done(bench, need)`` false, and not about to be made by this run)
+    is an error."""
     from nnunet_varaug.experiments.benchmark.state import REQUIRES
 
     for need in REQUIRES[stage]:
-        if need in planned or bench.done(need):
+        if need in planned or done(bench, need):
             continue
         raise VarAugError(f"stage '{stage}' needs stage '{need}' first ({_what(bench, need)} not on disk): run "
                           f"`nnunet_varaug benchmark {bench.flags} --stages {need}`, or leave out --stages to run "

@@ -103,7 +103,7 @@ def run(bench: Benchmark, stages: Sequence[str]) -> int:
     if "convert" in stages or not done(bench, "convert"):
         check_dataset_id(bench.task, bench.dataset_id, bench.dataset)
     for i, stage in enumerate(stages):
-        check_requirements(bench, stage, stages[:i])
+        check_requirements(bench, stage, stages[:i], done)
     check_trainers(bench)
     code = 0
     for i, stage in enumerate(stages, 1):
