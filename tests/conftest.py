@@ -333,3 +333,32 @@ def varaug_benchmark(nnunet_env, tmp_path_factory):
         results = f.read()
     return {"msd": msd, "out": out, "root": root, "proc": proc, "state": state, "dice": dice, "results": results,
             "seconds": seconds, "dataset": BENCH_DATASET, "id": BENCH_ID}
+
+
+_SESSION_START = {}
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    return sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+               for f in ("ru_utime", "ru_stime"))
+
+
+def pytest_sessionstart(session):
+    import time
+
+    _SESSION_START.update(wall=time.monotonic(), cpu=_cpu_seconds())
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The session's wall time beside the CPU time of this process and every process it waited for: their ratio is
+    how many of the machine's cores the suite kept busy (docs/performance.md)."""
+    import time
+
+    if "wall" not in _SESSION_START:
+        return
+    wall, cpu = time.monotonic() - _SESSION_START["wall"], _cpu_seconds() - _SESSION_START["cpu"]
+    terminalreporter.write_line(f"suite: {wall:.0f} s wall, {cpu:.0f} s CPU of this process and the processes it "
+                                f"waited for ({cpu / max(wall, 1e-9):.2f} cores busy on average, "
+                                f"{os.cpu_count()} on this machine)")

@@ -2,7 +2,8 @@
 it: ``from slurm_cluster import slurm_cluster``. It is not in a ``tests/launch/conftest.py``: a second
 ``conftest`` module would shadow tests/conftest.py for every ``from conftest import`` collected after it): Debian's ``munged``, ``slurmctld`` and ``slurmd``
 (packages ``munge`` and ``slurm-wlm``, installed by ``.ci/setup`` where the machine allows it) started with a
-temporary configuration, and stopped after the tests.
+temporary configuration, and stopped after the tests (their folder removed, unless ``VARAUG_TEST_KEEP_SLURM=1``
+keeps it, with the daemons' logs, for reading after a failure).
 
 Everything the daemons write lives in a temporary folder: the munge key and socket, ``slurm.conf`` (free ports, a
 random first job id, so that two such clusters on one machine do not meet), state, spool, logs. The clients
@@ -225,4 +226,7 @@ def slurm_cluster():
         mp.setenv("SLURM_CONF", cluster.env["SLURM_CONF"])
         yield cluster
     _shutdown(cluster.root)
-    shutil.rmtree(root, ignore_errors=True)
+    if os.environ.get("VARAUG_TEST_KEEP_SLURM"):  # the daemons' logs and state, to read after a failure
+        print(f"\nthe test SLURM cluster's folder is kept: {root}")
+    else:
+        shutil.rmtree(root, ignore_errors=True)
