@@ -63,8 +63,10 @@ class SlurmCluster:
         return next((line.split("|")[1] for line in out.splitlines() if line.split("|")[0] == str(job_id)), "")
 
     def start_now(self, job_id: str) -> None:
-        """A requeued job waits 2 minutes (SLURM's BeginTime); this test cluster lets it start at once."""
-        self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+        """A requeued job waits 2 minutes (SLURM's BeginTime); this test cluster lets it start 5 s from now. Not at
+        once: a launch in the same second as the requeue carries a credential no newer than the one slurmd revoked
+        for the previous run, and slurmd kills it ("Job credential revoked"; the job ends FAILED)."""
+        self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now+5")
 
 
 def _free_port() -> int:
