@@ -208,6 +208,17 @@ def pytest_collection_modifyitems(config, items):
             wrong.append(f"{item.nodeid}: marked {marked[0]} but uses {', '.join(fixtures)} (tier {needed})")
     if wrong:
         raise pytest.UsageError("test tiers (tests/conftest.py):\n  " + "\n  ".join(wrong))
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(name=xdist_group(item)))
+
+
+def xdist_group(item) -> str:
+    """Which tests one pytest-xdist worker runs together (``.ci/test`` runs the slower tiers with ``-n 2 --dist
+    loadgroup``): the tests of one file, which share its module fixtures; every test of the one benchmark run
+    (``varaug_benchmark``, made once per worker that needs it, 5 minutes)."""
+    if "varaug_benchmark" in getattr(item, "fixturenames", ()):
+        return "varaug_benchmark"
+    return item.nodeid.split("::")[0]
 
 
 _current = {"tier": None, "nodeid": None, "violations": []}
