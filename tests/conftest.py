@@ -68,6 +68,8 @@ def nnunet_env(tmp_path_factory):
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
     }
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers share the cores: OpenMP threads sleep when idle
+        values["OMP_WAIT_POLICY"] = "PASSIVE"  # (see side_by_side_env)
     for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         os.makedirs(values[v], exist_ok=True)
     with pytest.MonkeyPatch.context() as mp:
