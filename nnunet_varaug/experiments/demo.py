@@ -41,6 +41,17 @@ def demo_env(out: str, epochs: int, iterations: int) -> dict:
     return env
 
 
+def side_by_side() -> tuple:
+    """``replicas`` flags and environment that train two replicas at once on a machine with two or more cores:
+    ``--devices 0,1`` starts one process per "device" (``-device cpu`` ignores the index), and OpenMP's idle
+    threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``: nnUNetv2_train gives torch one thread per
+    core, and two such processes with spinning threads ran many times slower than one alone;
+    benchmarks/bench_omp_wait.py). On one core: nothing."""
+    if (os.cpu_count() or 1) < 2:
+        return [], {}
+    return ["--devices", "0,1"], {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
 def children_cpu_seconds() -> float:
     """CPU time (user + system) of every finished child process of this one, their children included."""
     import resource
@@ -111,15 +122,18 @@ def _train_stages(env: dict, raw: str, d: str, c: str, f: str, flags: list, num_
     if not os.path.isfile(plans):
         step("plan and preprocess", ["nnUNetv2_plan_and_preprocess", "-d", d, "-c", c, "-np", "1", "-npfp", "1"], env,
              {"nnUNet_n_proc_DA": "1"})
-    print(step(f"{num_replicas} seed replicas", ["nnunet_varaug", "replicas", *flags, "-device", "cpu"], env))
+    side, side_env = side_by_side()
+    print(step(f"{num_replicas} seed replicas{' (two at a time)' if side else ''}",
+               ["nnunet_varaug", "replicas", *flags, "-device", "cpu", *side], env, side_env))
 
     samples_flags = [*flags, "-device", "cpu", "--no-tta"]  # the demo skips mirroring TTA after training
     print(last_line(step("variability samples of the training cases", ["nnunet_varaug", "samples", *samples_flags],
                          env)))
     varaug = names.varaug_name(BASE)
     varaug_flags = ["-d", d, "-c", c, "-f", f, "-n", str(num_replicas), "-tr", varaug]
-    print(step(f"{num_replicas} seed replicas of nnU-Net trained with variability samples (p = 0.5)",
-               ["nnunet_varaug", "replicas", *varaug_flags, "-device", "cpu"], env))
+    print(step(f"{num_replicas} seed replicas of nnU-Net trained with variability samples (p = 0.5)"
+               f"{' (two at a time)' if side else ''}",
+               ["nnunet_varaug", "replicas", *varaug_flags, "-device", "cpu", *side], env, side_env))
 
 
 def _cohort_and_predict_stages(out: str, raw: str, flags: list, env: dict) -> str:
