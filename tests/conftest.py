@@ -210,17 +210,26 @@ def pytest_collection_modifyitems(config, items):
             wrong.append(f"{item.nodeid}: marked {marked[0]} but uses {', '.join(fixtures)} (tier {needed})")
     if wrong:
         raise pytest.UsageError("test tiers (tests/conftest.py):\n  " + "\n  ".join(wrong))
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(name=xdist_group(item)))
 
 
-def xdist_group(item) -> str:
-    """Which tests one pytest-xdist worker runs together (``.ci/test`` runs the slower tiers with ``-n 2 --dist
-    loadgroup``): the tests of one file, which share its module fixtures; every test of the one benchmark run
-    (``varaug_benchmark``, made once per worker that needs it, 5 minutes)."""
-    if "varaug_benchmark" in getattr(item, "fixturenames", ()):
-        return "varaug_benchmark"
-    return item.nodeid.split("::")[0]
+#: Test files that share a session fixture too costly to make twice: pytest-xdist sends them to one worker.
+SHARED_WORKER = {"tests/training/test_outoffold.py": "tests/e2e/test_benchmark.py"}  # the one benchmark run
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """How ``.ci/test`` spreads the slower tiers over two pytest-xdist workers (``-n 2``): whole files, so that a
+    file's module fixtures are made once; and the files of :data:`SHARED_WORKER` on one worker with the file they
+    share a session fixture with (the benchmark run takes 5 minutes). Session fixtures that both workers use
+    (``synthetic_3d``, ``seed_replicas``) are made once per worker."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::")[0]
+            return SHARED_WORKER.get(path, path)
+
+    return FileScheduling(config, log)
 
 
 _current = {"tier": None, "nodeid": None, "violations": []}
