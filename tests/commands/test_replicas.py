@@ -77,9 +77,10 @@ def test_seed_is_recorded_in_debug_json_and_checkpoint(seed_replicas):
         assert determinism["cudnn_deterministic"] and not determinism["cudnn_benchmark"]
         assert determinism["CUBLAS_WORKSPACE_CONFIG"] in (":4096:8", ":16:8") and determinism["compile"] is False
         assert determinism["device"] == "cpu" and determinism["nondeterministic_ops"] == []
-        # the machine, read after nnUNetv2_train -device cpu set torch to one thread per core
+        # the machine, read after nnUNetv2_train -device cpu set torch's threads (the tiny trainer keeps to the
+        # OMP_NUM_THREADS=1 of nnunet_env)
         assert determinism["platform"]["torch"] == torch.__version__
-        assert determinism["platform"]["torch_threads"] == os.cpu_count()
+        assert determinism["platform"]["torch_threads"] == int(os.environ["OMP_NUM_THREADS"]) == 1
         assert determinism["platform"]["cpu"] == cpu_model()
     assert ckpt["trainer_name"] == f"{TINY}_seed1"
 

@@ -39,15 +39,18 @@ def flags(n: int, *sources: str) -> list:
 @pytest.mark.e2e
 def test_no_train_prints_the_missing_replicas_commands(seed_replicas, monkeypatch, tmp_path, capsys):
     out = tmp_path / "out"
+    results = os.path.join(os.environ["nnUNet_results"], seed_replicas["name"])
+    before = set(os.listdir(results))  # other tests of this session may have trained some of these names
     assert sources_cli(monkeypatch, *flags(3, "aug", "mca"), "--no-train", "-o", str(out)) == 0
     printed = capsys.readouterr().out
     wanted = [f"{TINY}_aug1", f"{TINY}_aug2", f"{TINY}_mca0", f"{TINY}_mca1", f"{TINY}_mca2"]
+    wanted = [n for n in wanted if f"{n}__nnUNetPlans__3d_fullres" not in before or not os.path.isfile(
+        os.path.join(results, f"{n}__nnUNetPlans__3d_fullres", "fold_0", "checkpoint_final.pth"))]
     lines = [line for line in printed.splitlines() if "nnUNetv2_train" in line]
     assert [line.split("-tr ")[1].split()[0] for line in lines] == wanted  # _seed0.._seed2 are trained already
     assert all(line.startswith("nnUNet_extTrainer=") for line in lines)
     assert not out.exists()
-    results = os.path.join(os.environ["nnUNet_results"], seed_replicas["name"])
-    assert not any(os.path.exists(os.path.join(results, f"{n}__nnUNetPlans__3d_fullres")) for n in wanted)
+    assert set(os.listdir(results)) == before, "--no-train created a model folder"
 
 
 def read_maps(folder: str, case: str) -> tuple:

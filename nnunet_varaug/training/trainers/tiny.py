@@ -10,6 +10,9 @@ axis only: 2 network passes per patch instead of 8 in 3D, which made test-time a
 suite's prediction time; the mirroring code path is the same, training's mirroring augmentation is nnU-Net's.
 Its final validation is nnU-Net's own, with the export and metrics process pools run in the trainer's process
 (:mod:`nnunet_varaug.utilities.inprocess`): booting those two spawned workers took longer than the rest of the validation.
+On the CPU it keeps to ``OMP_NUM_THREADS`` threads where that is set (``nnUNetv2_train -device cpu`` gives torch one
+thread per core whatever it says): the demo and the tests train two tiny models at once, one thread each, and a
+network this small gains little from a second thread.
 """
 from __future__ import annotations
 
@@ -34,6 +37,9 @@ class nnUNetTrainerTiny(nnUNetTrainer):
         self.num_iterations_per_epoch = int(os.environ.get("VARAUG_TINY_ITERATIONS", 4))
         self.num_val_iterations_per_epoch = 2
         self.save_every = 1
+        threads = os.environ.get("OMP_NUM_THREADS", "")
+        if self.device.type == "cpu" and threads.isdigit() and int(threads) > 0:
+            torch.set_num_threads(int(threads))  # nnUNetv2_train gave torch one thread per core (module docstring)
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         rotation, dummy_2d, initial_patch_size, mirror_axes = \
