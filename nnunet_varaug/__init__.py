@@ -14,7 +14,7 @@ The package is laid out by role, each layer importing only the layers below it (
 The two Python names the documentation shows are importable from here, lazily (importing the package imports
 no torch): ``from nnunet_varaug import MonteCarloArithmetic, VariabilitySampleTransform``.
 """
-__version__ = "0.1.0"
+__version__ = "0.3.0"
 
 
 def __getattr__(name: str):
