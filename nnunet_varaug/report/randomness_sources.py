@@ -139,11 +139,11 @@ def write_figure(path: str, rows: Sequence[SourceRow], sums: Sequence[Additivity
         ax.bar(x, v, width, label=label, hatch="//" if source == "sum" else None,
                yerr=np.nan_to_num(np.vstack([v - lo, hi - v]), nan=0.0), capsize=3)
     ax.axhline(1.0, color="black", lw=1, ls="--")
-    ax.text(len(structures) - 0.5, 1.0, " seed replicas", va="bottom", ha="right", fontsize=8)
+    ax.text(-0.5, 1.0, " seed replicas", va="bottom", ha="left", fontsize=8)
     ax.set_yscale("log")
     ax.set_xticks(np.arange(len(structures)), list(structures))
     ax.set_ylabel("volume variance / seed replicas'")
-    ax.set_title("Share of the seed replicas' volume variance, per source (95 % bootstrap interval over cases)",
+    ax.set_title("Share of the seed replicas' volume variance, per source\n(95 % bootstrap interval over cases)",
                  fontsize=9)
     ax.legend(fontsize=7, loc="lower left")
     return save_figure(fig, path, dpi=110)
