@@ -27,8 +27,12 @@ def platform_warning(experiments: Sequence[Experiment]) -> Optional[str]:
     records it (``determinism.platform``, written by seed and numerical replicas): the same replica trained on
     another CPU gives other weights, so their disagreement would mix platform differences into the variability
     measured. None when the records agree; replicas without a record are left out."""
+    return _platform_warning(replica_records(experiments))
+
+
+def _platform_warning(records: Dict[str, Optional[dict]]) -> Optional[str]:
     groups: Dict[tuple, List[str]] = {}
-    for name, record in replica_records(experiments).items():
+    for name, record in records.items():
         try:
             platform = record["determinism"]["platform"]
         except (KeyError, TypeError):
@@ -64,4 +68,4 @@ def replica_warnings(experiments: Sequence[Experiment]) -> List[str]:
     records = replica_records(experiments)
     numerics = {name: (record.get("numerics") or {}).get("generator") for name, record in records.items()
                 if record and (record.get("numerics") or {}).get("kind") == "mca"}
-    return [w for w in (platform_warning(experiments), layout_warning(records), generator_warning(numerics)) if w]
+    return [w for w in (_platform_warning(records), layout_warning(records), generator_warning(numerics)) if w]
