@@ -91,6 +91,11 @@ def supported(x: torch.Tensor, w: torch.Tensor, groups: int) -> bool:
 
 
 # ---- op level: float64 accumulation ----------------------------------------------------------------------------
+#: Flat positions per block of the shifted-GEMM route (4096 measured best of 1024-8192 on 32-64 channels, one thread;
+#: benchmarks/bench_numerics.py).
+FLAT_BLOCK = 4096
+
+
 class Flat:
     """A stride-1 convolution on the padded grid, flattened: Y padded, as (Ci, N * P') with P' the padded size; the
     output at flat position p reads Y at p + shift(offset), so every kernel offset is one matrix product of a
@@ -107,6 +112,12 @@ class Flat:
             self.total *= s
         self.length = self.total - max(self.shifts)
         self.n, self.geo = n, geo
+
+    def chunks(self):
+        """The flat positions [0, length) in blocks of :data:`FLAT_BLOCK`: every kernel offset is applied to one
+        block before the next, so that the block's input, output and gradient stay in cache across the offsets
+        (one pass over memory per block instead of one per offset)."""
+        return [(a, min(self.length, a + FLAT_BLOCK)) for a in range(0, self.length, FLAT_BLOCK)]
 
     def flat(self, y: torch.Tensor) -> torch.Tensor:
         """(N, C, *S) float32 -> (C, N * P') float64, padded."""
@@ -161,9 +172,10 @@ def forward_high(y: torch.Tensor, w: torch.Tensor, geo: Geometry) -> torch.Tenso
         f = Flat(geo, n)
         wo, x = _per_offset(w), f.flat(y)
         out = torch.zeros((co, f.total), dtype=torch.float64, device=y.device)
-        valid = out[:, :f.length]
-        for j, shift in enumerate(f.shifts):
-            valid.addmm_(wo[j], x[:, shift:shift + f.length])
+        for a, b in f.chunks():
+            block = out[:, a:b]
+            for j, shift in enumerate(f.shifts):
+                block.addmm_(wo[j], x[:, a + shift:b + shift])
         return f.outputs(out)
     if route == "offsets":
         wo, yp = _per_offset(w), geo.padded(y.double())
@@ -182,10 +194,12 @@ def input_grad_high(g: torch.Tensor, w: torch.Tensor, geo: Geometry) -> torch.Te
     if route == "flat":
         f = Flat(geo, n)
         wt = _per_offset(w).transpose(1, 2).contiguous()  # (O, Ci, Co)
-        grid = f.grid(g)[:, :f.length]
+        grid = f.grid(g)
         gx = torch.zeros((ci, f.total), dtype=torch.float64, device=g.device)
-        for j, shift in enumerate(f.shifts):
-            gx[:, shift:shift + f.length].addmm_(wt[j], grid)
+        for a, b in f.chunks():
+            block = grid[:, a:b]
+            for j, shift in enumerate(f.shifts):
+                gx[:, a + shift:b + shift].addmm_(wt[j], block)
         return geo.unpadded(gx.view(ci, n, *f.padded).transpose(0, 1))
     gip = torch.zeros((n, ci, *(s + 2 * p for s, p in zip(geo.size, geo.padding))), dtype=torch.float64,
                       device=g.device)
@@ -207,11 +221,13 @@ def weight_grad_high(g: torch.Tensor, y: torch.Tensor, w_shape, geo: Geometry) -
     route = choose_route(geo, g.shape[0], ci)
     if route == "flat":
         f = Flat(geo, g.shape[0])
-        gw = torch.empty((co, ci, len(geo.offsets)), dtype=torch.float64, device=g.device)
-        grid, x = f.grid(g)[:, :f.length], f.flat(y)
-        for j, shift in enumerate(f.shifts):
-            gw[:, :, j] = grid @ x[:, shift:shift + f.length].t()
-        return gw.view(*w_shape)
+        gw = torch.zeros((len(geo.offsets), co, ci), dtype=torch.float64, device=g.device)
+        grid, x = f.grid(g), f.flat(y)
+        for a, b in f.chunks():
+            block = grid[:, a:b]
+            for j, shift in enumerate(f.shifts):
+                gw[j].addmm_(block, x[:, a + shift:b + shift].t())
+        return gw.permute(1, 2, 0).reshape(*w_shape)
     gflat = g.double().transpose(0, 1).reshape(co, -1)  # (Co, N * P)
     if route == "offsets":
         gw = torch.empty((co, ci, len(geo.offsets)), dtype=torch.float64, device=g.device)
