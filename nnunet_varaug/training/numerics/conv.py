@@ -220,14 +220,7 @@ def weight_grad_high(g: torch.Tensor, y: torch.Tensor, w_shape, geo: Geometry) -
     co, ci = w_shape[0], w_shape[1]
     route = choose_route(geo, g.shape[0], ci)
     if route == "flat":
-        f = Flat(geo, g.shape[0])
-        gw = torch.zeros((len(geo.offsets), co, ci), dtype=torch.float64, device=g.device)
-        grid, x = f.grid(g), f.flat(y)
-        for a, b in f.chunks():
-            block = grid[:, a:b]
-            for j, shift in enumerate(f.shifts):
-                gw[j].addmm_(block, x[:, a + shift:b + shift].t())
-        return gw.permute(1, 2, 0).reshape(*w_shape)
+        return _weight_grad_flat(g, y, w_shape, geo, Flat(geo, g.shape[0]))
     gflat = g.double().transpose(0, 1).reshape(co, -1)  # (Co, N * P)
     if route == "offsets":
         gw = torch.empty((co, ci, len(geo.offsets)), dtype=torch.float64, device=g.device)
@@ -236,6 +229,25 @@ def weight_grad_high(g: torch.Tensor, y: torch.Tensor, w_shape, geo: Geometry) -
             gw[:, :, j] = gflat @ geo.shifted(yp, offset).transpose(0, 1).reshape(ci, -1).t()
         return gw.view(*w_shape)
     return (gflat @ geo.columns(y.double())).view(*w_shape)
+
+
+def _weight_grad_flat(g: torch.Tensor, y: torch.Tensor, w_shape, geo: Geometry, f: Flat) -> torch.Tensor:
+    """The shifted-GEMM weight gradient, block by block. The offsets along the last kernel axis differ by one
+    dilation step, so each block stacks the input at those ``kw`` shifts once (``kw * Ci`` rows) and every other
+    offset is a view of the stack: one GEMM (Co, block) x (block, kw * Ci) per remaining offset, wider than
+    ``kw`` GEMMs of Ci columns (BLAS runs them faster), from one copy of the block per last-axis offset."""
+    co, ci = w_shape[0], w_shape[1]
+    kw, step = geo.kernel[-1], geo.dilation[-1]
+    bases = f.shifts[::kw]  # geo.offsets runs the last axis fastest
+    halo = max(bases)
+    gw = torch.zeros((len(bases), co, kw * ci), dtype=torch.float64, device=g.device)
+    grid, x = f.grid(g), f.flat(y)
+    for a, b in f.chunks():
+        block = grid[:, a:b]
+        stack = torch.cat([x[:, a + o * step:b + halo + o * step] for o in range(kw)])
+        for i, base in enumerate(bases):
+            gw[i].addmm_(block, stack[:, base:base + b - a].t())
+    return gw.view(len(bases), co, kw, ci).permute(1, 3, 0, 2).reshape(*w_shape)
 
 
 # ---- instruction level -----------------------------------------------------------------------------------------
