@@ -6,7 +6,9 @@ convolution (input gradient) and a weight gradient with the roles of input and o
 primitives serve both, for a convolution of input Y (N, Ci, *S) with weight W (Co, Ci, *k):
 
 * ``forward``: (N, Co, *O). Op level: one float64 matrix product per kernel offset, accumulated in float64
-  (products of float32 are exact in float64; each addition errs below 2^-53 relative). Instruction level: the
+  (products of float32 are exact in float64; each addition errs below 2^-53 relative), on the phase grids of
+  :mod:`.flatconv` when they are at most 1.5 times the output, else one im2col GEMM or one GEMM per offset
+  (:func:`choose_route`). Instruction level: the
   im2col product, K = Ci * prod(k) terms ordered (input channel, kernel offsets) as ``W.reshape(Co, -1)``, each
   output a per-instruction dot product (:mod:`.lanes`).
 * ``input_grad``: (N, Ci, *S). Instruction level: the im2col columns ``W^T g`` (dot products over Co), then
@@ -23,6 +25,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from nnunet_varaug.training.numerics import flatconv
 from nnunet_varaug.training.numerics.lanes import sr_dot, sr_sum_rows
 from nnunet_varaug.training.numerics.rounder import Rounder
 
@@ -91,76 +94,16 @@ def supported(x: torch.Tensor, w: torch.Tensor, groups: int) -> bool:
 
 
 # ---- op level: float64 accumulation ----------------------------------------------------------------------------
-#: Flat positions per block of the shifted-GEMM route (4096 measured best of 1024-8192 on 32-64 channels, one thread;
-#: benchmarks/bench_numerics.py).
-FLAT_BLOCK = 4096
-
-
-class Flat:
-    """A stride-1 convolution on the padded grid, flattened: Y padded, as (Ci, N * P') with P' the padded size; the
-    output at flat position p reads Y at p + shift(offset), so every kernel offset is one matrix product of a
-    shifted view (no copy); outputs whose window leaves the sample are discarded."""
-
-    def __init__(self, geo: Geometry, n: int):
-        self.padded = [s + 2 * p for s, p in zip(geo.size, geo.padding)]
-        steps = [1] * len(self.padded)
-        for i in range(len(self.padded) - 2, -1, -1):
-            steps[i] = steps[i + 1] * self.padded[i + 1]
-        self.shifts = [sum(o * d * st for o, d, st in zip(off, geo.dilation, steps)) for off in geo.offsets]
-        self.total = n
-        for s in self.padded:
-            self.total *= s
-        self.length = self.total - max(self.shifts)
-        self.n, self.geo = n, geo
-
-    def chunks(self):
-        """The flat positions [0, length) in blocks of :data:`FLAT_BLOCK`: every kernel offset is applied to one
-        block before the next, so that the block's input, output and gradient stay in cache across the offsets
-        (one pass over memory per block instead of one per offset)."""
-        return [(a, min(self.length, a + FLAT_BLOCK)) for a in range(0, self.length, FLAT_BLOCK)]
-
-    def flat(self, y: torch.Tensor) -> torch.Tensor:
-        """(N, C, *S) float32 -> (C, N * P') float64, padded."""
-        return self.geo.padded(y.double()).transpose(0, 1).reshape(y.shape[1], -1)
-
-    def grid(self, g: torch.Tensor) -> torch.Tensor:
-        """An output-shaped (N, C, *out) tensor on the padded grid, zeros elsewhere: (C, N * P') float64."""
-        out = torch.zeros((g.shape[1], self.n, *self.padded), dtype=torch.float64, device=g.device)
-        out[(slice(None), slice(None)) + tuple(slice(0, o) for o in self.geo.out)] = g.transpose(0, 1)
-        return out.view(g.shape[1], -1)
-
-    def outputs(self, flat: torch.Tensor) -> torch.Tensor:
-        """(C, N * P') -> the valid outputs (N, C, *out)."""
-        c = flat.shape[0]
-        view = flat.view(c, self.n, *self.padded)[(slice(None), slice(None)) +
-                                                  tuple(slice(0, o) for o in self.geo.out)]
-        return view.transpose(0, 1)
-
-
-def _per_offset(w: torch.Tensor) -> torch.Tensor:
-    """W (Co, Ci, *k) as float64 (O, Co, Ci), one contiguous matrix per kernel offset."""
-    return w.double().reshape(w.shape[0], w.shape[1], -1).permute(2, 0, 1).contiguous()
-
-
 #: im2col matrices above this many float64 values are not built; one GEMM per kernel offset instead.
 IM2COL_LIMIT = 1 << 21
 
 
 def choose_route(geo: Geometry, n: int, ci: int) -> str:
-    """'flat' (shifted GEMMs on the padded grid), 'im2col' (one GEMM) or 'offsets' (one GEMM per offset)."""
-    if _flat_pays(geo):
+    """'flat' (shifted GEMMs on the phase grids, :mod:`.flatconv`), 'im2col' (one GEMM) or 'offsets' (one GEMM per
+    offset)."""
+    if flatconv.pays(geo):
         return "flat"
     return "im2col" if n * geo.positions * ci * len(geo.offsets) <= IM2COL_LIMIT else "offsets"
-
-
-def _flat_pays(geo: Geometry) -> bool:
-    """The shifted-GEMM route for stride 1 when the padded grid is at most 1.5 times the output (else im2col)."""
-    if any(st != 1 for st in geo.stride):
-        return False
-    padded = 1
-    for size, pad in zip(geo.size, geo.padding):
-        padded *= size + 2 * pad
-    return padded <= 1.5 * geo.positions
 
 
 def forward_high(y: torch.Tensor, w: torch.Tensor, geo: Geometry) -> torch.Tensor:
@@ -169,16 +112,9 @@ def forward_high(y: torch.Tensor, w: torch.Tensor, geo: Geometry) -> torch.Tenso
     n, co = y.shape[0], w.shape[0]
     route = choose_route(geo, n, y.shape[1])
     if route == "flat":
-        f = Flat(geo, n)
-        wo, x = _per_offset(w), f.flat(y)
-        out = torch.zeros((co, f.total), dtype=torch.float64, device=y.device)
-        for a, b in f.chunks():
-            block = out[:, a:b]
-            for j, shift in enumerate(f.shifts):
-                block.addmm_(wo[j], x[:, a + shift:b + shift])
-        return f.outputs(out)
+        return flatconv.forward(y, w, geo)
     if route == "offsets":
-        wo, yp = _per_offset(w), geo.padded(y.double())
+        wo, yp = flatconv.per_offset(w), geo.padded(y.double())
         result = torch.zeros((n, co, geo.positions), dtype=torch.float64, device=y.device)
         for j, offset in enumerate(geo.offsets):
             result.baddbmm_(wo[j].expand(n, -1, -1), geo.shifted(yp, offset).reshape(n, y.shape[1], -1))
@@ -192,19 +128,11 @@ def input_grad_high(g: torch.Tensor, w: torch.Tensor, geo: Geometry) -> torch.Te
     n, co, ci = g.shape[0], w.shape[0], w.shape[1]
     route = choose_route(geo, n, ci)
     if route == "flat":
-        f = Flat(geo, n)
-        wt = _per_offset(w).transpose(1, 2).contiguous()  # (O, Ci, Co)
-        grid = f.grid(g)
-        gx = torch.zeros((ci, f.total), dtype=torch.float64, device=g.device)
-        for a, b in f.chunks():
-            block = grid[:, a:b]
-            for j, shift in enumerate(f.shifts):
-                gx[:, a + shift:b + shift].addmm_(wt[j], block)
-        return geo.unpadded(gx.view(ci, n, *f.padded).transpose(0, 1))
+        return flatconv.input_grad(g, w, geo)
     gip = torch.zeros((n, ci, *(s + 2 * p for s, p in zip(geo.size, geo.padding))), dtype=torch.float64,
                       device=g.device)
     if route == "offsets":
-        wt, gd = _per_offset(w).transpose(1, 2).contiguous(), g.double().reshape(n, co, -1)
+        wt, gd = flatconv.per_offset(w).transpose(1, 2).contiguous(), g.double().reshape(n, co, -1)
         for j, offset in enumerate(geo.offsets):
             geo.shifted(gip, offset).add_(torch.matmul(wt[j], gd).view(n, ci, *geo.out))
         return geo.unpadded(gip)
@@ -220,7 +148,7 @@ def weight_grad_high(g: torch.Tensor, y: torch.Tensor, w_shape, geo: Geometry) -
     co, ci = w_shape[0], w_shape[1]
     route = choose_route(geo, g.shape[0], ci)
     if route == "flat":
-        return _weight_grad_flat(g, y, w_shape, geo, Flat(geo, g.shape[0]))
+        return flatconv.weight_grad(g, y, w_shape, geo)
     gflat = g.double().transpose(0, 1).reshape(co, -1)  # (Co, N * P)
     if route == "offsets":
         gw = torch.empty((co, ci, len(geo.offsets)), dtype=torch.float64, device=g.device)
@@ -229,25 +157,6 @@ def weight_grad_high(g: torch.Tensor, y: torch.Tensor, w_shape, geo: Geometry) -
             gw[:, :, j] = gflat @ geo.shifted(yp, offset).transpose(0, 1).reshape(ci, -1).t()
         return gw.view(*w_shape)
     return (gflat @ geo.columns(y.double())).view(*w_shape)
-
-
-def _weight_grad_flat(g: torch.Tensor, y: torch.Tensor, w_shape, geo: Geometry, f: Flat) -> torch.Tensor:
-    """The shifted-GEMM weight gradient, block by block. The offsets along the last kernel axis differ by one
-    dilation step, so each block stacks the input at those ``kw`` shifts once (``kw * Ci`` rows) and every other
-    offset is a view of the stack: one GEMM (Co, block) x (block, kw * Ci) per remaining offset, wider than
-    ``kw`` GEMMs of Ci columns (BLAS runs them faster), from one copy of the block per last-axis offset."""
-    co, ci = w_shape[0], w_shape[1]
-    kw, step = geo.kernel[-1], geo.dilation[-1]
-    bases = f.shifts[::kw]  # geo.offsets runs the last axis fastest
-    halo = max(bases)
-    gw = torch.zeros((len(bases), co, kw * ci), dtype=torch.float64, device=g.device)
-    grid, x = f.grid(g), f.flat(y)
-    for a, b in f.chunks():
-        block = grid[:, a:b]
-        stack = torch.cat([x[:, a + o * step:b + halo + o * step] for o in range(kw)])
-        for i, base in enumerate(bases):
-            gw[i].addmm_(block, stack[:, base:base + b - a].t())
-    return gw.view(len(bases), co, kw, ci).permute(1, 3, 0, 2).reshape(*w_shape)
 
 
 # ---- instruction level -----------------------------------------------------------------------------------------

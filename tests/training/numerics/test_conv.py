@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nnunet_varaug.training.numerics import conv
+from nnunet_varaug.training.numerics import conv, flatconv
 
 pytestmark = pytest.mark.unit
 
@@ -18,6 +18,8 @@ def _close(got, want):
 @pytest.mark.parametrize("route, stride, padding, dilation, block", [
     ("flat", 1, 1, 1, 7),        # many blocks, the last one short
     ("flat", 1, 2, 2, 4096),     # dilated, one block
+    ("flat", 2, 1, 1, 5),        # eight phases (odd sizes: the phase grids are padded), many blocks
+    ("flat", (2, 1, 3), 1, (1, 2, 1), 4096),  # per-axis strides and dilations
     ("im2col", 2, 1, 1, 4096),
     ("offsets", 2, 1, 1, 4096),
     ("offsets", 1, 2, 2, 4096),
@@ -25,13 +27,30 @@ def _close(got, want):
 def test_route_equals_float64_convolution_and_its_gradients(monkeypatch, route, stride, padding, dilation, block):
     """Forward, input gradient and weight gradient of each route equal float64 autograd to 1e-12 relative (the
     routes sum exact float32 products in float64, in other orders than PyTorch)."""
-    monkeypatch.setattr(conv, "FLAT_BLOCK", block)
+    monkeypatch.setattr(flatconv, "FLAT_BLOCK", block)
     monkeypatch.setattr(conv, "choose_route", lambda *args: route)
     gen = torch.Generator().manual_seed(0)
     x, w = torch.randn(2, 3, 9, 8, 7, generator=gen), torch.randn(4, 3, 3, 3, 3, generator=gen)
-    geo = conv.Geometry(x.shape[2:], w.shape[2:], [stride], [padding], [dilation])
+    stride, dilation = (v if isinstance(v, tuple) else (v,) * 3 for v in (stride, dilation))
+    geo = conv.Geometry(x.shape[2:], w.shape[2:], stride, [padding], dilation)
     xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
     out = torch.nn.functional.conv3d(xd, wd, stride=stride, padding=padding, dilation=dilation)
+    g = torch.randn(out.shape, generator=gen)
+    gx, gw = torch.autograd.grad((out * g.double()).sum(), (xd, wd))
+    _close(conv.forward_high(x, w, geo), out.detach())
+    _close(conv.input_grad_high(g, w, geo), gx)
+    _close(conv.weight_grad_high(g, x, w.shape, geo), gw)
+
+
+def test_flat_route_of_a_kernel_two_stride_two_convolution(monkeypatch):
+    """nnU-Net's transposed convolutions are the gradients of kernel-2, stride-2 convolutions: every offset its
+    own phase at shift 0, and the route taken for them."""
+    gen = torch.Generator().manual_seed(2)
+    x, w = torch.randn(2, 5, 8, 6, 4, generator=gen), torch.randn(3, 5, 2, 2, 2, generator=gen)
+    geo = conv.Geometry(x.shape[2:], w.shape[2:], [2], [0], [1])
+    assert conv.choose_route(geo, 2, 5) == "flat"
+    xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
+    out = torch.nn.functional.conv3d(xd, wd, stride=2)
     g = torch.randn(out.shape, generator=gen)
     gx, gw = torch.autograd.grad((out * g.double()).sum(), (xd, wd))
     _close(conv.forward_high(x, w, geo), out.detach())
