@@ -127,13 +127,15 @@ def weight_grad(g: torch.Tensor, y: torch.Tensor, w_shape, geo) -> torch.Tensor:
     """float64 gradient of :func:`forward` with respect to W: (Co, Ci, *k). With stride 1 the offsets along
     the last kernel axis differ by one dilation step, so each block stacks the input at those
     ``kw`` shifts once (``kw * Ci`` rows) and each group of ``kw`` offsets is one wider GEMM (BLAS runs it
-    faster than ``kw`` GEMMs of Ci columns). Strided convolutions take one GEMM per offset."""
+    faster than ``kw`` GEMMs of Ci columns). The stack spans the block plus the largest group shift; when that
+shift exceeds a block (grids above about 45² per slice), or the convolution is strided, one GEMM per offset."""
     f = Flat(geo, g.shape[0])
     co, ci = w_shape[0], w_shape[1]
-    kw = geo.kernel[-1] if all(st == 1 for st in geo.stride) else 1
-    step = geo.dilation[-1]
-    firsts = list(range(0, len(geo.offsets), kw))  # geo.offsets runs the last axis fastest
-    halo = max(f.shifts[j] for j in firsts)
+    kw, step = geo.kernel[-1], geo.dilation[-1]
+    halo = max(f.shifts[j] for j in range(0, len(geo.offsets), kw))  # geo.offsets runs the last axis fastest
+    if any(st != 1 for st in geo.stride) or halo > FLAT_BLOCK:
+        kw = 1  # strided, or a grid so large that the stack would copy more than it saves: one GEMM per offset
+    firsts = list(range(0, len(geo.offsets), kw))
     gw = torch.zeros((len(firsts), co, kw * ci), dtype=torch.float64, device=g.device)
     grid, x = f.grid(g), f.split(y)
     for a, b in f.blocks():
