@@ -45,9 +45,11 @@ class Flat:
             self.total *= q
         self.length = self.total - max(self.shifts)
 
-    def blocks(self) -> List[Tuple[int, int]]:
-        """The flat positions [0, length) in blocks of :data:`FLAT_BLOCK`."""
-        return [(a, min(self.length, a + FLAT_BLOCK)) for a in range(0, self.length, FLAT_BLOCK)]
+    def blocks(self, device: torch.device) -> List[Tuple[int, int]]:
+        """The flat positions [0, length) in blocks of :data:`FLAT_BLOCK` on the CPU (cache blocking); one block
+        on a GPU, where each block's GEMMs would be kernel launches too small to fill it."""
+        size = FLAT_BLOCK if device.type == "cpu" else self.length
+        return [(a, min(self.length, a + size)) for a in range(0, self.length, size)]
 
     def _split(self, xp: torch.Tensor) -> torch.Tensor:
         """(N, C, *padded) -> (R, C, N * Q): the phases, flattened (one copy)."""
@@ -103,7 +105,7 @@ def forward(y: torch.Tensor, w: torch.Tensor, geo) -> torch.Tensor:
     f = Flat(geo, y.shape[0])
     wo, x = per_offset(w), f.split(y)
     out = torch.zeros((w.shape[0], f.total), dtype=torch.float64, device=y.device)
-    for a, b in f.blocks():
+    for a, b in f.blocks(y.device):
         block = out[:, a:b]
         for j, (r, shift) in enumerate(zip(f.phases, f.shifts)):
             block.addmm_(wo[j], x[r, :, a + shift:b + shift])
@@ -116,7 +118,7 @@ def input_grad(g: torch.Tensor, w: torch.Tensor, geo) -> torch.Tensor:
     wt = per_offset(w).transpose(1, 2).contiguous()  # (O, Ci, Co)
     grid = f.grid(g)
     gx = torch.zeros((f.count, w.shape[1], f.total), dtype=torch.float64, device=g.device)
-    for a, b in f.blocks():
+    for a, b in f.blocks(g.device):
         block = grid[:, a:b]
         for j, (r, shift) in enumerate(zip(f.phases, f.shifts)):
             gx[r, :, a + shift:b + shift].addmm_(wt[j], block)
@@ -125,20 +127,20 @@ def input_grad(g: torch.Tensor, w: torch.Tensor, geo) -> torch.Tensor:
 
 def weight_grad(g: torch.Tensor, y: torch.Tensor, w_shape, geo) -> torch.Tensor:
     """float64 gradient of :func:`forward` with respect to W: (Co, Ci, *k). With stride 1 the offsets along
-    the last kernel axis differ by one dilation step, so each block stacks the input at those
-    ``kw`` shifts once (``kw * Ci`` rows) and each group of ``kw`` offsets is one wider GEMM (BLAS runs it
-    faster than ``kw`` GEMMs of Ci columns). The stack spans the block plus the largest group shift; when that
-shift exceeds a block (grids above about 45² per slice), or the convolution is strided, one GEMM per offset."""
+    the last kernel axis differ by one dilation step, so each block stacks the input at those ``kw`` shifts once
+    (``kw * Ci`` rows) and each group of ``kw`` offsets is one wider GEMM (BLAS runs it faster than ``kw`` GEMMs
+    of Ci columns). The stack spans the block plus the largest group shift; where that shift exceeds a block
+    (grids above about 45² per slice), the convolution is strided, or on a GPU: one GEMM per offset."""
     f = Flat(geo, g.shape[0])
     co, ci = w_shape[0], w_shape[1]
     kw, step = geo.kernel[-1], geo.dilation[-1]
     halo = max(f.shifts[j] for j in range(0, len(geo.offsets), kw))  # geo.offsets runs the last axis fastest
-    if any(st != 1 for st in geo.stride) or halo > FLAT_BLOCK:
-        kw = 1  # strided, or a grid so large that the stack would copy more than it saves: one GEMM per offset
+    if any(st != 1 for st in geo.stride) or halo > FLAT_BLOCK or g.device.type != "cpu":
+        kw = 1  # strided, a grid so large that the stack would copy more than it saves, or a GPU (one block)
     firsts = list(range(0, len(geo.offsets), kw))
     gw = torch.zeros((len(firsts), co, kw * ci), dtype=torch.float64, device=g.device)
     grid, x = f.grid(g), f.split(y)
-    for a, b in f.blocks():
+    for a, b in f.blocks(g.device):
         block = grid[:, a:b]
         if kw == 1:
             for j, (r, shift) in enumerate(zip(f.phases, f.shifts)):

@@ -56,3 +56,13 @@ def test_flat_route_of_a_kernel_two_stride_two_convolution(monkeypatch):
     _close(conv.forward_high(x, w, geo), out.detach())
     _close(conv.input_grad_high(g, w, geo), gx)
     _close(conv.weight_grad_high(g, x, w.shape, geo), gw)
+
+
+def test_blocks_cover_the_grid_once_and_a_gpu_takes_one_block(monkeypatch):
+    """CPU blocks tile [0, length) without gap or overlap; on a GPU one block (no launches of tiny GEMMs)."""
+    monkeypatch.setattr(flatconv, "FLAT_BLOCK", 100)
+    f = flatconv.Flat(conv.Geometry([9, 8, 7], [3, 3, 3], [1], [1], [1]), 2)
+    cpu = f.blocks(torch.device("cpu"))
+    assert [a for a, _ in cpu[1:]] == [b for _, b in cpu[:-1]] and cpu[0][0] == 0 and cpu[-1][1] == f.length
+    assert all(b - a <= 100 for a, b in cpu) and len(cpu) == -(-f.length // 100)
+    assert f.blocks(torch.device("cuda")) == [(0, f.length)]
