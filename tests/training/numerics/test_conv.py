@@ -66,3 +66,21 @@ def test_blocks_cover_the_grid_once_and_a_gpu_takes_one_block(monkeypatch):
     assert [a for a, _ in cpu[1:]] == [b for _, b in cpu[:-1]] and cpu[0][0] == 0 and cpu[-1][1] == f.length
     assert all(b - a <= 100 for a, b in cpu) and len(cpu) == -(-f.length // 100)
     assert f.blocks(torch.device("cuda")) == [(0, f.length)]
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_flat_route_in_one_and_two_dimensions(monkeypatch, dims):
+    """The phase grids of 1-d and 2-d convolutions (strided, with many blocks) against float64 autograd."""
+    monkeypatch.setattr(flatconv, "FLAT_BLOCK", 5)
+    monkeypatch.setattr(conv, "choose_route", lambda *args: "flat")
+    gen = torch.Generator().manual_seed(3)
+    x, w = torch.randn(2, 3, *[11, 9][:dims], generator=gen), torch.randn(4, 3, *[3, 3][:dims], generator=gen)
+    geo = conv.Geometry(x.shape[2:], w.shape[2:], [2], [1], [1])
+    fn = torch.nn.functional.conv1d if dims == 1 else torch.nn.functional.conv2d
+    xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
+    out = fn(xd, wd, stride=2, padding=1)
+    g = torch.randn(out.shape, generator=gen)
+    gx, gw = torch.autograd.grad((out * g.double()).sum(), (xd, wd))
+    _close(conv.forward_high(x, w, geo), out.detach())
+    _close(conv.input_grad_high(g, w, geo), gx)
+    _close(conv.weight_grad_high(g, x, w.shape, geo), gw)
