@@ -268,15 +268,19 @@ static inline float dot1_v(const noise_t* nz, const vkeys_t* vk, const float* a,
                            int64_t S, uint64_t ob, float* acc) {
     uint64_t SL = (uint64_t)S * (uint64_t)L;
     __m256i w[4], v[4];
-    int64_t units = S * (L / 8);  /* (step, 8-lane group) pairs, in step order */
+    int64_t units = S * (L / 8);  /* (step, 8-lane group) pairs, in step order: unit u is step u / (L/8), lanes
+                                     8 (u % (L/8)); both kept as running counters (no division in the loop) */
+    int64_t s0 = 0, l0 = 0;
     for (int64_t u = 0; u < units; u += 2) {
-        int64_t s0 = u / (L / 8), l0 = (u % (L / 8)) * 8, k0 = s0 * L + l0;
+        int64_t k0 = s0 * L + l0;
         uint64_t pb0 = (ob + (uint64_t)k0) >> 2;
         uint64_t ab0 = s0 ? (ob + SL + (uint64_t)((s0 - 1) * L + l0)) >> 2 : pb0;
         __m256d plo, phi, qlo, qhi;
         products8(a, b, k0, K, &plo, &phi);
+        int64_t s1 = s0, l1 = l0 + 8;
+        if (l1 == L) { s1++; l1 = 0; }
         if (u + 1 < units) {
-            int64_t s1 = (u + 1) / (L / 8), l1 = ((u + 1) % (L / 8)) * 8, k1 = s1 * L + l1;
+            int64_t k1 = s1 * L + l1;
             uint64_t pb1 = (ob + (uint64_t)k1) >> 2;
             uint64_t ab1 = s1 ? (ob + SL + (uint64_t)((s1 - 1) * L + l1)) >> 2 : pb1;
             philox_v2(nz, vk, four_blocks(pb0, pb0 + 1, ab0, ab0 + 1), four_blocks(pb1, pb1 + 1, ab1, ab1 + 1), w, v);
@@ -287,6 +291,8 @@ static inline float dot1_v(const noise_t* nz, const vkeys_t* vk, const float* a,
             philox_v(nz, vk, four_blocks(pb0, pb0 + 1, ab0, ab0 + 1), w);
             lane_step(acc + l0, plo, phi, w, s0 == 0);
         }
+        s0 = s1; l0 = l1 + 8;
+        if (l0 == L) { s0++; l0 = 0; }
     }
     return lane_tree_v(nz, vk, ob + SL + (uint64_t)((S - 1) * L), acc, L);
 }
@@ -308,12 +314,15 @@ static inline float sum1_v(const noise_t* nz, const vkeys_t* vk, const float* ro
     __m256i w[4];
     for (int q = 0; q < L; q++) acc[q] = q < K ? row[q] : 0.0f;
     int64_t groups = L / 8, units = (S - 1) * groups;
+    int64_t l0 = 0;  /* unit u: step 1 + u / groups, lanes l0 = 8 (u % groups), kept as a running counter */
     for (int64_t u = 0; u < units; u += 2) {
-        int64_t l0 = (u % groups) * 8, k0 = L + u * 8;  /* unit u: step 1 + u / groups, lanes l0.. */
+        int64_t k0 = L + u * 8;
+        int64_t l1 = l0 + 8 == L ? 0 : l0 + 8;
         uint64_t b0 = (ob + (uint64_t)(u * 8)) >> 2;
         philox_v(nz, vk, four_blocks(b0, b0 + 1, b0 + 2, b0 + 3), w);
         add8(acc + l0, row, k0, K, w);
-        if (u + 1 < units) add8(acc + ((u + 1) % groups) * 8, row, k0 + 8, K, w + 2);
+        if (u + 1 < units) add8(acc + l1, row, k0 + 8, K, w + 2);
+        l0 = l1 + 8 == L ? 0 : l1 + 8;
     }
     return lane_tree_v(nz, vk, ob + (uint64_t)((S - 1) * L), acc, L);
 }
