@@ -48,7 +48,7 @@ class Flat:
     def blocks(self, device: torch.device) -> List[Tuple[int, int]]:
         """The flat positions [0, length) in blocks of :data:`FLAT_BLOCK` on the CPU (cache blocking); one block
         on a GPU, where each block's GEMMs would be kernel launches too small to fill it."""
-        size = FLAT_BLOCK if device.type == "cpu" else self.length
+        size = FLAT_BLOCK if device.type == "cpu" else max(1, self.length)
         return [(a, min(self.length, a + size)) for a in range(0, self.length, size)]
 
     def _split(self, xp: torch.Tensor) -> torch.Tensor:
