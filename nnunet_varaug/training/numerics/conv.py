@@ -107,8 +107,8 @@ def choose_route(geo: Geometry, n: int, ci: int) -> str:
 
 
 def forward_high(y: torch.Tensor, w: torch.Tensor, geo: Geometry) -> torch.Tensor:
-    """float64 convolution of Y (N, Ci, *S) with W (Co, Ci, *k): (N, Co, *out); shifted GEMMs on the padded grid
-    (stride 1, large grids) or one im2col GEMM."""
+    """float64 convolution of Y (N, Ci, *S) with W (Co, Ci, *k): (N, Co, *out), by the route of
+    :func:`choose_route`."""
     n, co = y.shape[0], w.shape[0]
     route = choose_route(geo, n, y.shape[1])
     if route == "flat":
