@@ -15,6 +15,18 @@ def _close(got, want):
     assert (got - want).abs().max() <= 1e-12 * want.abs().max()
 
 
+def _check_against_autograd(x, w, geo, fn, gen, **kwargs):
+    """conv.forward_high / input_grad_high / weight_grad_high of (x, w, geo) against float64 ``fn`` and autograd,
+    for a random float32 output gradient."""
+    xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
+    out = fn(xd, wd, **kwargs)
+    g = torch.randn(out.shape, generator=gen)
+    gx, gw = torch.autograd.grad((out * g.double()).sum(), (xd, wd))
+    _close(conv.forward_high(x, w, geo), out.detach())
+    _close(conv.input_grad_high(g, w, geo), gx)
+    _close(conv.weight_grad_high(g, x, w.shape, geo), gw)
+
+
 @pytest.mark.parametrize("route, stride, padding, dilation, block", [
     ("flat", 1, 1, 1, 7),        # many blocks, the last one short
     ("flat", 1, 2, 2, 4096),     # dilated, one block
@@ -33,13 +45,8 @@ def test_route_equals_float64_convolution_and_its_gradients(monkeypatch, route, 
     x, w = torch.randn(2, 3, 9, 8, 7, generator=gen), torch.randn(4, 3, 3, 3, 3, generator=gen)
     stride, dilation = (v if isinstance(v, tuple) else (v,) * 3 for v in (stride, dilation))
     geo = conv.Geometry(x.shape[2:], w.shape[2:], stride, [padding], dilation)
-    xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
-    out = torch.nn.functional.conv3d(xd, wd, stride=stride, padding=padding, dilation=dilation)
-    g = torch.randn(out.shape, generator=gen)
-    gx, gw = torch.autograd.grad((out * g.double()).sum(), (xd, wd))
-    _close(conv.forward_high(x, w, geo), out.detach())
-    _close(conv.input_grad_high(g, w, geo), gx)
-    _close(conv.weight_grad_high(g, x, w.shape, geo), gw)
+    _check_against_autograd(x, w, geo, torch.nn.functional.conv3d, gen, stride=stride, padding=padding,
+                            dilation=dilation)
 
 
 def test_flat_route_of_a_kernel_two_stride_two_convolution(monkeypatch):
@@ -49,13 +56,7 @@ def test_flat_route_of_a_kernel_two_stride_two_convolution(monkeypatch):
     x, w = torch.randn(2, 5, 8, 6, 4, generator=gen), torch.randn(3, 5, 2, 2, 2, generator=gen)
     geo = conv.Geometry(x.shape[2:], w.shape[2:], [2], [0], [1])
     assert conv.choose_route(geo, 2, 5) == "flat"
-    xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
-    out = torch.nn.functional.conv3d(xd, wd, stride=2)
-    g = torch.randn(out.shape, generator=gen)
-    gx, gw = torch.autograd.grad((out * g.double()).sum(), (xd, wd))
-    _close(conv.forward_high(x, w, geo), out.detach())
-    _close(conv.input_grad_high(g, w, geo), gx)
-    _close(conv.weight_grad_high(g, x, w.shape, geo), gw)
+    _check_against_autograd(x, w, geo, torch.nn.functional.conv3d, gen, stride=2)
 
 
 def test_blocks_cover_the_grid_once_and_a_gpu_takes_one_block(monkeypatch):
@@ -77,10 +78,4 @@ def test_flat_route_in_one_and_two_dimensions(monkeypatch, dims):
     x, w = torch.randn(2, 3, *[11, 9][:dims], generator=gen), torch.randn(4, 3, *[3, 3][:dims], generator=gen)
     geo = conv.Geometry(x.shape[2:], w.shape[2:], [2], [1], [1])
     fn = torch.nn.functional.conv1d if dims == 1 else torch.nn.functional.conv2d
-    xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
-    out = fn(xd, wd, stride=2, padding=1)
-    g = torch.randn(out.shape, generator=gen)
-    gx, gw = torch.autograd.grad((out * g.double()).sum(), (xd, wd))
-    _close(conv.forward_high(x, w, geo), out.detach())
-    _close(conv.input_grad_high(g, w, geo), gx)
-    _close(conv.weight_grad_high(g, x, w.shape, geo), gw)
+    _check_against_autograd(x, w, geo, fn, gen, stride=2, padding=1)
