@@ -149,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
     if settings is not None:
         print(check_slurm_time(exp, settings, args.device))
     jobs = train_jobs(exp, args.device, args.npz)
+    if jobs:
+        exp.write_default_splits()  # once, here, not by trainings started side by side
     outcome = {n: "finished (skipped)" for n in exp.replica_names if exp.replica_state(n) == "finished"}
     if settings is not None:
         waiting = run_slurm(exp, jobs, settings)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Tuple, Union
 
 from nnunet_varaug.utilities import paths
-from nnunet_varaug.utilities import names
+from nnunet_varaug.utilities import folds, names
 from nnunet_varaug.training import registry
 from nnunet_varaug.utilities.errors import VarAugError
 from nnunet_varaug.utilities.paths import dataset_id_of, dataset_name, parse_fold, require_env, samples_folder_for
@@ -142,7 +142,7 @@ class Experiment:
         if self.fold == "all":
             self._split = (keys, keys)
             return self._split
-        splits_file = os.path.join(self.preprocessed_base, "splits_final.json")
+        splits_file = self.splits_file
         if os.path.isfile(splits_file):
             with open(splits_file) as f:
                 splits = json.load(f)
@@ -154,6 +154,26 @@ class Experiment:
                               f"{len(splits)} folds (0..{len(splits) - 1}); use one of them or -f all")
         self._split = (list(splits[self.fold]["train"]), list(splits[self.fold]["val"]))
         return self._split
+
+    @property
+    def splits_file(self) -> str:
+        return os.path.join(self.preprocessed_base, "splits_final.json")
+
+    def write_default_splits(self) -> bool:
+        """Write the ``splits_final.json`` that nnU-Net's first training would write (its 5-fold split of the sorted
+        cases, seed 12345), atomically, where there is none, before replicas start side by side (``--devices``,
+        SLURM arrays): nnU-Net's ``do_split`` writes the missing file in place, and a second training that reads
+        it half-written fails (JSONDecodeError). An existing file is kept. Returns whether it wrote one."""
+        if self.fold == "all" or os.path.isfile(self.splits_file) or not os.path.isdir(self.preprocessed_folder):
+            return False
+        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+        folder = self.preprocessed_folder
+        keys = sorted(infer_dataset_class(folder).get_identifiers(folder))
+        if len(keys) < 5:
+            return False
+        folds.write_splits(self.splits_file, folds.crossval_splits(keys, 5, 12345))
+        return True
 
     # ---- replica states ---------------------------------------------------------------------------------------
     def replica_state(self, trainer: str) -> str:
