@@ -131,14 +131,11 @@ class Experiment:
         """(training cases, validation cases) of the fold, exactly as nnU-Net's ``do_split`` makes them."""
         if self._split is not None:
             return self._split
-        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-        from nnunetv2.utilities.crossval_split import generate_crossval_split
-
         folder = self.preprocessed_folder
         if not os.path.isdir(folder):
             raise VarAugError(f"no preprocessed data for {self.dataset} {self.configuration} ({folder} is missing): "
                               f"run `nnUNetv2_plan_and_preprocess -d {self.dataset_id} -c {self.configuration}`")
-        keys = sorted(infer_dataset_class(folder).get_identifiers(folder))
+        keys = self._identifiers()
         if self.fold == "all":
             self._split = (keys, keys)
             return self._split
@@ -146,8 +143,8 @@ class Experiment:
         if os.path.isfile(splits_file):
             with open(splits_file) as f:
                 splits = json.load(f)
-        else:  # what nnU-Net writes on its first training
-            splits = generate_crossval_split(keys, seed=12345, n_splits=5) if len(keys) >= 5 else []
+        else:
+            splits = self._default_splits(keys)
         if self.fold >= len(splits):
             raise VarAugError(f"fold {self.fold} does not exist for {self.dataset}: the splits "
                               f"({splits_file if os.path.isfile(splits_file) else 'nnU-Net default'}) have "
@@ -166,14 +163,23 @@ class Experiment:
         it half-written fails (JSONDecodeError). An existing file is kept. Returns whether it wrote one."""
         if self.fold == "all" or os.path.isfile(self.splits_file) or not os.path.isdir(self.preprocessed_folder):
             return False
+        splits = self._default_splits(self._identifiers())
+        if not splits:
+            return False
+        folds.write_splits(self.splits_file, splits)
+        return True
+
+    def _identifiers(self) -> List[str]:
+        """The sorted case identifiers of the preprocessed folder."""
         from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
         folder = self.preprocessed_folder
-        keys = sorted(infer_dataset_class(folder).get_identifiers(folder))
-        if len(keys) < 5:
-            return False
-        folds.write_splits(self.splits_file, folds.crossval_splits(keys, 5, 12345))
-        return True
+        return sorted(infer_dataset_class(folder).get_identifiers(folder))
+
+    @staticmethod
+    def _default_splits(keys: List[str]) -> list:
+        """What nnU-Net writes on its first training: 5 folds of the sorted cases, seed 12345 (none below 5 cases)."""
+        return folds.crossval_splits(keys, 5, 12345) if len(keys) >= 5 else []
 
     # ---- replica states ---------------------------------------------------------------------------------------
     def replica_state(self, trainer: str) -> str:
